@@ -1,0 +1,1014 @@
+//! The embedded log: a durable, partitioned, compacting log in SQLite, for the
+//! single-process default.
+//!
+//! Design:
+//! * One writer task owns the only writing connection. Produce and commit
+//!   requests queue to it; it takes everything waiting (group commit), writes
+//!   it in one transaction with multi-row inserts, and acknowledges only after
+//!   `COMMIT` returned. With `journal_mode=WAL` a committed transaction is in
+//!   the WAL file before the acknowledgement, so a crash of the process (kill -9)
+//!   loses nothing acknowledged; `synchronous=FULL` extends that to power loss
+//!   at the cost of an fsync per batch.
+//! * Each partition keeps its newest records in memory (the tail), appended by
+//!   the writer after commit; consumers that keep up read from there and wake
+//!   on a watch channel, so produce-to-consume needs no SQL read. Consumers
+//!   that are behind read from a pool of reading connections.
+//! * Consumer groups live in the process: members join and leave, partitions
+//!   are split round-robin in member order, and every change is a new
+//!   generation that each member sees on its next poll as Revoked + Assigned.
+//!   Positions are committed to `group_offsets` through the writer.
+//! * A maintenance task compacts compacted topics (keeps the latest record per
+//!   key) and applies retention to delete topics. Neither removes the newest
+//!   record of a partition, so offsets never go backwards across restarts.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{
+    Bus, BusError, CleanupPolicy, Consumer, ConsumerConfig, Delivery, Polled, Record, StartFrom,
+    TopicConfig, TopicPartition, partition_for_key,
+};
+
+/// Most records written in one transaction.
+const MAX_BATCH: usize = 8192;
+/// Rows per multi-row `INSERT` statement (6 parameters each).
+const ROWS_PER_INSERT: usize = 128;
+
+/// How durable a commit is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Survives a crash of the process (kill -9); the last batches may be lost
+    /// on power failure.
+    Normal,
+    /// Also survives power failure: one fsync per batch.
+    Full,
+}
+
+/// Settings of the embedded log.
+#[derive(Clone, Debug)]
+pub struct EmbeddedConfig {
+    /// The SQLite database file.
+    pub path: PathBuf,
+    /// Durability of each commit.
+    pub synchronous: Synchronous,
+    /// How often compaction and retention run.
+    pub maintenance_interval: Duration,
+    /// Records kept in memory per partition for consumers that keep up.
+    pub tail_records: usize,
+    /// Tombstones on compacted topics are removed after this long.
+    pub tombstone_retention: Duration,
+}
+
+impl EmbeddedConfig {
+    /// Defaults for a log stored at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            synchronous: Synchronous::Normal,
+            maintenance_interval: Duration::from_secs(60),
+            tail_records: 4096,
+            tombstone_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A record held in a partition's in-memory tail.
+#[derive(Clone)]
+struct TailRecord {
+    offset: i64,
+    key: Bytes,
+    value: Option<Bytes>,
+    timestamp_ms: i64,
+}
+
+/// The committed end and newest records of one partition.
+struct Tail {
+    /// Offset of the first record the tail covers; records in
+    /// `[start, end)` missing from `records` were compacted away.
+    start: i64,
+    /// Offset after the last committed record.
+    end: i64,
+    records: VecDeque<TailRecord>,
+}
+
+struct PartitionState {
+    tail: RwLock<Tail>,
+}
+
+struct TopicState {
+    id: i64,
+    name: Arc<str>,
+    cleanup: CleanupPolicy,
+    retention_ms: Option<i64>,
+    partitions: Vec<PartitionState>,
+}
+
+/// One member's view of its group.
+struct Group {
+    members: BTreeMap<u64, Vec<String>>,
+    generation: u64,
+    assignments: BTreeMap<u64, Vec<TopicPartition>>,
+}
+
+enum WriteOp {
+    Produce {
+        topic: Arc<TopicState>,
+        partition: usize,
+        key: Bytes,
+        value: Option<Bytes>,
+        reply: oneshot::Sender<Result<Delivery, BusError>>,
+    },
+    Commit {
+        group: String,
+        positions: Vec<(TopicPartition, i64)>,
+        reply: oneshot::Sender<Result<(), BusError>>,
+    },
+    Maintain {
+        reply: oneshot::Sender<Result<(), BusError>>,
+    },
+}
+
+struct Inner {
+    config: EmbeddedConfig,
+    /// Held (flock) while the log is open: one process at a time.
+    _lock: std::fs::File,
+    writer: mpsc::Sender<WriteOp>,
+    readers: SqlitePool,
+    topics: RwLock<HashMap<String, Arc<TopicState>>>,
+    groups: Mutex<HashMap<String, Group>>,
+    /// Bumped after every commit of new records.
+    appended: watch::Sender<u64>,
+    /// Bumped after every group membership change.
+    group_changed: watch::Sender<u64>,
+    next_member: AtomicU64,
+}
+
+/// The embedded durable log.
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EmbeddedBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBus")
+            .field("path", &self.inner.config.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl EmbeddedBus {
+    /// Opens (creating if needed) the log at `config.path` and starts its
+    /// writer and maintenance tasks on the current tokio runtime.
+    pub async fn open(config: EmbeddedConfig) -> Result<Self, BusError> {
+        if let Some(dir) = config.path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    BusError::Config(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+        }
+        let lock = lock_file(&config.path)?;
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(&config.path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-32768");
+        let mut writer_conn = SqliteConnection::connect_with(&options).await?;
+        sqlx::migrate!("./migrations/embedded_log")
+            .run_direct(None, &mut writer_conn, false)
+            .await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        let inner = Arc::new(Inner {
+            config,
+            _lock: lock,
+            writer: tx,
+            readers,
+            topics: RwLock::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            appended: watch::channel(0).0,
+            group_changed: watch::channel(0).0,
+            next_member: AtomicU64::new(1),
+        });
+        load_topics(&inner, &mut writer_conn).await?;
+        tokio::spawn(writer_task(Arc::downgrade(&inner), writer_conn, rx));
+        tokio::spawn(maintenance_task(Arc::downgrade(&inner)));
+        Ok(Self { inner })
+    }
+
+    /// Runs compaction and retention now (they also run periodically).
+    pub async fn maintain(&self) -> Result<(), BusError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(WriteOp::Maintain { reply })
+            .await
+            .map_err(|_| BusError::Closed)?;
+        rx.await.map_err(|_| BusError::Closed)?
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<TopicState>, BusError> {
+        self.inner
+            .topics
+            .read()
+            .expect("topics lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BusError::UnknownTopic(name.to_owned()))
+    }
+}
+
+/// Takes the exclusive lock beside the log file, so that a second process (or
+/// a second open in this one) gets a clear error instead of interleaved
+/// writers. The operating system releases it when the process dies.
+fn lock_file(path: &std::path::Path) -> Result<std::fs::File, BusError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| BusError::Config(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BusError::Config(format!(
+            "the embedded log {} is already open (another process or another open of it)",
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(BusError::Config(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+async fn load_topics(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusError> {
+    let rows = sqlx::query("SELECT id, name, partitions, cleanup, retention_ms FROM topics")
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        let id: i64 = row.get(0);
+        let name: String = row.get(1);
+        let partitions: i64 = row.get(2);
+        let cleanup: String = row.get(3);
+        let retention_ms: Option<i64> = row.get(4);
+        let ends: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT part, MAX(off) + 1 FROM records WHERE tid = ? GROUP BY part",
+        )
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let ends: HashMap<i64, i64> = ends.into_iter().collect();
+        let state = TopicState {
+            id,
+            name: Arc::from(name.as_str()),
+            cleanup: if cleanup == "compact" {
+                CleanupPolicy::Compact
+            } else {
+                CleanupPolicy::Delete
+            },
+            retention_ms,
+            partitions: (0..partitions)
+                .map(|p| {
+                    let end = ends.get(&p).copied().unwrap_or(0);
+                    PartitionState {
+                        tail: RwLock::new(Tail {
+                            start: end,
+                            end,
+                            records: VecDeque::new(),
+                        }),
+                    }
+                })
+                .collect(),
+        };
+        inner
+            .topics
+            .write()
+            .expect("topics lock")
+            .insert(name, Arc::new(state));
+    }
+    Ok(())
+}
+
+/// `INSERT` statements for 1..=ROWS_PER_INSERT rows, built once.
+fn insert_sql(rows: usize) -> &'static str {
+    static CACHE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        (0..=ROWS_PER_INSERT)
+            .map(|n| {
+                let mut sql =
+                    String::from("INSERT INTO records (tid, part, off, key, value, ts) VALUES ");
+                for i in 0..n {
+                    if i > 0 {
+                        sql.push(',');
+                    }
+                    sql.push_str("(?,?,?,?,?,?)");
+                }
+                sql
+            })
+            .collect()
+    });
+    &cache[rows]
+}
+
+struct PendingProduce {
+    topic: Arc<TopicState>,
+    partition: usize,
+    offset: i64,
+    key: Bytes,
+    value: Option<Bytes>,
+    reply: oneshot::Sender<Result<Delivery, BusError>>,
+}
+
+async fn writer_task(
+    inner: Weak<Inner>,
+    mut conn: SqliteConnection,
+    mut rx: mpsc::Receiver<WriteOp>,
+) {
+    // Next offset to assign per (topic id, partition); initialised lazily
+    // from the committed end of the partition.
+    let mut next: HashMap<(i64, usize), i64> = HashMap::new();
+    let mut ops = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        let mut produces = Vec::with_capacity(ops.len());
+        let mut commits = Vec::new();
+        let mut maintains = Vec::new();
+        for op in ops.drain(..) {
+            match op {
+                WriteOp::Produce {
+                    topic,
+                    partition,
+                    key,
+                    value,
+                    reply,
+                } => {
+                    let slot = next.entry((topic.id, partition)).or_insert_with(|| {
+                        topic.partitions[partition]
+                            .tail
+                            .read()
+                            .expect("tail lock")
+                            .end
+                    });
+                    let offset = *slot;
+                    *slot += 1;
+                    produces.push(PendingProduce {
+                        topic,
+                        partition,
+                        offset,
+                        key,
+                        value,
+                        reply,
+                    });
+                }
+                WriteOp::Commit {
+                    group,
+                    positions,
+                    reply,
+                } => commits.push((group, positions, reply)),
+                WriteOp::Maintain { reply } => maintains.push(reply),
+            }
+        }
+        let ts = now_ms();
+        let result = write_batch(&mut conn, &produces, &commits, ts).await;
+        match result {
+            Ok(()) => {
+                if let Some(inner) = inner.upgrade() {
+                    publish(&inner, &produces, ts);
+                }
+                for p in produces {
+                    let _ = p.reply.send(Ok(Delivery {
+                        partition: p.partition as i32,
+                        offset: p.offset,
+                    }));
+                }
+                for (_, _, reply) in commits {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "embedded log: write failed");
+                // Nothing of the batch is durable: hand the offsets out again.
+                next.clear();
+                let msg = e.to_string();
+                for p in produces {
+                    let _ = p
+                        .reply
+                        .send(Err(BusError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                }
+                for (_, _, reply) in commits {
+                    let _ = reply.send(Err(BusError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                }
+            }
+        }
+        for reply in maintains {
+            let result = match inner.upgrade() {
+                Some(inner) => maintain(&inner, &mut conn).await,
+                None => Err(BusError::Closed),
+            };
+            let _ = reply.send(result);
+        }
+    }
+}
+
+async fn write_batch(
+    conn: &mut SqliteConnection,
+    produces: &[PendingProduce],
+    commits: &[(
+        String,
+        Vec<(TopicPartition, i64)>,
+        oneshot::Sender<Result<(), BusError>>,
+    )],
+    ts: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    for chunk in produces.chunks(ROWS_PER_INSERT) {
+        let mut query = sqlx::query(insert_sql(chunk.len()));
+        for p in chunk {
+            query = query
+                .bind(p.topic.id)
+                .bind(p.partition as i64)
+                .bind(p.offset)
+                .bind(&p.key[..])
+                .bind(p.value.as_deref())
+                .bind(ts);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for (group, positions, _) in commits {
+        for (tp, offset) in positions {
+            sqlx::query(
+                "INSERT INTO group_offsets (grp, topic, part, next_offset) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (grp, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
+            )
+            .bind(group)
+            .bind(&*tp.topic)
+            .bind(i64::from(tp.partition))
+            .bind(offset)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await
+}
+
+/// Makes committed records visible to consumers.
+fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
+    if produces.is_empty() {
+        return;
+    }
+    let limit = inner.config.tail_records.max(1);
+    for p in produces {
+        let mut tail = p.topic.partitions[p.partition]
+            .tail
+            .write()
+            .expect("tail lock");
+        tail.records.push_back(TailRecord {
+            offset: p.offset,
+            key: p.key.clone(),
+            value: p.value.clone(),
+            timestamp_ms: ts,
+        });
+        tail.end = p.offset + 1;
+        while tail.records.len() > limit {
+            if let Some(old) = tail.records.pop_front() {
+                tail.start = old.offset + 1;
+            }
+        }
+    }
+    inner.appended.send_modify(|v| *v = v.wrapping_add(1));
+}
+
+async fn maintenance_task(inner: Weak<Inner>) {
+    let interval = match inner.upgrade() {
+        Some(i) => i.config.maintenance_interval,
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let (reply, rx) = oneshot::channel();
+        if strong.writer.send(WriteOp::Maintain { reply }).await.is_err() {
+            return;
+        }
+        drop(strong);
+        if let Ok(Err(e)) = rx.await {
+            tracing::warn!(error = %e, "embedded log: maintenance failed");
+        }
+    }
+}
+
+/// Compaction of compacted topics and retention of delete topics. Runs on the
+/// writer's connection, between batches.
+async fn maintain(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusError> {
+    let topics: Vec<Arc<TopicState>> = inner
+        .topics
+        .read()
+        .expect("topics lock")
+        .values()
+        .cloned()
+        .collect();
+    let now = now_ms();
+    for topic in topics {
+        match topic.cleanup {
+            CleanupPolicy::Compact => {
+                let tombstone_cutoff = now
+                    - i64::try_from(inner.config.tombstone_retention.as_millis())
+                        .unwrap_or(i64::MAX);
+                // Keep the newest record per key; drop tombstones once old,
+                // but never the newest record of a partition.
+                sqlx::query(
+                    "DELETE FROM records WHERE tid = ?1 AND ( \
+                       off < (SELECT MAX(r.off) FROM records r \
+                              WHERE r.tid = records.tid AND r.part = records.part AND r.key = records.key) \
+                       OR (value IS NULL AND ts < ?2 AND off < (SELECT MAX(r.off) FROM records r \
+                              WHERE r.tid = records.tid AND r.part = records.part)))",
+                )
+                .bind(topic.id)
+                .bind(tombstone_cutoff)
+                .execute(&mut *conn)
+                .await?;
+                for partition in &topic.partitions {
+                    let mut tail = partition.tail.write().expect("tail lock");
+                    let mut seen = HashSet::new();
+                    let mut kept: VecDeque<TailRecord> = tail
+                        .records
+                        .iter()
+                        .rev()
+                        .filter(|r| seen.insert(r.key.clone()))
+                        .cloned()
+                        .collect();
+                    kept.make_contiguous().reverse();
+                    tail.records = kept;
+                }
+            }
+            CleanupPolicy::Delete => {
+                let Some(retention) = topic.retention_ms else {
+                    continue;
+                };
+                let cutoff = now - retention;
+                sqlx::query(
+                    "DELETE FROM records WHERE tid = ?1 AND ts < ?2 AND off < (SELECT MAX(r.off) \
+                     FROM records r WHERE r.tid = records.tid AND r.part = records.part)",
+                )
+                .bind(topic.id)
+                .bind(cutoff)
+                .execute(&mut *conn)
+                .await?;
+                for partition in &topic.partitions {
+                    let mut tail = partition.tail.write().expect("tail lock");
+                    while tail.records.len() > 1
+                        && tail.records.front().is_some_and(|r| r.timestamp_ms < cutoff)
+                    {
+                        if let Some(old) = tail.records.pop_front() {
+                            tail.start = old.offset + 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    async fn create_topics(&self, topics: &[TopicConfig]) -> Result<(), BusError> {
+        for t in topics {
+            if t.partitions <= 0 {
+                return Err(BusError::Config(format!(
+                    "topic {} needs at least one partition",
+                    t.name
+                )));
+            }
+            if let Ok(existing) = self.topic(&t.name) {
+                let actual = existing.partitions.len() as i32;
+                if actual != t.partitions {
+                    return Err(BusError::PartitionMismatch {
+                        topic: t.name.clone(),
+                        expected: t.partitions,
+                        actual,
+                    });
+                }
+                continue;
+            }
+            let cleanup = match t.cleanup {
+                CleanupPolicy::Delete => "delete",
+                CleanupPolicy::Compact => "compact",
+            };
+            // The reading pool is read-only and the writer task is for the hot
+            // path; topic creation is rare and uses a short-lived connection.
+            let options = SqliteConnectOptions::from_str("sqlite:")?
+                .filename(&self.inner.config.path)
+                .busy_timeout(Duration::from_secs(10));
+            let mut conn = SqliteConnection::connect_with(&options).await?;
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO topics (name, partitions, cleanup, retention_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (name) DO UPDATE SET name = excluded.name RETURNING id",
+            )
+            .bind(&t.name)
+            .bind(i64::from(t.partitions))
+            .bind(cleanup)
+            .bind(t.retention_ms)
+            .fetch_one(&mut conn)
+            .await?;
+            conn.close().await?;
+            let state = TopicState {
+                id,
+                name: Arc::from(t.name.as_str()),
+                cleanup: t.cleanup,
+                retention_ms: t.retention_ms,
+                partitions: (0..t.partitions)
+                    .map(|_| PartitionState {
+                        tail: RwLock::new(Tail {
+                            start: 0,
+                            end: 0,
+                            records: VecDeque::new(),
+                        }),
+                    })
+                    .collect(),
+            };
+            self.inner
+                .topics
+                .write()
+                .expect("topics lock")
+                .entry(t.name.clone())
+                .or_insert_with(|| Arc::new(state));
+        }
+        Ok(())
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<Delivery, BusError> {
+        let topic = self.topic(topic)?;
+        let partition = partition_for_key(key, topic.partitions.len() as i32) as usize;
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(WriteOp::Produce {
+                topic,
+                partition,
+                key: Bytes::copy_from_slice(key),
+                value: value.map(Bytes::copy_from_slice),
+                reply,
+            })
+            .await
+            .map_err(|_| BusError::Closed)?;
+        rx.await.map_err(|_| BusError::Closed)?
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, BusError> {
+        for t in &config.topics {
+            self.topic(t)?;
+        }
+        let member = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut groups = self.inner.groups.lock().expect("groups lock");
+            let group = groups.entry(config.group.clone()).or_insert_with(|| Group {
+                members: BTreeMap::new(),
+                generation: 0,
+                assignments: BTreeMap::new(),
+            });
+            group.members.insert(member, config.topics.clone());
+            rebalance(&self.inner, group);
+        }
+        self.inner
+            .group_changed
+            .send_modify(|v| *v = v.wrapping_add(1));
+        Ok(Box::new(EmbeddedConsumer {
+            bus: self.clone(),
+            member,
+            appended: self.inner.appended.subscribe(),
+            group_changed: self.inner.group_changed.subscribe(),
+            config,
+            generation: 0,
+            assignment: Vec::new(),
+            positions: BTreeMap::new(),
+            pending: VecDeque::new(),
+            next_partition: 0,
+            left: false,
+        }))
+    }
+
+    async fn partitions(&self, topic: &str) -> Result<i32, BusError> {
+        Ok(self.topic(topic)?.partitions.len() as i32)
+    }
+
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+/// Splits every subscribed topic's partitions round-robin over the members
+/// subscribed to it, in member order, and starts a new generation.
+fn rebalance(inner: &Inner, group: &mut Group) {
+    let topics = inner.topics.read().expect("topics lock");
+    let mut assignments: BTreeMap<u64, Vec<TopicPartition>> =
+        group.members.keys().map(|m| (*m, Vec::new())).collect();
+    let mut names: Vec<&String> = group.members.values().flatten().collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let Some(topic) = topics.get(name) else {
+            continue;
+        };
+        let members: Vec<u64> = group
+            .members
+            .iter()
+            .filter(|(_, ts)| ts.contains(name))
+            .map(|(m, _)| *m)
+            .collect();
+        for p in 0..topic.partitions.len() {
+            let owner = members[p % members.len()];
+            if let Some(list) = assignments.get_mut(&owner) {
+                list.push(TopicPartition {
+                    topic: topic.name.clone(),
+                    partition: p as i32,
+                });
+            }
+        }
+    }
+    group.assignments = assignments;
+    group.generation += 1;
+}
+
+struct EmbeddedConsumer {
+    bus: EmbeddedBus,
+    member: u64,
+    config: ConsumerConfig,
+    appended: watch::Receiver<u64>,
+    group_changed: watch::Receiver<u64>,
+    generation: u64,
+    assignment: Vec<TopicPartition>,
+    positions: BTreeMap<TopicPartition, i64>,
+    pending: VecDeque<Polled>,
+    next_partition: usize,
+    left: bool,
+}
+
+impl EmbeddedConsumer {
+    /// Applies a new group generation, queueing Revoked and Assigned.
+    async fn check_generation(&mut self) -> Result<(), BusError> {
+        self.group_changed.borrow_and_update();
+        let (generation, assigned) = {
+            let groups = self.bus.inner.groups.lock().expect("groups lock");
+            let Some(group) = groups.get(&self.config.group) else {
+                return Ok(());
+            };
+            (
+                group.generation,
+                group
+                    .assignments
+                    .get(&self.member)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        };
+        if generation == self.generation {
+            return Ok(());
+        }
+        self.generation = generation;
+        if !self.assignment.is_empty() {
+            self.pending
+                .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
+        }
+        self.positions.clear();
+        for tp in &assigned {
+            let committed: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM group_offsets WHERE grp = ? AND topic = ? AND part = ?",
+            )
+            .bind(&self.config.group)
+            .bind(&*tp.topic)
+            .bind(i64::from(tp.partition))
+            .fetch_optional(&self.bus.inner.readers)
+            .await?;
+            let position = match (committed, self.config.start) {
+                (Some(offset), _) => offset,
+                (None, StartFrom::Earliest) => 0,
+                (None, StartFrom::Latest) => {
+                    let topic = self.bus.topic(&tp.topic)?;
+                    topic.partitions[tp.partition as usize]
+                        .tail
+                        .read()
+                        .expect("tail lock")
+                        .end
+                }
+            };
+            self.positions.insert(tp.clone(), position);
+        }
+        self.assignment = assigned.clone();
+        self.pending.push_back(Polled::Assigned(assigned));
+        Ok(())
+    }
+
+    /// Reads available records from the assigned partitions, starting with a
+    /// different partition each time so that none starves.
+    async fn fetch(&mut self) -> Result<Vec<Record>, BusError> {
+        let mut out = Vec::new();
+        let n = self.assignment.len();
+        for i in 0..n {
+            if out.len() >= self.config.max_batch {
+                break;
+            }
+            let tp = self.assignment[(self.next_partition + i) % n].clone();
+            let position = self.positions.get(&tp).copied().unwrap_or(0);
+            let topic = self.bus.topic(&tp.topic)?;
+            let want = self.config.max_batch - out.len();
+            let before = out.len();
+            let from_db = {
+                let tail = topic.partitions[tp.partition as usize]
+                    .tail
+                    .read()
+                    .expect("tail lock");
+                if position >= tail.end {
+                    None
+                } else if position >= tail.start {
+                    let first = tail.records.partition_point(|r| r.offset < position);
+                    out.extend(tail.records.range(first..).take(want).map(|r| Record {
+                        topic: topic.name.clone(),
+                        partition: tp.partition,
+                        offset: r.offset,
+                        key: r.key.clone(),
+                        value: r.value.clone(),
+                        timestamp_ms: r.timestamp_ms,
+                    }));
+                    None
+                } else {
+                    Some(tail.end)
+                }
+            };
+            if let Some(end) = from_db {
+                let rows = sqlx::query(
+                    "SELECT off, key, value, ts FROM records \
+                     WHERE tid = ? AND part = ? AND off >= ? AND off < ? ORDER BY off LIMIT ?",
+                )
+                .bind(topic.id)
+                .bind(i64::from(tp.partition))
+                .bind(position)
+                .bind(end)
+                .bind(want as i64)
+                .fetch_all(&self.bus.inner.readers)
+                .await?;
+                out.extend(rows.into_iter().map(|row| Record {
+                    topic: topic.name.clone(),
+                    partition: tp.partition,
+                    offset: row.get(0),
+                    key: Bytes::from(row.get::<Vec<u8>, _>(1)),
+                    value: row.get::<Option<Vec<u8>>, _>(2).map(Bytes::from),
+                    timestamp_ms: row.get(3),
+                }));
+                if out.len() == before {
+                    // Everything below the tail was compacted or expired.
+                    let start = topic.partitions[tp.partition as usize]
+                        .tail
+                        .read()
+                        .expect("tail lock")
+                        .start;
+                    self.positions.insert(tp.clone(), start);
+                    continue;
+                }
+            }
+            if let Some(last) = out[before..].last() {
+                self.positions.insert(tp, last.offset + 1);
+            }
+        }
+        if n > 0 {
+            self.next_partition = (self.next_partition + 1) % n;
+        }
+        Ok(out)
+    }
+
+    fn leave(&mut self) {
+        if self.left {
+            return;
+        }
+        self.left = true;
+        let inner = &self.bus.inner;
+        {
+            let mut groups = inner.groups.lock().expect("groups lock");
+            if let Some(group) = groups.get_mut(&self.config.group) {
+                group.members.remove(&self.member);
+                rebalance(inner, group);
+            }
+        }
+        inner.group_changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+#[async_trait]
+impl Consumer for EmbeddedConsumer {
+    async fn poll(&mut self, timeout: Duration) -> Result<Polled, BusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.group_changed.has_changed().unwrap_or(false) || self.generation == 0 {
+                self.check_generation().await?;
+            }
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            self.appended.borrow_and_update();
+            let records = self.fetch().await?;
+            if !records.is_empty() {
+                return Ok(Polled::Records(records));
+            }
+            tokio::select! {
+                changed = self.appended.changed() => {
+                    if changed.is_err() {
+                        return Err(BusError::Closed);
+                    }
+                }
+                _ = self.group_changed.changed() => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(Polled::Idle),
+            }
+        }
+    }
+
+    async fn commit(&mut self, positions: &[(TopicPartition, i64)]) -> Result<(), BusError> {
+        {
+            let groups = self.bus.inner.groups.lock().expect("groups lock");
+            let owned = groups
+                .get(&self.config.group)
+                .and_then(|g| g.assignments.get(&self.member));
+            for (tp, _) in positions {
+                if !owned.is_some_and(|o| o.contains(tp)) {
+                    return Err(BusError::NotAssigned(tp.clone()));
+                }
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.bus
+            .inner
+            .writer
+            .send(WriteOp::Commit {
+                group: self.config.group.clone(),
+                positions: positions.to_vec(),
+                reply,
+            })
+            .await
+            .map_err(|_| BusError::Closed)?;
+        rx.await.map_err(|_| BusError::Closed)?
+    }
+
+    async fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BusError> {
+        if !self.assignment.contains(tp) {
+            return Err(BusError::NotAssigned(tp.clone()));
+        }
+        self.positions.insert(tp.clone(), offset.max(0));
+        Ok(())
+    }
+
+    fn assignment(&self) -> Vec<TopicPartition> {
+        self.assignment.clone()
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<(), BusError> {
+        self.leave();
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedConsumer {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

@@ -1,0 +1,529 @@
+//! Configuration: one TOML file (every field optional, unknown fields refused)
+//! with environment overrides.
+//!
+//! An environment variable `SWITCHBOARD__<SECTION>__<FIELD>` overrides the
+//! field at that path (`SWITCHBOARD__BUS__BACKEND=kafka`,
+//! `SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS=10.0.0.5:9092`). Its value is
+//! read as a TOML value when it is one (`42`, `true`, `["a", "b"]`) and as a
+//! string otherwise. `switchboard.example.toml` lists every field with its
+//! default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::embedded::{EmbeddedConfig, Synchronous};
+use crate::bus::kafka::KafkaConfig;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD__";
+
+/// A configuration that cannot be used, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field has a wrong type, an unknown name or an invalid value.
+    #[error("invalid config field `{field}` ({origin}): {message}")]
+    Field {
+        /// Dotted path of the field, e.g. `bus.kafka.linger_ms`.
+        field: String,
+        /// Where the value came from: the file or an environment variable.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration of a node.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Name of this node: recorded as the producing node of every event and
+    /// used for its delivery partition. Letters, digits, `-` and `_`.
+    pub node_id: String,
+    /// Directory for the embedded log, the SQLite database and generated
+    /// certificates; created if missing.
+    pub data_dir: PathBuf,
+    /// The IM domains served; the first is the default domain.
+    pub domains: Vec<String>,
+    /// The bus.
+    pub bus: BusSettings,
+    /// The SQL database of the projections.
+    pub database: DatabaseSettings,
+    /// The HTTP API (health, readiness, metrics, administration).
+    pub http: HttpSettings,
+    /// TLS certificates.
+    pub tls: TlsSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: "node1".to_owned(),
+            data_dir: PathBuf::from("./data"),
+            domains: vec!["localhost".to_owned()],
+            bus: BusSettings::default(),
+            database: DatabaseSettings::default(),
+            http: HttpSettings::default(),
+            tls: TlsSettings::default(),
+        }
+    }
+}
+
+/// Which bus implementation to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The embedded durable log under `data_dir` (single process).
+    Embedded,
+    /// An Apache Kafka cluster.
+    Kafka,
+}
+
+/// Settings of the bus.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSettings {
+    /// `embedded` (default) or `kafka`.
+    pub backend: Backend,
+    /// Prefix of every topic name (`<prefix>.messages`), so that several
+    /// deployments can share one Kafka cluster.
+    pub topic_prefix: String,
+    /// Settings of the embedded log.
+    pub embedded: EmbeddedSettings,
+    /// Settings of the Kafka backend.
+    pub kafka: KafkaSettings,
+}
+
+impl Default for BusSettings {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Embedded,
+            topic_prefix: "switchboard".to_owned(),
+            embedded: EmbeddedSettings::default(),
+            kafka: KafkaSettings::default(),
+        }
+    }
+}
+
+/// Settings of the embedded log.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedSettings {
+    /// File of the log, relative to `data_dir` unless absolute.
+    pub file: PathBuf,
+    /// `normal`: acknowledged events survive a crash of the process;
+    /// `full`: they also survive power loss (one fsync per batch).
+    pub synchronous: Synchronous,
+    /// Seconds between compaction/retention runs.
+    pub maintenance_interval_secs: u64,
+    /// Newest records kept in memory per partition for consumers that keep up.
+    pub tail_records: usize,
+}
+
+impl Default for EmbeddedSettings {
+    fn default() -> Self {
+        Self {
+            file: PathBuf::from("bus.sqlite"),
+            synchronous: Synchronous::Normal,
+            maintenance_interval_secs: 60,
+            tail_records: 4096,
+        }
+    }
+}
+
+/// Settings of the Kafka backend.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Replication factor of the topics created at start.
+    pub replication_factor: i32,
+    /// Producer `linger.ms`: 0 for the lowest latency.
+    pub linger_ms: u32,
+    /// Consumer `session.timeout.ms`: how soon a dead member's partitions move.
+    pub session_timeout_ms: u32,
+    /// Producer `message.timeout.ms`: how long a produce retries before it fails.
+    pub message_timeout_ms: u32,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        let k = KafkaConfig::new("127.0.0.1:9092");
+        Self {
+            bootstrap_servers: k.bootstrap_servers,
+            replication_factor: k.replication_factor,
+            linger_ms: k.linger_ms,
+            session_timeout_ms: k.session_timeout_ms,
+            message_timeout_ms: k.message_timeout_ms,
+        }
+    }
+}
+
+/// Settings of the SQL database.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host/db`; empty for SQLite in
+    /// `data_dir/switchboard.db`.
+    pub url: String,
+}
+
+/// Settings of the HTTP API.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Address of the HTTP API.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5280)),
+        }
+    }
+}
+
+/// TLS certificate and key (PEM). Both empty: a self-signed certificate for
+/// `domains` is generated under `data_dir/tls` at first start.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// Certificate chain (PEM).
+    pub cert_path: Option<PathBuf>,
+    /// Private key (PEM).
+    pub key_path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads `path` (defaults when `None`) and applies environment overrides
+    /// from `env` (usually `std::env::vars()`).
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let table: toml::Table =
+                    toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?;
+                (table, format!("file {}", path.display()))
+            }
+            None => (toml::Table::new(), "defaults".to_owned()),
+        };
+        let mut origins: BTreeMap<String, String> = BTreeMap::new();
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let keys: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if keys.iter().any(String::is_empty) {
+                return Err(ConfigError::Field {
+                    field: keys.join("."),
+                    origin: format!("environment variable {name}"),
+                    message: "empty path segment".to_owned(),
+                });
+            }
+            set_path(&mut table, &keys, parse_env_value(&raw)).map_err(|message| {
+                ConfigError::Field {
+                    field: keys.join("."),
+                    origin: format!("environment variable {name}"),
+                    message,
+                }
+            })?;
+            origins.insert(keys.join("."), format!("environment variable {name}"));
+        }
+        let origin_of = |field: &str| {
+            origins
+                .iter()
+                .find(|(k, _)| field == k.as_str() || field.starts_with(&format!("{k}.")))
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| origin.clone())
+        };
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let field = e.path().to_string();
+                ConfigError::Field {
+                    origin: origin_of(&field),
+                    message: e.inner().to_string(),
+                    field,
+                }
+            })?;
+        config.validate().map_err(|(field, message)| ConfigError::Field {
+            origin: origin_of(field),
+            field: field.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.node_id) {
+            return Err((
+                "node_id",
+                format!(
+                    "{:?} must be 1-64 letters, digits, '-' or '_'",
+                    self.node_id
+                ),
+            ));
+        }
+        if self.domains.is_empty() {
+            return Err(("domains", "at least one domain is required".to_owned()));
+        }
+        for d in &self.domains {
+            validate_domain(d).map_err(|m| ("domains", format!("{d:?}: {m}")))?;
+        }
+        let prefix_ok = !self.bus.topic_prefix.is_empty()
+            && self.bus.topic_prefix.len() <= 100
+            && self
+                .bus
+                .topic_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !prefix_ok {
+            return Err((
+                "bus.topic_prefix",
+                format!(
+                    "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
+                    self.bus.topic_prefix
+                ),
+            ));
+        }
+        if self.bus.backend == Backend::Kafka && self.bus.kafka.bootstrap_servers.trim().is_empty()
+        {
+            return Err((
+                "bus.kafka.bootstrap_servers",
+                "required when bus.backend is kafka".to_owned(),
+            ));
+        }
+        if self.bus.kafka.replication_factor < 1 {
+            return Err((
+                "bus.kafka.replication_factor",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.bus.embedded.maintenance_interval_secs == 0 {
+            return Err((
+                "bus.embedded.maintenance_interval_secs",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        if self.bus.embedded.tail_records == 0 {
+            return Err(("bus.embedded.tail_records", "must be at least 1".to_owned()));
+        }
+        if self.tls.cert_path.is_some() != self.tls.key_path.is_some() {
+            return Err((
+                "tls.cert_path",
+                "cert_path and key_path are set together or not at all".to_owned(),
+            ));
+        }
+        let url = &self.database.url;
+        if !url.is_empty() && !url.starts_with("postgres://") && !url.starts_with("postgresql://")
+        {
+            return Err((
+                "database.url",
+                "must be a postgres:// URL, or empty for the embedded SQLite database".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves a path relative to `data_dir`.
+    pub fn data_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.data_dir.join(path)
+        }
+    }
+
+    /// Settings of the embedded log.
+    pub fn embedded_bus(&self) -> EmbeddedConfig {
+        let mut c = EmbeddedConfig::new(self.data_path(&self.bus.embedded.file));
+        c.synchronous = self.bus.embedded.synchronous;
+        c.maintenance_interval = Duration::from_secs(self.bus.embedded.maintenance_interval_secs);
+        c.tail_records = self.bus.embedded.tail_records;
+        c
+    }
+
+    /// Settings of the Kafka backend.
+    pub fn kafka_bus(&self) -> KafkaConfig {
+        let k = &self.bus.kafka;
+        let mut c = KafkaConfig::new(k.bootstrap_servers.clone());
+        c.replication_factor = k.replication_factor;
+        c.linger_ms = k.linger_ms;
+        c.session_timeout_ms = k.session_timeout_ms;
+        c.message_timeout_ms = k.message_timeout_ms;
+        c.client_id = format!("switchboard-{}", self.node_id);
+        c
+    }
+}
+
+/// Domain rules of SPEC.md §3: at most 255 characters, labels of letters,
+/// digits and `-`, no label starting with `-`, the last label not starting
+/// with a digit (so no IP addresses).
+pub fn validate_domain(domain: &str) -> Result<(), String> {
+    if domain.is_empty() || domain.len() > 255 {
+        return Err("must be 1-255 characters".to_owned());
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    for label in &labels {
+        if label.is_empty() || label.len() > 63 {
+            return Err("labels must be 1-63 characters".to_owned());
+        }
+        if !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err("labels may hold only letters, digits and '-'".to_owned());
+        }
+        if label.starts_with('-') {
+            return Err("a label may not start with '-'".to_owned());
+        }
+    }
+    if labels
+        .last()
+        .is_some_and(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+    {
+        return Err("the last label may not start with a digit".to_owned());
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("empty name")?;
+    let mut current = table;
+    for key in parents {
+        let entry = current
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{key}` is not a section"))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    #[test]
+    fn example_file_is_the_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../switchboard.example.toml");
+        let loaded = Config::load(Some(&path), std::iter::empty()).unwrap();
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = load_str("[bus]\nbakend = \"kafka\"\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("bus.bakend"), "{msg}");
+        assert!(msg.contains("unknown field"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load_str("[bus.kafka]\nlinger_ms = \"soon\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("bus.kafka.linger_ms"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let c = load_str(
+            "[bus]\nbackend = \"embedded\"\n",
+            &[
+                ("SWITCHBOARD__BUS__BACKEND", "kafka"),
+                ("SWITCHBOARD__BUS__KAFKA__LINGER_MS", "3"),
+                ("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", "10.1.1.1:9092"),
+                ("UNRELATED", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.bus.backend, Backend::Kafka);
+        assert_eq!(c.bus.kafka.linger_ms, 3);
+        assert_eq!(c.bus.kafka.bootstrap_servers, "10.1.1.1:9092");
+    }
+
+    #[test]
+    fn bad_env_override_names_variable() {
+        let err = load_str("", &[("SWITCHBOARD__BUS__KAFKA__LINGER_MS", "-1")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("bus.kafka.linger_ms"), "{msg}");
+        assert!(msg.contains("SWITCHBOARD__BUS__KAFKA__LINGER_MS"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for (text, field) in [
+            ("node_id = \"a b\"\n", "node_id"),
+            ("domains = [\"joe.10\"]\n", "domains"),
+            ("domains = []\n", "domains"),
+            ("[bus]\ntopic_prefix = \"a/b\"\n", "bus.topic_prefix"),
+            ("[database]\nurl = \"mysql://x\"\n", "database.url"),
+            ("[tls]\ncert_path = \"/x.pem\"\n", "tls.cert_path"),
+            ("[http]\nlisten = \"nowhere\"\n", "http.listen"),
+        ] {
+            let err = load_str(text, &[]).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn domain_rules_follow_the_spec() {
+        assert!(validate_domain("cisco.com").is_ok());
+        assert!(validate_domain("5joe.cisco.com").is_ok());
+        assert!(validate_domain("10.10.10.1").is_err());
+        assert!(validate_domain("5.cisco.5com").is_err());
+        assert!(validate_domain("-a.com").is_err());
+        assert!(validate_domain(&"a".repeat(256)).is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! The `switchboard` command: the server in any role, and its operator tools.
+
+mod bus_cmd;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchboard_infra::config::Config;
+
+/// Event-sourced enterprise IM and presence server.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    /// Configuration file (TOML); defaults apply when absent. Fields can be
+    /// overridden by SWITCHBOARD__<SECTION>__<FIELD> environment variables.
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: every role in one process (the embedded default), or
+    /// one role of a scaled-out deployment on Kafka.
+    Serve {
+        /// Which role this process plays.
+        #[arg(long, value_enum, default_value_t = serve::Role::All)]
+        role: serve::Role,
+    },
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Diagnostics on the bus: create topics, produce and consume test records.
+    #[command(subcommand)]
+    Bus(bus_cmd::BusCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print it with every default filled in.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { role } => serve::run(config, role).await,
+            Command::Config(ConfigCommand::Check) => {
+                print!("{}", toml::to_string_pretty(&config)?);
+                Ok(())
+            }
+            Command::Bus(cmd) => bus_cmd::run(&config, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

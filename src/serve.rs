@@ -1,0 +1,149 @@
+//! `switchboard serve`: starts the roles of this process and the HTTP
+//! endpoints for health, readiness and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use switchboard_infra::bus::{self, TopicConfig};
+use switchboard_infra::config::{Backend, Config};
+use switchboard_infra::{metrics, tls};
+use switchboard_schemas::NodeId;
+use switchboard_schemas::topics::{Topic, full_name};
+use tokio::sync::watch;
+
+/// The role of one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Gateways, processors, projections and the HTTP API in one process.
+    All,
+    /// Client-facing gateways (XMPP, SIP) only.
+    Gateway,
+    /// Processors (presence, routing, rosters ...) only.
+    Processors,
+    /// SQL projections and the compliance/administration API only.
+    Projections,
+}
+
+impl Role {
+    fn runs_gateway(self) -> bool {
+        matches!(self, Role::All | Role::Gateway)
+    }
+}
+
+/// Interval of node heartbeats.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct AppState {
+    ready: Arc<AtomicBool>,
+}
+
+pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
+    if role != Role::All && config.bus.backend == Backend::Embedded {
+        anyhow::bail!(
+            "--role {role:?} needs a shared bus: the embedded log serves one process; \
+             set bus.backend = \"kafka\" to run roles as separate processes"
+        );
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let configured = config
+        .tls
+        .cert_path
+        .as_deref()
+        .zip(config.tls.key_path.as_deref());
+    let cert = tls::ensure_certificate(configured, &config.data_dir.join("tls"), &config.domains)?;
+    if cert.generated {
+        tracing::info!(cert = %cert.cert.display(), "generated a self-signed certificate");
+    }
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState {
+            ready: ready.clone(),
+        });
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("binding the HTTP API to {}", config.http.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.changed().await;
+            })
+            .await
+    });
+
+    let bus = bus::open(&config)
+        .await
+        .with_context(|| format!("opening the {:?} bus", config.bus.backend))?;
+    bus.create_topics(&TopicConfig::catalogue(&config.bus.topic_prefix))
+        .await
+        .context("creating the catalogue's topics")?;
+    tracing::info!(backend = bus.backend(), node = %config.node_id, ?role, "bus ready");
+
+    let mut tasks = Vec::new();
+    if role.runs_gateway() {
+        tasks.push(tokio::spawn(switchboard_gateway::heartbeat::run(
+            bus.clone(),
+            full_name(&config.bus.topic_prefix, Topic::Sessions),
+            NodeId::new(config.node_id.clone()),
+            HEARTBEAT_INTERVAL,
+            shutdown_rx.clone(),
+        )));
+    }
+    ready.store(true, Ordering::Release);
+    tracing::info!("switchboard is serving");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Release);
+    let _ = shutdown_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    http.await??;
+    Ok(())
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn metrics_text() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(),
+    )
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,26 @@
+//! Deliveries: stanzas addressed to the gateway node holding a session.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Protocol;
+
+/// A stanza to write to one session. The envelope subject is the id of the
+/// gateway node holding the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StanzaDelivery {
+    /// The target session.
+    pub session_id: Uuid,
+    /// The target session's address: a full JID, or the SIP `Contact` URI.
+    pub to: String,
+    /// The target session's protocol.
+    pub protocol: Protocol,
+    /// The XMPP stanza to deliver (XML); the SIP gateway translates it
+    /// (RFC 7572 messages, RFC 8048 presence).
+    pub stanza: String,
+    /// The stable id of the message delivered, for acknowledgement and
+    /// duplicate suppression.
+    #[serde(default)]
+    pub message_id: Option<String>,
+}

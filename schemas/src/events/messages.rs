@@ -1,0 +1,115 @@
+//! RFC 6121 §5 (messages), XEP-0359 (stable ids), XEP-0160 (offline),
+//! XEP-0333 (displayed markers), RFC 3428 (SIP MESSAGE): one-to-one messages.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::address::{BareJid, FullJid};
+use crate::macros::string_enum;
+
+string_enum! {
+    /// The message type (RFC 6121 §5.2.2).
+    pub enum MessageKind {
+        /// One-to-one chat.
+        Chat = "chat",
+        /// A standalone message.
+        Normal = "normal",
+        /// An alert that expects no reply.
+        Headline = "headline",
+        /// A group-chat message.
+        Groupchat = "groupchat",
+        /// An error reply.
+        Error = "error",
+    }
+}
+
+string_enum! {
+    /// Why a message bounced.
+    pub enum BounceReason {
+        /// No session, and offline storage is off or suppressed.
+        RecipientUnavailable = "recipient_unavailable",
+        /// The recipient's or node's offline queue is full.
+        OfflineLimit = "offline_limit",
+        /// The recipient blocks the sender.
+        Blocked = "blocked",
+        /// Instant messaging is disabled.
+        ImDisabled = "im_disabled",
+    }
+}
+
+/// A client submitted a message to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageSubmitted {
+    /// The stable message id (XEP-0359 origin-id, else the stanza id),
+    /// unique per sender; duplicates from redelivery share it.
+    pub message_id: String,
+    /// The sending session.
+    pub from: FullJid,
+    /// The addressee as given: a bare or full JID.
+    pub to: String,
+    /// The message type.
+    pub kind: MessageKind,
+    /// The body text.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// The conversation thread id.
+    #[serde(default)]
+    pub thread: Option<String>,
+    /// The subject.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// The original stanza as received (XML), kept as evidence.
+    pub stanza: String,
+}
+
+/// A message was handed to a recipient session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageDelivered {
+    /// The message id.
+    pub message_id: String,
+    /// The original sender.
+    pub from: FullJid,
+    /// The receiving session.
+    pub to: FullJid,
+    /// Whether this was a carbon copy (XEP-0280) rather than the routed copy.
+    #[serde(default)]
+    pub carbon: bool,
+}
+
+/// A message was stored for delivery at the recipient's next login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageStoredOffline {
+    /// The message id.
+    pub message_id: String,
+    /// The original sender.
+    pub from: FullJid,
+    /// The recipient.
+    pub to: BareJid,
+}
+
+/// A message could not be delivered; the sender is told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageBounced {
+    /// The message id.
+    pub message_id: String,
+    /// The original sender.
+    pub from: FullJid,
+    /// The addressee as given.
+    pub to: String,
+    /// Why.
+    pub reason: BounceReason,
+    /// Text returned to the sender, e.g. "Your IM could not be delivered."
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// A recipient displayed (read) a message (XEP-0333 `displayed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageDisplayed {
+    /// The id of the message displayed.
+    pub message_id: String,
+    /// The session that displayed it.
+    pub by: FullJid,
+    /// The original sender, who is notified.
+    pub sender: BareJid,
+}

@@ -1,0 +1,190 @@
+//! RFC 6121 §4 (presence), RFC 3863/4480 (PIDF, RPID): presence inputs and
+//! composed presence.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Protocol;
+use crate::address::BareJid;
+use crate::macros::string_enum;
+
+string_enum! {
+    /// The XMPP `<show/>` value (RFC 6121 §4.7.2.1); absent means online.
+    pub enum Show {
+        /// Actively interested in chatting.
+        Chat = "chat",
+        /// Temporarily away.
+        Away = "away",
+        /// Away for an extended period.
+        Xa = "xa",
+        /// Do not disturb.
+        Dnd = "dnd",
+    }
+}
+
+string_enum! {
+    /// A status a user chooses by hand; it overrides system presence.
+    pub enum ManualState {
+        /// Available.
+        Available = "available",
+        /// Away.
+        Away = "away",
+        /// Do not disturb.
+        Dnd = "dnd",
+        /// Appear offline (XEP-0126).
+        Invisible = "invisible",
+    }
+}
+
+string_enum! {
+    /// Why a manual status was cleared.
+    pub enum ManualStatusClearReason {
+        /// The user cleared it.
+        UserCleared = "user_cleared",
+        /// Its expiry passed.
+        Expired = "expired",
+        /// The user signed out of all devices.
+        SignedOut = "signed_out",
+    }
+}
+
+string_enum! {
+    /// The state of a phone line appearance.
+    pub enum LineState {
+        /// Idle.
+        OnHook = "on_hook",
+        /// In a call.
+        OffHook = "off_hook",
+        /// Ringing.
+        Ringing = "ringing",
+        /// A call is on hold.
+        Held = "held",
+    }
+}
+
+string_enum! {
+    /// A user's composed availability as shown to watchers.
+    pub enum Availability {
+        /// Available.
+        Available = "available",
+        /// Away or idle.
+        Away = "away",
+        /// Do not disturb.
+        Dnd = "dnd",
+        /// On the phone.
+        OnCall = "on_call",
+        /// In a meeting (calendar).
+        InMeeting = "in_meeting",
+        /// No available device.
+        Unavailable = "unavailable",
+    }
+}
+
+string_enum! {
+    /// A kind of presence input folded into composed presence.
+    pub enum PresenceSource {
+        /// A manual status.
+        Manual = "manual",
+        /// A device (XMPP resource or SIP registration/publication).
+        Device = "device",
+        /// A phone line.
+        Phone = "phone",
+        /// A calendar.
+        Calendar = "calendar",
+        /// A third-party application.
+        ThirdParty = "third_party",
+    }
+}
+
+/// A device's presence changed: an XMPP resource's broadcast presence or a
+/// SIP PUBLISH/registration state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DevicePresence {
+    /// The user.
+    pub user: BareJid,
+    /// The device: a full JID for XMPP, the `Contact` URI for SIP.
+    pub device: String,
+    /// The device's protocol.
+    pub protocol: Protocol,
+    /// Whether the device is available.
+    pub available: bool,
+    /// The `<show/>` value; absent means online.
+    #[serde(default)]
+    pub show: Option<Show>,
+    /// Free-text status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Priority (-128..127).
+    #[serde(default)]
+    pub priority: i8,
+}
+
+/// A user set a manual status (one at a time; replaces the previous one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ManualStatusSet {
+    /// The user.
+    pub user: BareJid,
+    /// The chosen state.
+    pub state: ManualState,
+    /// Free-text status.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// When the status expires by itself.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A user's manual status was cleared; system presence applies again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ManualStatusCleared {
+    /// The user.
+    pub user: BareJid,
+    /// Why.
+    pub reason: ManualStatusClearReason,
+}
+
+/// A phone line's state changed (PUBLISH from call control for a line
+/// appearance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PhoneLineState {
+    /// The user the line belongs to.
+    pub user: BareJid,
+    /// The line appearance id, e.g. the directory number.
+    pub line_id: String,
+    /// The line state.
+    pub state: LineState,
+}
+
+/// A user's calendar busy state changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CalendarState {
+    /// The user.
+    pub user: BareJid,
+    /// Whether the calendar shows the user busy now.
+    pub busy: bool,
+    /// When the current busy or free period ends.
+    #[serde(default)]
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// A user's composed presence: the deterministic fold of all presence
+/// inputs, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ComposedPresence {
+    /// The user.
+    pub user: BareJid,
+    /// The composed availability.
+    pub availability: Availability,
+    /// The XMPP `<show/>` value watchers receive; absent means online.
+    #[serde(default)]
+    pub show: Option<Show>,
+    /// The status text watchers receive.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// The kinds of input that contributed (sorted, unique).
+    #[serde(default)]
+    pub sources: BTreeSet<PresenceSource>,
+}

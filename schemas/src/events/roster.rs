@@ -1,0 +1,87 @@
+//! RFC 6121 §2-3: roster items and the presence subscription handshake.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::address::BareJid;
+use crate::macros::string_enum;
+
+string_enum! {
+    /// The presence subscription state of a roster item (RFC 6121 §2.1.2.5).
+    pub enum Subscription {
+        /// Neither side sees the other.
+        None = "none",
+        /// The owner sees the contact.
+        To = "to",
+        /// The contact sees the owner.
+        From = "from",
+        /// Both see each other.
+        Both = "both",
+    }
+}
+
+/// A roster item was added or changed; carries the whole item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RosterItemSet {
+    /// The roster owner.
+    pub user: BareJid,
+    /// The contact.
+    pub contact: BareJid,
+    /// The owner's name for the contact.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Groups, sorted and unique.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The subscription state.
+    pub subscription: Subscription,
+    /// Whether the owner's subscription request is pending (`ask="subscribe"`).
+    #[serde(default)]
+    pub ask: bool,
+}
+
+/// A roster item was removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RosterItemRemoved {
+    /// The roster owner.
+    pub user: BareJid,
+    /// The removed contact.
+    pub contact: BareJid,
+}
+
+macro_rules! subscription_event {
+    ($(#[doc = $doc:literal])+ $name:ident) => {
+        $(#[doc = $doc])+
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+        pub struct $name {
+            /// The user acting.
+            pub from: BareJid,
+            /// The other user.
+            pub to: BareJid,
+            /// Optional text from the acting user.
+            #[serde(default)]
+            pub status: Option<String>,
+        }
+    };
+}
+
+subscription_event! {
+    /// `from` asks to see `to`'s presence (`<presence type="subscribe"/>`).
+    SubscriptionRequested
+}
+
+subscription_event! {
+    /// `from` allows `to` to see `from`'s presence (`type="subscribed"`).
+    SubscriptionApproved
+}
+
+subscription_event! {
+    /// `from` denies or revokes `to`'s subscription to `from`'s presence
+    /// (`type="unsubscribed"`).
+    SubscriptionDenied
+}
+
+subscription_event! {
+    /// `from` stops watching `to`'s presence (`type="unsubscribe"`).
+    SubscriptionCancelled
+}

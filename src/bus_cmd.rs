@@ -136,10 +136,8 @@ async fn commit(
 ) -> anyhow::Result<()> {
     let positions = bus::positions_after(uncommitted);
     consumer.commit(&positions).await?;
-    let by_partition: BTreeMap<i32, i64> = positions
-        .iter()
-        .map(|(tp, o)| (tp.partition, *o))
-        .collect();
+    let by_partition: BTreeMap<i32, i64> =
+        positions.iter().map(|(tp, o)| (tp.partition, *o)).collect();
     for (partition, offset) in by_partition {
         writeln!(out, "committed {partition} {offset}")?;
     }

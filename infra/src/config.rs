@@ -275,11 +275,13 @@ impl Config {
                     field,
                 }
             })?;
-        config.validate().map_err(|(field, message)| ConfigError::Field {
-            origin: origin_of(field),
-            field: field.to_owned(),
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Field {
+                origin: origin_of(field),
+                field: field.to_owned(),
+                message,
+            })?;
         Ok(config)
     }
 
@@ -350,8 +352,7 @@ impl Config {
             ));
         }
         let url = &self.database.url;
-        if !url.is_empty() && !url.starts_with("postgres://") && !url.starts_with("postgresql://")
-        {
+        if !url.is_empty() && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
             return Err((
                 "database.url",
                 "must be a postgres:// URL, or empty for the embedded SQLite database".to_owned(),
@@ -483,7 +484,10 @@ mod tests {
             &[
                 ("SWITCHBOARD__BUS__BACKEND", "kafka"),
                 ("SWITCHBOARD__BUS__KAFKA__LINGER_MS", "3"),
-                ("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", "10.1.1.1:9092"),
+                (
+                    "SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS",
+                    "10.1.1.1:9092",
+                ),
                 ("UNRELATED", "x"),
             ],
         )

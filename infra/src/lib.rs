@@ -6,5 +6,5 @@
 
 pub mod bus;
 pub mod config;
-pub mod tls;
 pub mod metrics;
+pub mod tls;

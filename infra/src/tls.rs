@@ -114,7 +114,10 @@ mod tests {
     #[test]
     fn missing_configured_file_is_named() {
         let err = ensure_certificate(
-            Some((Path::new("/nonexistent/c.pem"), Path::new("/nonexistent/k.pem"))),
+            Some((
+                Path::new("/nonexistent/c.pem"),
+                Path::new("/nonexistent/k.pem"),
+            )),
             Path::new("/tmp"),
             &[],
         )

@@ -113,7 +113,10 @@ impl Fixture for KafkaFixture {
         let mut cmd = base_command();
         cmd.env("SWITCHBOARD__DATA_DIR", self.dir.path())
             .env("SWITCHBOARD__BUS__BACKEND", "kafka")
-            .env("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", kafka_bootstrap());
+            .env(
+                "SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS",
+                kafka_bootstrap(),
+            );
         cmd
     }
 

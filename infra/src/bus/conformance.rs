@@ -81,13 +81,9 @@ pub async fn read_all(bus: &dyn Bus, topic: &str, count: usize) -> Vec<Record> {
                 idle = 0;
                 seen.extend(records);
             }
-            Polled::Idle => {
-                // Kafka needs a while to join the group; count idle polls
-                // only once something is assigned.
-                if !consumer.assignment().is_empty() {
-                    idle += 1;
-                }
-            }
+            // Kafka needs a while to join the group; count idle polls only
+            // once something is assigned.
+            Polled::Idle if !consumer.assignment().is_empty() => idle += 1,
             _ => {}
         }
     }
@@ -118,9 +114,18 @@ pub async fn per_key_order(f: &dyn Fixture) {
             let mut last = None;
             for seq in 0..per_key {
                 let d = bus
-                    .produce(&topic, key.as_bytes(), Some(format!("{k}:{seq}").as_bytes()))
+                    .produce(
+                        &topic,
+                        key.as_bytes(),
+                        Some(format!("{k}:{seq}").as_bytes()),
+                    )
                     .await
                     .unwrap();
+                assert_eq!(
+                    d.partition,
+                    super::partition_for_key(key.as_bytes(), 6),
+                    "the Java clients' partitioner"
+                );
                 if let Some((partition, offset)) = last {
                     assert_eq!(partition, d.partition, "one key, one partition");
                     assert!(d.offset > offset, "offsets grow");
@@ -165,9 +170,13 @@ pub async fn replay_from_zero(f: &dyn Fixture) {
         .unwrap();
     let n = 300;
     for i in 0..n {
-        bus.produce(&topic, format!("k{i}").as_bytes(), Some(i.to_string().as_bytes()))
-            .await
-            .unwrap();
+        bus.produce(
+            &topic,
+            format!("k{i}").as_bytes(),
+            Some(i.to_string().as_bytes()),
+        )
+        .await
+        .unwrap();
     }
     let group = unique("replay-group");
     let mut c = bus
@@ -199,9 +208,13 @@ pub async fn uncommitted_redelivered(f: &dyn Fixture) {
         .unwrap();
     let n = 400;
     for i in 0..n {
-        bus.produce(&topic, format!("k{i}").as_bytes(), Some(i.to_string().as_bytes()))
-            .await
-            .unwrap();
+        bus.produce(
+            &topic,
+            format!("k{i}").as_bytes(),
+            Some(i.to_string().as_bytes()),
+        )
+        .await
+        .unwrap();
     }
     let group = unique("redeliver-group");
     let mut c1 = bus
@@ -356,7 +369,9 @@ async fn run_child_until(
     mut cmd: tokio::process::Command,
     mut enough: impl FnMut(&[String]) -> bool,
 ) -> (tokio::process::Child, Vec<String>) {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().expect("spawn switchboard");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
@@ -391,8 +406,10 @@ pub async fn producer_kill9_loses_no_ack(f: &dyn Fixture) {
     f.release().await;
     let mut cmd = f.command();
     cmd.args(["bus", "produce", "--topic", &topic, "--count", "1000000"]);
-    let (mut child, lines) =
-        run_child_until(cmd, |l| l.iter().filter(|l| l.starts_with("ack ")).count() >= 3000).await;
+    let (mut child, lines) = run_child_until(cmd, |l| {
+        l.iter().filter(|l| l.starts_with("ack ")).count() >= 3000
+    })
+    .await;
     kill9(&mut child).await;
     let acked: BTreeSet<String> = lines
         .iter()
@@ -424,9 +441,13 @@ pub async fn consumer_kill9_redelivers(f: &dyn Fixture) {
         .unwrap();
     let n = 3000;
     for i in 0..n {
-        bus.produce(&topic, format!("k{i}").as_bytes(), Some(i.to_string().as_bytes()))
-            .await
-            .unwrap();
+        bus.produce(
+            &topic,
+            format!("k{i}").as_bytes(),
+            Some(i.to_string().as_bytes()),
+        )
+        .await
+        .unwrap();
     }
     drop(bus);
     f.release().await;
@@ -507,7 +528,11 @@ pub async fn broker_kill9_loses_no_ack(f: &dyn Fixture) {
             let mut failures = 0usize;
             for i in 0..6000 {
                 match bus
-                    .produce(&topic, format!("k{i}").as_bytes(), Some(i.to_string().as_bytes()))
+                    .produce(
+                        &topic,
+                        format!("k{i}").as_bytes(),
+                        Some(i.to_string().as_bytes()),
+                    )
                     .await
                 {
                     Ok(_) => {
@@ -531,7 +556,10 @@ pub async fn broker_kill9_loses_no_ack(f: &dyn Fixture) {
     }
     let failures = producer.await.unwrap();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 1000, "producer made no progress after the crash");
+    assert!(
+        acked.len() > 1000,
+        "producer made no progress after the crash"
+    );
     let stored: BTreeSet<String> = read_all(&*bus, &topic, acked.len())
         .await
         .iter()

@@ -44,6 +44,8 @@ use super::{
 
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 8192;
+/// How often the write-ahead log is checkpointed into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// Rows per multi-row `INSERT` statement (6 parameters each).
 const ROWS_PER_INSERT: usize = 128;
 
@@ -182,12 +184,11 @@ impl EmbeddedBus {
     /// Opens (creating if needed) the log at `config.path` and starts its
     /// writer and maintenance tasks on the current tokio runtime.
     pub async fn open(config: EmbeddedConfig) -> Result<Self, BusError> {
-        if let Some(dir) = config.path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    BusError::Config(format!("cannot create {}: {e}", dir.display()))
-                })?;
-            }
+        if let Some(dir) = config.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| BusError::Config(format!("cannot create {}: {e}", dir.display())))?;
         }
         let lock = lock_file(&config.path)?;
         let options = SqliteConnectOptions::from_str("sqlite:")?
@@ -199,7 +200,11 @@ impl EmbeddedBus {
                 Synchronous::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-32768")
+            // Checkpoints run on their own connection (checkpoint_task), not
+            // inside a producer's commit, where they would add milliseconds.
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", "67108864");
         let mut writer_conn = SqliteConnection::connect_with(&options).await?;
         sqlx::migrate!("./migrations/embedded_log")
             .run_direct(None, &mut writer_conn, false)
@@ -207,7 +212,7 @@ impl EmbeddedBus {
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
 
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -223,7 +228,9 @@ impl EmbeddedBus {
             next_member: AtomicU64::new(1),
         });
         load_topics(&inner, &mut writer_conn).await?;
+        let checkpoint_conn = SqliteConnection::connect_with(&options).await?;
         tokio::spawn(writer_task(Arc::downgrade(&inner), writer_conn, rx));
+        tokio::spawn(checkpoint_task(Arc::downgrade(&inner), checkpoint_conn));
         tokio::spawn(maintenance_task(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
@@ -285,12 +292,11 @@ async fn load_topics(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), B
         let partitions: i64 = row.get(2);
         let cleanup: String = row.get(3);
         let retention_ms: Option<i64> = row.get(4);
-        let ends: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT part, MAX(off) + 1 FROM records WHERE tid = ? GROUP BY part",
-        )
-        .bind(id)
-        .fetch_all(&mut *conn)
-        .await?;
+        let ends: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT part, MAX(off) + 1 FROM records WHERE tid = ? GROUP BY part")
+                .bind(id)
+                .fetch_all(&mut *conn)
+                .await?;
         let ends: HashMap<i64, i64> = ends.into_iter().collect();
         let state = TopicState {
             id,
@@ -343,6 +349,13 @@ fn insert_sql(rows: usize) -> &'static str {
     });
     &cache[rows]
 }
+
+/// A commit of group positions waiting for the writer.
+type PendingCommit = (
+    String,
+    Vec<(TopicPartition, i64)>,
+    oneshot::Sender<Result<(), BusError>>,
+);
 
 struct PendingProduce {
     topic: Arc<TopicState>,
@@ -446,11 +459,7 @@ async fn writer_task(
 async fn write_batch(
     conn: &mut SqliteConnection,
     produces: &[PendingProduce],
-    commits: &[(
-        String,
-        Vec<(TopicPartition, i64)>,
-        oneshot::Sender<Result<(), BusError>>,
-    )],
+    commits: &[PendingCommit],
     ts: i64,
 ) -> Result<(), sqlx::Error> {
     let mut tx = conn.begin().await?;
@@ -511,6 +520,24 @@ fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
     inner.appended.send_modify(|v| *v = v.wrapping_add(1));
 }
 
+/// Copies the write-ahead log into the database file every
+/// [`CHECKPOINT_INTERVAL`], beside the writer rather than inside its commits.
+async fn checkpoint_task(inner: Weak<Inner>, mut conn: SqliteConnection) {
+    let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+    loop {
+        ticker.tick().await;
+        if inner.strong_count() == 0 {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "embedded log: checkpoint failed");
+        }
+    }
+}
+
 async fn maintenance_task(inner: Weak<Inner>) {
     let interval = match inner.upgrade() {
         Some(i) => i.config.maintenance_interval,
@@ -524,7 +551,12 @@ async fn maintenance_task(inner: Weak<Inner>) {
             return;
         };
         let (reply, rx) = oneshot::channel();
-        if strong.writer.send(WriteOp::Maintain { reply }).await.is_err() {
+        if strong
+            .writer
+            .send(WriteOp::Maintain { reply })
+            .await
+            .is_err()
+        {
             return;
         }
         drop(strong);
@@ -594,7 +626,10 @@ async fn maintain(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusE
                 for partition in &topic.partitions {
                     let mut tail = partition.tail.write().expect("tail lock");
                     while tail.records.len() > 1
-                        && tail.records.front().is_some_and(|r| r.timestamp_ms < cutoff)
+                        && tail
+                            .records
+                            .front()
+                            .is_some_and(|r| r.timestamp_ms < cutoff)
                     {
                         if let Some(old) = tail.records.pop_front() {
                             tail.start = old.offset + 1;

@@ -255,7 +255,10 @@ impl Bus for KafkaBus {
                     StartFrom::Latest => "latest",
                 },
             )
-            .set("session.timeout.ms", self.config.session_timeout_ms.to_string())
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout_ms.to_string(),
+            )
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "100")
             .set("socket.nagle.disable", "true")
@@ -272,12 +275,7 @@ impl Bus for KafkaBus {
     }
 
     async fn partitions(&self, topic: &str) -> Result<i32, BusError> {
-        if let Some(n) = self
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .get(topic)
-        {
+        if let Some(n) = self.partitions.lock().expect("partitions lock").get(topic) {
             return Ok(*n);
         }
         let n = self.fetch_partitions(topic).await?;

@@ -257,9 +257,7 @@ impl BusError {
     pub fn is_retriable(&self) -> bool {
         match self {
             BusError::Timeout(_) => true,
-            BusError::Kafka(e) => e
-                .rdkafka_error_code()
-                .is_some_and(|code| kafka::is_retriable(code)),
+            BusError::Kafka(e) => e.rdkafka_error_code().is_some_and(kafka::is_retriable),
             BusError::Storage(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
             _ => false,
         }

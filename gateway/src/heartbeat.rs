@@ -45,7 +45,10 @@ pub async fn run(
                 continue;
             }
         };
-        if let Err(e) = bus.produce(&topic, node.as_str().as_bytes(), Some(&bytes)).await {
+        if let Err(e) = bus
+            .produce(&topic, node.as_str().as_bytes(), Some(&bytes))
+            .await
+        {
             tracing::warn!(error = %e, "heartbeat not stored");
         }
     }

@@ -95,6 +95,25 @@ fn value_str(r: &Record) -> String {
     String::from_utf8(r.value.as_deref().unwrap_or_default().to_vec()).expect("utf8 value")
 }
 
+/// A new topic of `partitions` partitions holding records `0..n` (value =
+/// the number as text, key `k<number>`).
+async fn numbered_topic(bus: &dyn Bus, base: &str, partitions: i32, n: usize) -> String {
+    let topic = unique(base);
+    bus.create_topics(&[TopicConfig::log(&topic, partitions)])
+        .await
+        .unwrap();
+    for i in 0..n {
+        bus.produce(
+            &topic,
+            format!("k{i}").as_bytes(),
+            Some(i.to_string().as_bytes()),
+        )
+        .await
+        .unwrap();
+    }
+    topic
+}
+
 /// Records with the same key are read in the order they were produced, from
 /// one partition.
 pub async fn per_key_order(f: &dyn Fixture) {
@@ -164,20 +183,8 @@ pub async fn per_key_order(f: &dyn Fixture) {
 /// A consumer that seeks to 0 sees every record again.
 pub async fn replay_from_zero(f: &dyn Fixture) {
     let bus = f.open().await;
-    let topic = unique("replay");
-    bus.create_topics(&[TopicConfig::log(&topic, 3)])
-        .await
-        .unwrap();
     let n = 300;
-    for i in 0..n {
-        bus.produce(
-            &topic,
-            format!("k{i}").as_bytes(),
-            Some(i.to_string().as_bytes()),
-        )
-        .await
-        .unwrap();
-    }
+    let topic = numbered_topic(&*bus, "replay", 3, n).await;
     let group = unique("replay-group");
     let mut c = bus
         .consumer(ConsumerConfig::new(&group, &[&topic]))
@@ -202,20 +209,8 @@ pub async fn replay_from_zero(f: &dyn Fixture) {
 /// committed ones do not.
 pub async fn uncommitted_redelivered(f: &dyn Fixture) {
     let bus = f.open().await;
-    let topic = unique("redeliver");
-    bus.create_topics(&[TopicConfig::log(&topic, 4)])
-        .await
-        .unwrap();
     let n = 400;
-    for i in 0..n {
-        bus.produce(
-            &topic,
-            format!("k{i}").as_bytes(),
-            Some(i.to_string().as_bytes()),
-        )
-        .await
-        .unwrap();
-    }
+    let topic = numbered_topic(&*bus, "redeliver", 4, n).await;
     let group = unique("redeliver-group");
     let mut c1 = bus
         .consumer(ConsumerConfig::new(&group, &[&topic]))
@@ -435,20 +430,8 @@ pub async fn producer_kill9_loses_no_ack(f: &dyn Fixture) {
 /// after the last commit, so nothing is lost, and nothing before it.
 pub async fn consumer_kill9_redelivers(f: &dyn Fixture) {
     let bus = f.open().await;
-    let topic = unique("consumer-crash");
-    bus.create_topics(&[TopicConfig::log(&topic, 3)])
-        .await
-        .unwrap();
     let n = 3000;
-    for i in 0..n {
-        bus.produce(
-            &topic,
-            format!("k{i}").as_bytes(),
-            Some(i.to_string().as_bytes()),
-        )
-        .await
-        .unwrap();
-    }
+    let topic = numbered_topic(&*bus, "consumer-crash", 3, n).await;
     drop(bus);
     f.release().await;
     let group = unique("consumer-crash-group");

@@ -359,11 +359,13 @@ pub async fn compaction_keeps_latest(f: &dyn Fixture) {
     }
 }
 
-/// Lines of a child process's stdout, collected until `enough` or its end.
-async fn run_child_until(
+/// Runs `cmd` until its stdout lines satisfy `enough`, kills it with SIGKILL,
+/// and returns every line it wrote, including those still in the pipe (a
+/// child keeps working between the check and the kill).
+async fn run_child_then_kill9(
     mut cmd: tokio::process::Command,
     mut enough: impl FnMut(&[String]) -> bool,
-) -> (tokio::process::Child, Vec<String>) {
+) -> Vec<String> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
@@ -380,13 +382,13 @@ async fn run_child_until(
             Err(_) => panic!("child produced too little output: {} lines", out.len()),
         }
     }
-    (child, out)
-}
-
-async fn kill9(child: &mut tokio::process::Child) {
     // `start_kill` sends SIGKILL on Unix.
     child.start_kill().expect("kill -9");
     let _ = child.wait().await;
+    while let Ok(Some(line)) = lines.next_line().await {
+        out.push(line);
+    }
+    out
 }
 
 /// A producer killed with SIGKILL mid-stream loses nothing it had been told
@@ -401,11 +403,10 @@ pub async fn producer_kill9_loses_no_ack(f: &dyn Fixture) {
     f.release().await;
     let mut cmd = f.command();
     cmd.args(["bus", "produce", "--topic", &topic, "--count", "1000000"]);
-    let (mut child, lines) = run_child_until(cmd, |l| {
+    let lines = run_child_then_kill9(cmd, |l| {
         l.iter().filter(|l| l.starts_with("ack ")).count() >= 3000
     })
     .await;
-    kill9(&mut child).await;
     let acked: BTreeSet<String> = lines
         .iter()
         .filter_map(|l| l.strip_prefix("ack "))
@@ -446,11 +447,10 @@ pub async fn consumer_kill9_redelivers(f: &dyn Fixture) {
         "--commit-every",
         "100",
     ]);
-    let (mut child, lines) = run_child_until(cmd, |l| {
+    let lines = run_child_then_kill9(cmd, |l| {
         l.iter().filter(|l| l.starts_with("committed ")).count() >= 5
     })
     .await;
-    kill9(&mut child).await;
     let mut child_seen = BTreeSet::new();
     let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
     for line in &lines {

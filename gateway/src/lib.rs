@@ -5,5 +5,11 @@
 //! Architecture Invariant: gateways hold only connection state. Anything that
 //! must survive a gateway crash is an event on the bus before it is
 //! acknowledged to a client.
+//!
+//! Architecture Invariant: the protocol cores (`xmpp::stream`, `xmpp::jid`,
+//! `sasl`) do no I/O: they consume bytes or values and return results or
+//! `Incomplete`; the servers own the sockets.
 
 pub mod heartbeat;
+pub mod sasl;
+pub mod xmpp;

@@ -1,0 +1,1 @@
+//! RFC 5802 / RFC 7677: SCRAM (being written).

@@ -1,0 +1,1 @@
+//! RFC 7622: XMPP addresses (being written).

@@ -1,0 +1,4 @@
+//! XMPP (RFC 6120/6121) client-to-server protocol.
+
+pub mod jid;
+pub mod stream;

@@ -1,0 +1,1 @@
+//! RFC 6120 §4: the XML stream (being written).

@@ -156,8 +156,14 @@ pub async fn per_key_order(f: &dyn Fixture) {
     for t in tasks {
         t.await.unwrap();
     }
+    let ends = bus.end_offsets(&topic).await.unwrap();
+    assert_eq!(ends.len(), 6);
+    assert_eq!(ends.iter().sum::<i64>(), (keys * per_key) as i64);
     let records = read_all(&*bus, &topic, keys * per_key).await;
     assert_eq!(records.len(), keys * per_key);
+    for r in &records {
+        assert!(r.offset < ends[r.partition as usize]);
+    }
     let mut by_key: HashMap<Vec<u8>, Vec<(i32, i64, usize)>> = HashMap::new();
     for r in &records {
         let v = value_str(r);

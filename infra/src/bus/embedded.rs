@@ -784,6 +784,15 @@ impl Bus for EmbeddedBus {
         Ok(self.topic(topic)?.partitions.len() as i32)
     }
 
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, BusError> {
+        Ok(self
+            .topic(topic)?
+            .partitions
+            .iter()
+            .map(|p| p.tail.read().expect("tail lock").end)
+            .collect())
+    }
+
     fn backend(&self) -> &'static str {
         "embedded"
     }

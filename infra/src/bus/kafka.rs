@@ -286,6 +286,25 @@ impl Bus for KafkaBus {
         Ok(n)
     }
 
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, BusError> {
+        let partitions = self.partitions(topic).await?;
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    producer
+                        .client()
+                        .fetch_watermarks(&name, p, Duration::from_secs(10))
+                        .map(|(_, high)| high)
+                        .map_err(BusError::from)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|_| BusError::Closed)?
+    }
+
     fn backend(&self) -> &'static str {
         "kafka"
     }

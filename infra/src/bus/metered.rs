@@ -52,6 +52,10 @@ impl Bus for MeteredBus {
         self.inner.partitions(topic).await
     }
 
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, BusError> {
+        self.inner.end_offsets(topic).await
+    }
+
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }

@@ -285,6 +285,11 @@ pub trait Bus: Send + Sync + 'static {
     /// Number of partitions of a topic.
     async fn partitions(&self, topic: &str) -> Result<i32, BusError>;
 
+    /// The offset after the last stored record of each partition of `topic`
+    /// (the high watermark), indexed by partition. A reader that has reached
+    /// these positions has caught up.
+    async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, BusError>;
+
     /// A short name for logs and metrics (`kafka` or `embedded`).
     fn backend(&self) -> &'static str;
 }

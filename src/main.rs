@@ -1,7 +1,9 @@
 //! The `switchboard` command: the server in any role, and its operator tools.
 
+mod admin;
 mod bus_cmd;
 mod serve;
+mod user_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,9 @@ enum Command {
     /// Diagnostics on the bus: create topics, produce and consume test records.
     #[command(subcommand)]
     Bus(bus_cmd::BusCommand),
+    /// Manage users (through a running server's admin socket when there is one).
+    #[command(subcommand)]
+    User(user_cmd::UserCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Bus(cmd) => bus_cmd::run(&config, cmd).await,
+            Command::User(cmd) => user_cmd::run(&config, cmd).await,
         }
     });
     match result {

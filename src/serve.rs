@@ -94,6 +94,21 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         .context("creating the catalogue's topics")?;
     tracing::info!(backend = bus.backend(), node = %config.node_id, ?role, "bus ready");
 
+    let admin = Arc::new(
+        crate::admin::Admin::load(bus.clone(), &config)
+            .await
+            .context("loading the user directory")?,
+    );
+    let socket = crate::admin::socket_path(&config);
+    let admin_socket = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve_socket(&socket, admin).await {
+                tracing::error!(error = %e, "admin socket stopped");
+            }
+        })
+    };
+
     let mut tasks = Vec::new();
     if role.runs_gateway() {
         tasks.push(tokio::spawn(switchboard_gateway::heartbeat::run(
@@ -111,6 +126,8 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     ready.store(false, Ordering::Release);
     let _ = shutdown_tx.send(true);
+    admin_socket.abort();
+    let _ = std::fs::remove_file(&socket);
     for t in tasks {
         let _ = t.await;
     }

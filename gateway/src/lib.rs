@@ -12,4 +12,5 @@
 
 pub mod heartbeat;
 pub mod sasl;
+pub mod users;
 pub mod xmpp;

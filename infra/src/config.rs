@@ -72,6 +72,8 @@ pub struct Config {
     pub http: HttpSettings,
     /// TLS certificates.
     pub tls: TlsSettings,
+    /// Authentication.
+    pub auth: AuthSettings,
 }
 
 impl Default for Config {
@@ -84,6 +86,25 @@ impl Default for Config {
             database: DatabaseSettings::default(),
             http: HttpSettings::default(),
             tls: TlsSettings::default(),
+            auth: AuthSettings::default(),
+        }
+    }
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// PBKDF2 iterations of newly stored SCRAM credentials (at least 4096,
+    /// RFC 7677 §4). Existing credentials keep theirs until the next
+    /// password change.
+    pub scram_iterations: u32,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            scram_iterations: 4096,
         }
     }
 }
@@ -340,6 +361,15 @@ impl Config {
             return Err((
                 "bus.embedded.maintenance_interval_secs",
                 "must be at least 1".to_owned(),
+            ));
+        }
+        if self.auth.scram_iterations < 4096 {
+            return Err((
+                "auth.scram_iterations",
+                format!(
+                    "{} is below the minimum of 4096",
+                    self.auth.scram_iterations
+                ),
             ));
         }
         if self.bus.embedded.tail_records == 0 {

@@ -1,0 +1,147 @@
+//! The user directory: the latest record of every user, folded from the
+//! compacted `users` topic. Gateways authenticate against it; the
+//! administration commands check it before they change a user.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use switchboard_infra::bus::{Bus, BusError, ConsumerConfig, Polled};
+use switchboard_schemas::events::UserState;
+use switchboard_schemas::{Envelope, Event};
+
+/// Errors while loading the directory.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The topic did not reach its end in time.
+    #[error("the users topic was not read to its end within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Every user's latest record, by normalised bare address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserDirectory {
+    users: BTreeMap<String, UserState>,
+}
+
+impl UserDirectory {
+    /// Applies one record of the `users` topic: a `user.state` event sets
+    /// the user, a tombstone (no value) removes the user named by the key.
+    /// Records that do not decode are skipped with a warning: one bad record
+    /// must not lock every user out.
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) {
+        let Some(value) = value else {
+            self.users.remove(&*String::from_utf8_lossy(key));
+            return;
+        };
+        match Envelope::from_json_slice(value) {
+            Ok(Envelope {
+                event: Event::UserState(state),
+                ..
+            }) => {
+                self.users.insert(state.user.as_str().to_owned(), state);
+            }
+            Ok(other) => {
+                tracing::warn!(
+                    event = other.event.event_type(),
+                    "unexpected event on users topic"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable record on users topic"),
+        }
+    }
+
+    /// The user with this normalised bare address.
+    pub fn get(&self, bare: &str) -> Option<&UserState> {
+        self.users.get(bare)
+    }
+
+    /// All users in address order.
+    pub fn iter(&self) -> impl Iterator<Item = &UserState> {
+        self.users.values()
+    }
+
+    /// Number of users.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether there are no users.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Reads the `users` topic from the beginning to its current end.
+    pub async fn load(bus: &dyn Bus, topic: &str, limit: Duration) -> Result<Self, DirectoryError> {
+        let ends = bus.end_offsets(topic).await?;
+        let mut directory = Self::default();
+        if ends.iter().all(|e| *e == 0) {
+            return Ok(directory);
+        }
+        let group = format!("switchboard-users-reader-{}", uuid::Uuid::now_v7().simple());
+        let mut consumer = bus.consumer(ConsumerConfig::new(group, &[topic])).await?;
+        let mut positions = vec![0i64; ends.len()];
+        let deadline = tokio::time::Instant::now() + limit;
+        let caught_up = |positions: &[i64]| positions.iter().zip(&ends).all(|(p, e)| p >= e);
+        while !caught_up(&positions) {
+            if tokio::time::Instant::now() >= deadline {
+                let _ = consumer.close().await;
+                return Err(DirectoryError::Timeout(limit));
+            }
+            if let Polled::Records(records) = consumer.poll(Duration::from_millis(200)).await? {
+                for r in records {
+                    if let Some(p) = positions.get_mut(r.partition as usize) {
+                        *p = (*p).max(r.offset + 1);
+                    }
+                    directory.apply(&r.key, r.value.as_deref());
+                }
+            }
+        }
+        consumer.close().await?;
+        Ok(directory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_schemas::{BareJid, NodeId};
+
+    fn state(user: &str, enabled: bool) -> Vec<u8> {
+        Envelope::new(
+            NodeId::new("n1"),
+            user,
+            UserState {
+                user: BareJid::new(user),
+                display_name: None,
+                locale: None,
+                enabled,
+                credentials: Vec::new(),
+            },
+        )
+        .to_json_vec()
+        .unwrap()
+    }
+
+    #[test]
+    fn latest_record_wins_and_tombstone_removes() {
+        let mut d = UserDirectory::default();
+        d.apply(
+            b"alice@example.com",
+            Some(&state("alice@example.com", true)),
+        );
+        d.apply(b"bob@example.com", Some(&state("bob@example.com", true)));
+        d.apply(
+            b"alice@example.com",
+            Some(&state("alice@example.com", false)),
+        );
+        assert!(!d.get("alice@example.com").unwrap().enabled);
+        d.apply(b"bob@example.com", None);
+        assert!(d.get("bob@example.com").is_none());
+        assert_eq!(d.len(), 1);
+        d.apply(b"carol@example.com", Some(b"not json"));
+        assert_eq!(d.len(), 1);
+    }
+}

@@ -125,7 +125,7 @@ pub struct Admin {
     node: NodeId,
     admin_topic: String,
     users_topic: String,
-    directory: RwLock<UserDirectory>,
+    directory: Arc<RwLock<UserDirectory>>,
 }
 
 impl Admin {
@@ -133,13 +133,26 @@ impl Admin {
     pub async fn load(bus: Arc<dyn Bus>, config: &Config) -> anyhow::Result<Self> {
         let users_topic = full_name(&config.bus.topic_prefix, Topic::Users);
         let directory = UserDirectory::load(&*bus, &users_topic, LOAD_LIMIT).await?;
-        Ok(Self {
+        Ok(Self::with_directory(
+            bus,
+            config,
+            Arc::new(RwLock::new(directory)),
+        ))
+    }
+
+    /// An executor sharing a directory that something else keeps up to date.
+    pub fn with_directory(
+        bus: Arc<dyn Bus>,
+        config: &Config,
+        directory: Arc<RwLock<UserDirectory>>,
+    ) -> Self {
+        Self {
             bus,
             node: NodeId::new(config.node_id.clone()),
             admin_topic: full_name(&config.bus.topic_prefix, Topic::Admin),
-            users_topic,
-            directory: RwLock::new(directory),
-        })
+            users_topic: full_name(&config.bus.topic_prefix, Topic::Users),
+            directory,
+        }
     }
 
     /// Executes one request; refusals come back as [`Response::Error`].
@@ -254,11 +267,12 @@ impl Admin {
             ),
             None => None,
         };
-        self.bus
+        let delivery = self
+            .bus
             .produce(&self.users_topic, user.as_bytes(), value.as_deref())
             .await
             .context("storing the user record")?;
-        directory.apply(user.as_bytes(), value.as_deref());
+        directory.apply(user.as_bytes(), value.as_deref(), delivery.offset);
         Ok(Response::Done { message })
     }
 }

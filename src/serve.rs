@@ -11,6 +11,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use switchboard_gateway::emit::EventSink;
+use switchboard_gateway::users::UserDirectory;
+use switchboard_gateway::xmpp::server::C2sContext;
 use switchboard_infra::bus::{self, TopicConfig};
 use switchboard_infra::config::{Backend, Config};
 use switchboard_infra::{metrics, tls};
@@ -94,11 +97,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         .context("creating the catalogue's topics")?;
     tracing::info!(backend = bus.backend(), node = %config.node_id, ?role, "bus ready");
 
-    let admin = Arc::new(
-        crate::admin::Admin::load(bus.clone(), &config)
-            .await
-            .context("loading the user directory")?,
-    );
+    let directory = UserDirectory::follow(
+        bus.clone(),
+        &full_name(&config.bus.topic_prefix, Topic::Users),
+        Duration::from_secs(60),
+    )
+    .await
+    .context("loading the user directory")?;
+    let admin = Arc::new(crate::admin::Admin::with_directory(
+        bus.clone(),
+        &config,
+        directory.clone(),
+    ));
     let socket = crate::admin::socket_path(&config);
     let admin_socket = {
         let socket = socket.clone();
@@ -111,6 +121,38 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     if role.runs_gateway() {
+        let c2s = Arc::new(C2sContext {
+            domains: config
+                .domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            settings: config.xmpp.clone(),
+            tls: switchboard_gateway::tls::server_config(&cert.cert, &cert.key)?,
+            directory: directory.clone(),
+            secret: switchboard_gateway::tls::ensure_secret(&config.data_dir.join("secret"))?,
+            events: EventSink::new(
+                bus.clone(),
+                config.bus.topic_prefix.clone(),
+                NodeId::new(config.node_id.clone()),
+            ),
+            sessions: Default::default(),
+        });
+        for (addr, direct_tls) in [
+            (config.xmpp.c2s_listen, false),
+            (config.xmpp.c2s_tls_listen, true),
+        ] {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the XMPP listener to {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, direct_tls, "XMPP listening");
+            tasks.push(tokio::spawn(switchboard_gateway::xmpp::server::serve(
+                listener,
+                direct_tls,
+                c2s.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(switchboard_gateway::heartbeat::run(
             bus.clone(),
             full_name(&config.bus.topic_prefix, Topic::Sessions),

@@ -46,7 +46,9 @@ fn switchboard() -> tokio::process::Command {
             cmd.env_remove(k);
         }
     }
-    cmd.env("SWITCHBOARD_LOG", "warn");
+    cmd.env("SWITCHBOARD_LOG", "warn")
+        .env("SWITCHBOARD__XMPP__C2S_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__XMPP__C2S_TLS_LISTEN", "127.0.0.1:0");
     cmd
 }
 

@@ -10,7 +10,9 @@
 //! `sasl`) do no I/O: they consume bytes or values and return results or
 //! `Incomplete`; the servers own the sockets.
 
+pub mod emit;
 pub mod heartbeat;
 pub mod sasl;
+pub mod tls;
 pub mod users;
 pub mod xmpp;

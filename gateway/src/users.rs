@@ -2,12 +2,14 @@
 //! compacted `users` topic. Gateways authenticate against it; the
 //! administration commands check it before they change a user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_infra::bus::{Bus, BusError, ConsumerConfig, Polled};
+use switchboard_infra::bus::{Bus, BusError, Consumer, ConsumerConfig, Polled};
 use switchboard_schemas::events::UserState;
 use switchboard_schemas::{Envelope, Event};
+use tokio::sync::RwLock;
 
 /// Errors while loading the directory.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,10 @@ pub enum DirectoryError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UserDirectory {
     users: BTreeMap<String, UserState>,
+    /// Offset of the record each user's state came from: a record is applied
+    /// only if newer, so a writer that applies its own write at once (read
+    /// your writes) is not undone by a follower still reading older ones.
+    offsets: HashMap<String, i64>,
 }
 
 impl UserDirectory {
@@ -31,9 +37,14 @@ impl UserDirectory {
     /// the user, a tombstone (no value) removes the user named by the key.
     /// Records that do not decode are skipped with a warning: one bad record
     /// must not lock every user out.
-    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) {
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>, offset: i64) {
+        let name = String::from_utf8_lossy(key).into_owned();
+        if self.offsets.get(&name).is_some_and(|o| *o >= offset) {
+            return;
+        }
+        self.offsets.insert(name.clone(), offset);
         let Some(value) = value else {
-            self.users.remove(&*String::from_utf8_lossy(key));
+            self.users.remove(&name);
             return;
         };
         match Envelope::from_json_slice(value) {
@@ -75,33 +86,78 @@ impl UserDirectory {
 
     /// Reads the `users` topic from the beginning to its current end.
     pub async fn load(bus: &dyn Bus, topic: &str, limit: Duration) -> Result<Self, DirectoryError> {
-        let ends = bus.end_offsets(topic).await?;
         let mut directory = Self::default();
-        if ends.iter().all(|e| *e == 0) {
-            return Ok(directory);
-        }
-        let group = format!("switchboard-users-reader-{}", uuid::Uuid::now_v7().simple());
-        let mut consumer = bus.consumer(ConsumerConfig::new(group, &[topic])).await?;
-        let mut positions = vec![0i64; ends.len()];
-        let deadline = tokio::time::Instant::now() + limit;
-        let caught_up = |positions: &[i64]| positions.iter().zip(&ends).all(|(p, e)| p >= e);
-        while !caught_up(&positions) {
-            if tokio::time::Instant::now() >= deadline {
-                let _ = consumer.close().await;
-                return Err(DirectoryError::Timeout(limit));
-            }
-            if let Polled::Records(records) = consumer.poll(Duration::from_millis(200)).await? {
-                for r in records {
-                    if let Some(p) = positions.get_mut(r.partition as usize) {
-                        *p = (*p).max(r.offset + 1);
-                    }
-                    directory.apply(&r.key, r.value.as_deref());
-                }
-            }
-        }
+        let consumer = catch_up(bus, topic, limit, &mut directory).await?;
         consumer.close().await?;
         Ok(directory)
     }
+
+    /// Loads the directory, then keeps it up to date from the topic in a
+    /// background task (until the returned directory is dropped everywhere).
+    pub async fn follow(
+        bus: Arc<dyn Bus>,
+        topic: &str,
+        limit: Duration,
+    ) -> Result<Arc<RwLock<Self>>, DirectoryError> {
+        let mut directory = Self::default();
+        let mut consumer = catch_up(&*bus, topic, limit, &mut directory).await?;
+        let shared = Arc::new(RwLock::new(directory));
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            loop {
+                let polled = consumer.poll(Duration::from_secs(1)).await;
+                let Some(shared) = weak.upgrade() else {
+                    break;
+                };
+                match polled {
+                    Ok(Polled::Records(records)) => {
+                        let mut directory = shared.write().await;
+                        for r in records {
+                            directory.apply(&r.key, r.value.as_deref(), r.offset);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "following the users topic");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            let _ = consumer.close().await;
+        });
+        Ok(shared)
+    }
+}
+
+/// Reads `topic` from the beginning to its end as of the call into
+/// `directory`; returns the consumer, positioned after what it read.
+async fn catch_up(
+    bus: &dyn Bus,
+    topic: &str,
+    limit: Duration,
+    directory: &mut UserDirectory,
+) -> Result<Box<dyn Consumer>, DirectoryError> {
+    let ends = bus.end_offsets(topic).await?;
+    let group = format!("switchboard-users-reader-{}", uuid::Uuid::now_v7().simple());
+    let mut consumer = bus.consumer(ConsumerConfig::new(group, &[topic])).await?;
+    let mut positions = vec![0i64; ends.len()];
+    let deadline = tokio::time::Instant::now() + limit;
+    let caught_up = |positions: &[i64]| positions.iter().zip(&ends).all(|(p, e)| p >= e);
+    while !caught_up(&positions) {
+        if tokio::time::Instant::now() >= deadline {
+            let _ = consumer.close().await;
+            return Err(DirectoryError::Timeout(limit));
+        }
+        if let Polled::Records(records) = consumer.poll(Duration::from_millis(200)).await? {
+            for r in records {
+                if let Some(p) = positions.get_mut(r.partition as usize) {
+                    *p = (*p).max(r.offset + 1);
+                }
+                directory.apply(&r.key, r.value.as_deref(), r.offset);
+            }
+        }
+    }
+    Ok(consumer)
 }
 
 #[cfg(test)]

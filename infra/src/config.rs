@@ -74,6 +74,8 @@ pub struct Config {
     pub tls: TlsSettings,
     /// Authentication.
     pub auth: AuthSettings,
+    /// The XMPP gateway.
+    pub xmpp: XmppSettings,
 }
 
 impl Default for Config {
@@ -87,6 +89,46 @@ impl Default for Config {
             http: HttpSettings::default(),
             tls: TlsSettings::default(),
             auth: AuthSettings::default(),
+            xmpp: XmppSettings::default(),
+        }
+    }
+}
+
+/// Settings of the XMPP gateway (SPEC.md §4).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XmppSettings {
+    /// Client-to-server listener with STARTTLS (RFC 6120 §5).
+    pub c2s_listen: SocketAddr,
+    /// Client-to-server listener with direct TLS (XEP-0368).
+    pub c2s_tls_listen: SocketAddr,
+    /// Refuse everything but STARTTLS before TLS. Turning this off allows
+    /// plaintext sessions (SCRAM only; PLAIN never without TLS).
+    pub require_starttls: bool,
+    /// Largest stanza accepted, in bytes; larger ones end the stream with
+    /// `policy-violation`.
+    pub max_stanza_bytes: usize,
+    /// Deepest element nesting inside a stanza.
+    pub max_depth: usize,
+    /// Most attributes on one element.
+    pub max_attributes: usize,
+    /// Most sessions one user may have at once (SPEC.md §4, default 10).
+    pub max_sessions_per_user: usize,
+    /// Failed authentications on one connection before it is closed.
+    pub max_auth_failures_per_connection: u32,
+}
+
+impl Default for XmppSettings {
+    fn default() -> Self {
+        Self {
+            c2s_listen: SocketAddr::from(([0, 0, 0, 0], 5222)),
+            c2s_tls_listen: SocketAddr::from(([0, 0, 0, 0], 5223)),
+            require_starttls: true,
+            max_stanza_bytes: 256 * 1024,
+            max_depth: 32,
+            max_attributes: 64,
+            max_sessions_per_user: 10,
+            max_auth_failures_per_connection: 3,
         }
     }
 }
@@ -370,6 +412,18 @@ impl Config {
                     "{} is below the minimum of 4096",
                     self.auth.scram_iterations
                 ),
+            ));
+        }
+        if self.xmpp.max_stanza_bytes < 10_000 {
+            return Err((
+                "xmpp.max_stanza_bytes",
+                "must be at least 10000 (RFC 6120 §13.12)".to_owned(),
+            ));
+        }
+        if self.xmpp.max_sessions_per_user == 0 {
+            return Err((
+                "xmpp.max_sessions_per_user",
+                "must be at least 1".to_owned(),
             ));
         }
         if self.bus.embedded.tail_records == 0 {

@@ -1,0 +1,1068 @@
+//! RFC 6120 client-to-server listeners: STARTTLS on 5222 (§5) and direct TLS
+//! on 5223 (XEP-0368), stream negotiation in the order TLS, SASL (§6),
+//! resource binding (§7), then stanzas (§8).
+//!
+//! The XML parsing ([`super::stream`]) and SASL ([`crate::sasl`]) are sans-IO;
+//! this module owns the sockets and turns what clients do into events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use switchboard_infra::config::XmppSettings;
+use switchboard_schemas::events::{
+    AuthMechanism, DevicePresence, LoginFailureReason, MessageKind, MessageSubmitted, Protocol,
+    ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed, SessionLoginSucceeded,
+    SessionResourceBound, Show,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{RwLock, watch};
+use uuid::Uuid;
+
+use super::jid::{BareJid, FullJid};
+use super::stream::{Element, Limits, StreamError, StreamEvent, StreamParser, stream_error_xml};
+use crate::emit::EventSink;
+use crate::sasl::plain::PlainRequest;
+use crate::sasl::scram::{ChannelBindingData, ScramAwaitingFinal, ScramServer};
+use crate::sasl::{self, Mechanism, SaslError};
+use crate::users::UserDirectory;
+
+const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const NS_PING: &str = "urn:xmpp:ping";
+/// How long a client may take to negotiate before its connection is closed.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything the listeners share.
+pub struct C2sContext {
+    /// Served domains (normalised).
+    pub domains: Vec<String>,
+    /// Settings.
+    pub settings: XmppSettings,
+    /// TLS configuration (certificate of the domains).
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Users and their credentials.
+    pub directory: Arc<RwLock<UserDirectory>>,
+    /// Secret for fake SCRAM salts of unknown users.
+    pub secret: [u8; 32],
+    /// Where events go.
+    pub events: EventSink,
+    /// Sessions bound on this node.
+    pub sessions: SessionRegistry,
+}
+
+/// Sessions bound on this node, per user: enforces the per-user limit and
+/// resource conflicts (RFC 6120 §7.7.2.2).
+#[derive(Default)]
+pub struct SessionRegistry {
+    users: Mutex<HashMap<String, UserSessions>>,
+}
+
+/// One user's sessions on this node: resource → (session id, kick signal).
+type UserSessions = BTreeMap<String, (Uuid, watch::Sender<bool>)>;
+
+/// Why a resource could not be bound.
+#[derive(Debug, PartialEq, Eq)]
+enum BindRefused {
+    /// The user has the maximum number of sessions.
+    Limit,
+}
+
+impl SessionRegistry {
+    /// Binds `resource` for `user`; an existing session with the same
+    /// resource is told to end with `<conflict/>` (the newer one wins).
+    fn bind(
+        &self,
+        user: &str,
+        resource: &str,
+        id: Uuid,
+        max: usize,
+    ) -> Result<watch::Receiver<bool>, BindRefused> {
+        let mut users = self.users.lock().expect("sessions lock");
+        let sessions = users.entry(user.to_owned()).or_default();
+        if !sessions.contains_key(resource) && sessions.len() >= max {
+            return Err(BindRefused::Limit);
+        }
+        let (kick, kicked) = watch::channel(false);
+        if let Some((_, old)) = sessions.insert(resource.to_owned(), (id, kick)) {
+            let _ = old.send(true);
+        }
+        Ok(kicked)
+    }
+
+    fn unbind(&self, user: &str, resource: &str, id: Uuid) {
+        let mut users = self.users.lock().expect("sessions lock");
+        if let Some(sessions) = users.get_mut(user) {
+            if sessions.get(resource).is_some_and(|(s, _)| *s == id) {
+                sessions.remove(resource);
+            }
+            if sessions.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Sessions bound on this node.
+    pub fn count(&self) -> usize {
+        self.users
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(BTreeMap::len)
+            .sum()
+    }
+}
+
+/// Accepts connections until `shutdown` turns true. `direct_tls`: the TLS
+/// handshake comes first (XEP-0368); otherwise STARTTLS (RFC 6120 §5).
+pub async fn serve(
+    listener: TcpListener,
+    direct_tls: bool,
+    ctx: Arc<C2sContext>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "xmpp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(tcp, peer, direct_tls, ctx, shutdown).await {
+                tracing::debug!(%peer, error = %e, "xmpp connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    direct_tls: bool,
+    ctx: Arc<C2sContext>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(ctx.tls.clone());
+    let mut conn = Conn::new(ctx.clone(), peer, shutdown);
+    let tcp = if direct_tls {
+        tcp
+    } else {
+        let mut tcp = tcp;
+        match conn.run(&mut tcp).await? {
+            Next::StartTls => tcp,
+            Next::Closed => return Ok(()),
+        }
+    };
+    let mut tls = tokio::time::timeout(NEGOTIATION_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "tls handshake"))??;
+    let (_, server) = tls.get_ref();
+    // RFC 9266: tls-exporter is only offered on TLS 1.3.
+    let binding = if server.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+        let mut cb = [0u8; ChannelBindingData::LEN];
+        match server.export_keying_material(
+            &mut cb,
+            ChannelBindingData::EXPORTER_LABEL.as_bytes(),
+            None,
+        ) {
+            Ok(_) => Some(ChannelBindingData::tls_exporter(cb.to_vec())),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    conn.secured(binding);
+    let _ = conn.run(&mut tls).await?;
+    let _ = tls.shutdown().await;
+    Ok(())
+}
+
+enum Next {
+    StartTls,
+    Closed,
+}
+
+/// SASL exchange in progress.
+enum Sasl {
+    None,
+    Scram {
+        mechanism: Mechanism,
+        state: Box<ScramAwaitingFinal>,
+        user: Option<BareJid>,
+    },
+}
+
+struct Bound {
+    jid: FullJid,
+    session_id: Uuid,
+    kicked: watch::Receiver<bool>,
+}
+
+struct Conn {
+    ctx: Arc<C2sContext>,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    parser: StreamParser,
+    tls: bool,
+    binding: Option<ChannelBindingData>,
+    header_sent: bool,
+    domain: Option<String>,
+    user: Option<BareJid>,
+    mechanism: Option<AuthMechanism>,
+    sasl: Sasl,
+    auth_failures: u32,
+    bound: Option<Bound>,
+    session_id: Uuid,
+    out: String,
+}
+
+/// What a handled element asks of the connection.
+enum Step {
+    Continue,
+    StartTls,
+    /// Close after a stream error (already queued) or `</stream:stream>`.
+    Close(SessionEndReason),
+}
+
+impl Conn {
+    fn new(ctx: Arc<C2sContext>, peer: SocketAddr, shutdown: watch::Receiver<bool>) -> Self {
+        let limits = Limits {
+            max_stanza_bytes: ctx.settings.max_stanza_bytes,
+            max_depth: ctx.settings.max_depth,
+            max_attributes: ctx.settings.max_attributes,
+            ..Limits::default()
+        };
+        Self {
+            ctx,
+            peer,
+            shutdown,
+            parser: StreamParser::new(limits),
+            tls: false,
+            binding: None,
+            header_sent: false,
+            domain: None,
+            user: None,
+            mechanism: None,
+            sasl: Sasl::None,
+            auth_failures: 0,
+            bound: None,
+            session_id: Uuid::now_v7(),
+            out: String::new(),
+        }
+    }
+
+    /// The transport is now TLS (RFC 6120 §5.4.3.3: a fresh stream follows).
+    fn secured(&mut self, binding: Option<ChannelBindingData>) {
+        self.tls = true;
+        self.binding = binding;
+        self.header_sent = false;
+        self.parser.reset();
+    }
+
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+    ) -> std::io::Result<Next> {
+        let mut buf = vec![0u8; 16 * 1024];
+        let result = self.drive(io, &mut buf).await;
+        if let Some(bound) = self.bound.take() {
+            self.ctx.sessions.unbind(
+                &bound.jid.bare().to_string(),
+                bound.jid.resource(),
+                bound.session_id,
+            );
+            let reason = match &result {
+                Ok((_, reason)) => reason.clone(),
+                Err(_) => SessionEndReason::ConnectionLost,
+            };
+            let ended = SessionEnded {
+                session_id: bound.session_id,
+                user: bound.jid.bare().into(),
+                full_jid: Some((&bound.jid).into()),
+                protocol: Protocol::Xmpp,
+                reason,
+                text: None,
+            };
+            if let Err(e) = self
+                .ctx
+                .events
+                .emit(&bound.jid.bare().to_string(), ended)
+                .await
+            {
+                tracing::error!(error = %e, "session end not stored");
+            }
+        }
+        result.map(|(next, _)| next)
+    }
+
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut S,
+        buf: &mut [u8],
+    ) -> std::io::Result<(Next, SessionEndReason)> {
+        let negotiation_deadline = tokio::time::Instant::now() + NEGOTIATION_TIMEOUT;
+        loop {
+            loop {
+                let step = match self.parser.next() {
+                    Ok(Some(event)) => self.handle(event).await,
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.stream_error(&e);
+                        Step::Close(SessionEndReason::Other("stream_error".to_owned()))
+                    }
+                };
+                match step {
+                    Step::Continue => {}
+                    Step::StartTls => {
+                        self.flush(io).await?;
+                        return Ok((Next::StartTls, SessionEndReason::Logout));
+                    }
+                    Step::Close(reason) => {
+                        self.out.push_str("</stream:stream>");
+                        self.flush(io).await?;
+                        let _ = io.shutdown().await;
+                        return Ok((Next::Closed, reason));
+                    }
+                }
+            }
+            self.flush(io).await?;
+            let negotiating = self.bound.is_none();
+            let mut kicked_rx = self.bound.as_ref().map(|b| b.kicked.clone());
+            let kicked = async {
+                match kicked_rx.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|k| *k).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let deadline = async {
+                if negotiating {
+                    tokio::time::sleep_until(negotiation_deadline).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let n = tokio::select! {
+                read = io.read(buf) => read?,
+                () = kicked => {
+                    self.queue_stream_error("conflict", Some("replaced by a newer session"));
+                    self.out.push_str("</stream:stream>");
+                    self.flush(io).await?;
+                    return Ok((Next::Closed, SessionEndReason::Conflict));
+                }
+                () = deadline => {
+                    self.queue_stream_error("connection-timeout", None);
+                    self.out.push_str("</stream:stream>");
+                    self.flush(io).await?;
+                    return Ok((Next::Closed, SessionEndReason::Timeout));
+                }
+                _ = self.shutdown.changed() => {
+                    self.queue_stream_error("system-shutdown", None);
+                    self.out.push_str("</stream:stream>");
+                    self.flush(io).await?;
+                    return Ok((Next::Closed, SessionEndReason::NodeDown));
+                }
+            };
+            if n == 0 {
+                return Ok((Next::Closed, SessionEndReason::ConnectionLost));
+            }
+            self.parser.feed(&buf[..n]);
+        }
+    }
+
+    async fn flush<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            io.write_all(self.out.as_bytes()).await?;
+            io.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// RFC 6120 §4.9.1.1: an error before the header still opens a stream.
+    fn open_if_needed(&mut self) {
+        if !self.header_sent {
+            let domain = self
+                .domain
+                .clone()
+                .unwrap_or_else(|| self.ctx.domains[0].clone());
+            self.out.push_str(&format!(
+                "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+                 xmlns:stream='http://etherx.jabber.org/streams' id='{}' from='{}' \
+                 version='1.0' xml:lang='en'>",
+                Uuid::now_v7().simple(),
+                escape(&domain)
+            ));
+            self.header_sent = true;
+        }
+    }
+
+    fn stream_error(&mut self, e: &StreamError) {
+        self.open_if_needed();
+        self.out.push_str(&e.to_xml());
+    }
+
+    fn queue_stream_error(&mut self, condition: &str, text: Option<&str>) {
+        self.open_if_needed();
+        // `stream_error_xml` closes the stream too; keep only the error.
+        let xml = stream_error_xml(condition, text);
+        self.out
+            .push_str(xml.strip_suffix("</stream:stream>").unwrap_or(&xml));
+    }
+
+    async fn handle(&mut self, event: StreamEvent) -> Step {
+        match event {
+            StreamEvent::Header(header) => {
+                let to = header.to.as_deref().map(str::to_ascii_lowercase);
+                let Some(domain) = to.filter(|d| self.ctx.domains.contains(d)) else {
+                    self.queue_stream_error("host-unknown", None);
+                    return Step::Close(SessionEndReason::Other("host_unknown".to_owned()));
+                };
+                if self.domain.as_ref().is_some_and(|d| *d != domain) {
+                    self.queue_stream_error("host-unknown", Some("the domain changed"));
+                    return Step::Close(SessionEndReason::Other("host_unknown".to_owned()));
+                }
+                self.domain = Some(domain);
+                self.header_sent = false;
+                self.open_if_needed();
+                let features = self.features();
+                self.out.push_str(&features);
+                Step::Continue
+            }
+            StreamEvent::Close => Step::Close(SessionEndReason::Logout),
+            StreamEvent::Stanza(element) => self.element(element).await,
+        }
+    }
+
+    /// RFC 6120 §4.3.2 stream features, in negotiation order (XEP-0170).
+    fn features(&self) -> String {
+        let mut f = String::from("<stream:features>");
+        if !self.tls {
+            f.push_str("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>");
+            if self.ctx.settings.require_starttls {
+                f.push_str("<required/>");
+            }
+            f.push_str("</starttls>");
+        }
+        if self.user.is_none() && (self.tls || !self.ctx.settings.require_starttls) {
+            f.push_str("<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>");
+            for m in sasl::offered(self.tls, self.binding.is_some()) {
+                f.push_str(&format!("<mechanism>{}</mechanism>", m.as_str()));
+            }
+            f.push_str("</mechanisms>");
+            if self.binding.is_some() {
+                // XEP-0440: the channel-binding types this server supports.
+                f.push_str(
+                    "<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'>\
+                     <channel-binding type='tls-exporter'/></sasl-channel-binding>",
+                );
+            }
+        }
+        if self.user.is_some() {
+            f.push_str(
+                "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
+                 <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>",
+            );
+        }
+        f.push_str("</stream:features>");
+        f
+    }
+
+    async fn element(&mut self, e: Element) -> Step {
+        match (e.namespace.as_str(), e.name.as_str()) {
+            (NS_TLS, "starttls") if !self.tls => {
+                self.out
+                    .push_str("<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+                Step::StartTls
+            }
+            (NS_TLS, _) => {
+                self.out
+                    .push_str("<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+                Step::Close(SessionEndReason::Other("tls_failure".to_owned()))
+            }
+            (NS_SASL, _) if self.user.is_some() => {
+                self.queue_stream_error("policy-violation", Some("already authenticated"));
+                Step::Close(SessionEndReason::Other("protocol".to_owned()))
+            }
+            // RFC 6120 §5.3.1: TLS is mandatory-to-negotiate.
+            (NS_SASL, _) if !self.tls && self.ctx.settings.require_starttls => {
+                self.queue_stream_error("policy-violation", Some("use STARTTLS first"));
+                Step::Close(SessionEndReason::Other("tls_required".to_owned()))
+            }
+            (NS_SASL, "auth") => self.auth(&e).await,
+            (NS_SASL, "response") => self.response(&e).await,
+            (NS_SASL, "abort") => {
+                self.sasl = Sasl::None;
+                self.sasl_failure(&SaslError::Aborted);
+                Step::Continue
+            }
+            (NS_SASL, _) => {
+                self.sasl_failure(&SaslError::Malformed("unexpected SASL element"));
+                Step::Continue
+            }
+            _ if self.user.is_none() => {
+                // RFC 6120 §6.4.4 / §4.9.3.12: nothing else before auth.
+                self.queue_stream_error("not-authorized", None);
+                Step::Close(SessionEndReason::Other("not_authorized".to_owned()))
+            }
+            (_, "iq") => self.iq(e).await,
+            _ if self.bound.is_none() => {
+                self.queue_stream_error("not-authorized", Some("bind a resource first"));
+                Step::Close(SessionEndReason::Other("not_authorized".to_owned()))
+            }
+            (_, "presence") => self.presence(e).await,
+            (_, "message") => self.message(e).await,
+            _ => {
+                self.queue_stream_error("unsupported-stanza-type", None);
+                Step::Close(SessionEndReason::Other("protocol".to_owned()))
+            }
+        }
+    }
+
+    fn sasl_failure(&mut self, e: &SaslError) {
+        self.out.push_str(&format!(
+            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><{}/></failure>",
+            e.condition()
+        ));
+    }
+
+    async fn credential_of(&self, user: &BareJid, mechanism: &ScramMechanism) -> Lookup {
+        let directory = self.ctx.directory.read().await;
+        match directory.get(&user.to_string()) {
+            None => Lookup::Unknown,
+            Some(state) if !state.enabled => Lookup::Disabled,
+            Some(state) => Lookup::Found(
+                state
+                    .credentials
+                    .iter()
+                    .find(|c| c.mechanism == *mechanism)
+                    .cloned(),
+            ),
+        }
+    }
+
+    /// RFC 6120 §6.4.2: `<auth mechanism='…'>` with the initial response.
+    async fn auth(&mut self, e: &Element) -> Step {
+        let domain = self.domain.clone().unwrap_or_default();
+        let mechanism: Mechanism = match e.attr("mechanism").unwrap_or_default().parse() {
+            Ok(m) => m,
+            Err(err) => {
+                self.sasl_failure(&err);
+                return Step::Continue;
+            }
+        };
+        if let Err(err) = mechanism.ensure_offered(self.tls, self.binding.is_some()) {
+            self.sasl_failure(&err);
+            return self
+                .failed(
+                    None,
+                    mechanism,
+                    &err,
+                    LoginFailureReason::MechanismNotAllowed,
+                )
+                .await;
+        }
+        let initial = match decode_sasl(&e.text()) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                self.sasl_failure(&err);
+                return Step::Continue;
+            }
+        };
+        match mechanism {
+            Mechanism::Plain => {
+                let request = match PlainRequest::parse(&initial, &domain) {
+                    Ok(r) => r,
+                    Err(err) => {
+                        self.sasl_failure(&err);
+                        return self
+                            .failed(None, mechanism, &err, LoginFailureReason::BadCredentials)
+                            .await;
+                    }
+                };
+                let user = BareJid::new(Some(request.username()), &domain).ok();
+                let lookup = match &user {
+                    Some(u) => self.credential_of(u, &ScramMechanism::ScramSha256).await,
+                    None => Lookup::Unknown,
+                };
+                let (credential, reason) = lookup.split();
+                match request.verify(credential.as_ref()) {
+                    Ok(_) if reason.is_none() => self.succeeded(user, mechanism, None).await,
+                    Ok(_) => {
+                        let err = SaslError::NotAuthorized;
+                        self.out.push_str(
+                            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><account-disabled/></failure>",
+                        );
+                        self.failed(user, mechanism, &err, LoginFailureReason::AccountDisabled)
+                            .await
+                    }
+                    Err(err) => {
+                        self.sasl_failure(&err);
+                        self.failed(
+                            user,
+                            mechanism,
+                            &err,
+                            reason.unwrap_or(LoginFailureReason::BadCredentials),
+                        )
+                        .await
+                    }
+                }
+            }
+            _ => {
+                let server = ScramServer::new(domain.clone(), self.ctx.secret);
+                let awaiting = match server.start(
+                    mechanism,
+                    &initial,
+                    self.binding.as_ref(),
+                    self.binding.is_some(),
+                ) {
+                    Ok(a) => a,
+                    Err(err) => {
+                        self.sasl_failure(&err);
+                        return self
+                            .failed(None, mechanism, &err, LoginFailureReason::BadCredentials)
+                            .await;
+                    }
+                };
+                let user = BareJid::new(Some(awaiting.username()), &domain).ok();
+                let lookup = match &user {
+                    Some(u) => self.credential_of(u, awaiting.credential_mechanism()).await,
+                    None => Lookup::Unknown,
+                };
+                let disabled = matches!(lookup, Lookup::Disabled);
+                let (credential, _) = lookup.split();
+                match awaiting.server_first(if disabled { None } else { credential.as_ref() }) {
+                    Ok((first, state)) => {
+                        self.out.push_str(&format!(
+                            "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</challenge>",
+                            B64.encode(first)
+                        ));
+                        self.sasl = Sasl::Scram {
+                            mechanism,
+                            state: Box::new(state),
+                            user,
+                        };
+                        Step::Continue
+                    }
+                    Err(err) => {
+                        self.sasl_failure(&err);
+                        self.failed(user, mechanism, &err, LoginFailureReason::BadCredentials)
+                            .await
+                    }
+                }
+            }
+        }
+    }
+
+    /// RFC 6120 §6.4.3: the client's `<response/>` to a challenge.
+    async fn response(&mut self, e: &Element) -> Step {
+        let Sasl::Scram {
+            mechanism,
+            state,
+            user,
+        } = std::mem::replace(&mut self.sasl, Sasl::None)
+        else {
+            self.sasl_failure(&SaslError::Malformed("no exchange in progress"));
+            return Step::Continue;
+        };
+        let data = match decode_sasl(&e.text()) {
+            Ok(d) => d,
+            Err(err) => {
+                self.sasl_failure(&err);
+                return self
+                    .failed(user, mechanism, &err, LoginFailureReason::BadCredentials)
+                    .await;
+            }
+        };
+        match state.finish(&data) {
+            Ok((server_final, _)) => {
+                let disabled = match &user {
+                    Some(u) => matches!(
+                        self.credential_of(u, &ScramMechanism::ScramSha256).await,
+                        Lookup::Disabled
+                    ),
+                    None => true,
+                };
+                if disabled {
+                    self.out.push_str(
+                        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><account-disabled/></failure>",
+                    );
+                    return self
+                        .failed(
+                            user,
+                            mechanism,
+                            &SaslError::NotAuthorized,
+                            LoginFailureReason::AccountDisabled,
+                        )
+                        .await;
+                }
+                self.succeeded(user, mechanism, Some(server_final)).await
+            }
+            Err(err) => {
+                let reason = match &user {
+                    Some(u) => match self.credential_of(u, &ScramMechanism::ScramSha256).await {
+                        Lookup::Unknown => LoginFailureReason::UnknownUser,
+                        Lookup::Disabled => LoginFailureReason::AccountDisabled,
+                        Lookup::Found(_) => LoginFailureReason::BadCredentials,
+                    },
+                    None => LoginFailureReason::UnknownUser,
+                };
+                self.sasl_failure(&err);
+                self.failed(user, mechanism, &err, reason).await
+            }
+        }
+    }
+
+    async fn succeeded(
+        &mut self,
+        user: Option<BareJid>,
+        mechanism: Mechanism,
+        additional: Option<Vec<u8>>,
+    ) -> Step {
+        let Some(user) = user else {
+            self.sasl_failure(&SaslError::NotAuthorized);
+            return Step::Continue;
+        };
+        let event = SessionLoginSucceeded {
+            session_id: self.session_id,
+            user: (&user).into(),
+            protocol: Protocol::Xmpp,
+            remote_addr: self.peer.to_string(),
+            mechanism: mechanism.auth_mechanism(),
+        };
+        if let Err(e) = self.ctx.events.emit(&user.to_string(), event).await {
+            tracing::error!(error = %e, "login not stored; refusing it");
+            self.sasl_failure(&SaslError::TemporaryFailure("event store unavailable"));
+            return Step::Continue;
+        }
+        match additional {
+            Some(data) => self.out.push_str(&format!(
+                "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</success>",
+                B64.encode(data)
+            )),
+            None => self
+                .out
+                .push_str("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"),
+        }
+        self.user = Some(user);
+        self.mechanism = Some(mechanism.auth_mechanism());
+        // RFC 6120 §6.4.6: a new stream follows SASL success.
+        self.header_sent = false;
+        self.parser.reset();
+        Step::Continue
+    }
+
+    async fn failed(
+        &mut self,
+        user: Option<BareJid>,
+        mechanism: Mechanism,
+        err: &SaslError,
+        reason: LoginFailureReason,
+    ) -> Step {
+        self.auth_failures += 1;
+        let subject = user
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|| format!("unknown@{}", self.domain.clone().unwrap_or_default()));
+        let event = SessionLoginFailed {
+            session_id: self.session_id,
+            user: switchboard_schemas::BareJid::new(subject.clone()),
+            protocol: Protocol::Xmpp,
+            remote_addr: self.peer.to_string(),
+            mechanism: mechanism.auth_mechanism(),
+            reason,
+            text: Some(err.condition().to_owned()),
+        };
+        if let Err(e) = self.ctx.events.emit(&subject, event).await {
+            tracing::error!(error = %e, "login failure not stored");
+        }
+        if self.auth_failures >= self.ctx.settings.max_auth_failures_per_connection {
+            self.queue_stream_error("policy-violation", Some("too many failed authentications"));
+            return Step::Close(SessionEndReason::Other("auth_failures".to_owned()));
+        }
+        Step::Continue
+    }
+
+    async fn iq(&mut self, e: Element) -> Step {
+        let id = e.attr("id").unwrap_or_default().to_owned();
+        let kind = e.attr("type").unwrap_or_default().to_owned();
+        if let Some(bind) = e.child("bind", NS_BIND).filter(|_| kind == "set") {
+            return self.bind(&id, bind).await;
+        }
+        if self.bound.is_none() {
+            self.stanza_error(&e, "cancel", "not-authorized");
+            return Step::Continue;
+        }
+        let to_server = e
+            .attr("to")
+            .is_none_or(|to| Some(to.to_ascii_lowercase()) == self.domain);
+        match kind.as_str() {
+            "get" | "set" => {
+                let child_ns = e.elements().next().map(|c| c.namespace.clone());
+                match child_ns.as_deref() {
+                    // RFC 3921 §3: legacy session establishment, a no-op.
+                    Some(NS_SESSION) if to_server => self.result(&id),
+                    // XEP-0199 §4: client-to-server ping.
+                    Some(NS_PING) if to_server && kind == "get" => self.result(&id),
+                    // RFC 6120 §8.4: anything else this server does not serve.
+                    _ => self.stanza_error(&e, "cancel", "service-unavailable"),
+                }
+            }
+            // Results and errors addressed to the server need no answer.
+            _ => {}
+        }
+        Step::Continue
+    }
+
+    /// RFC 6120 §7: resource binding.
+    async fn bind(&mut self, id: &str, bind: &Element) -> Step {
+        if self.bound.is_some() {
+            self.stanza_error_raw(id, "cancel", "not-allowed");
+            return Step::Continue;
+        }
+        let Some(user) = self.user.clone() else {
+            return Step::Continue;
+        };
+        let requested = bind
+            .child("resource", NS_BIND)
+            .map(|r| r.text())
+            .filter(|r| !r.is_empty());
+        let resource =
+            requested.unwrap_or_else(|| Uuid::now_v7().simple().to_string()[20..].to_owned());
+        let jid = match user.with_resource(&resource) {
+            Ok(j) => j,
+            Err(_) => {
+                self.stanza_error_raw(id, "modify", "bad-request");
+                return Step::Continue;
+            }
+        };
+        let kicked = match self.ctx.sessions.bind(
+            &user.to_string(),
+            jid.resource(),
+            self.session_id,
+            self.ctx.settings.max_sessions_per_user,
+        ) {
+            Ok(k) => k,
+            Err(BindRefused::Limit) => {
+                // RFC 6120 §7.6.2.1: the user has too many sessions.
+                self.stanza_error_raw(id, "wait", "resource-constraint");
+                let event = SessionLoginFailed {
+                    session_id: self.session_id,
+                    user: (&user).into(),
+                    protocol: Protocol::Xmpp,
+                    remote_addr: self.peer.to_string(),
+                    mechanism: self.mechanism.clone().unwrap_or(AuthMechanism::Plain),
+                    reason: LoginFailureReason::SessionLimitReached,
+                    text: Some(format!(
+                        "at most {} sessions",
+                        self.ctx.settings.max_sessions_per_user
+                    )),
+                };
+                let _ = self.ctx.events.emit(&user.to_string(), event).await;
+                return Step::Continue;
+            }
+        };
+        let event = SessionResourceBound {
+            session_id: self.session_id,
+            full_jid: (&jid).into(),
+            protocol: Protocol::Xmpp,
+            contact: Some(self.peer.to_string()),
+            priority: 0,
+            client: Default::default(),
+        };
+        if let Err(e) = self.ctx.events.emit(&user.to_string(), event).await {
+            tracing::error!(error = %e, "bind not stored");
+            self.ctx
+                .sessions
+                .unbind(&user.to_string(), jid.resource(), self.session_id);
+            self.stanza_error_raw(id, "wait", "internal-server-error");
+            return Step::Continue;
+        }
+        self.out.push_str(&format!(
+            "<iq type='result' id='{}'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>{}</jid></bind></iq>",
+            escape(id),
+            escape(&jid.to_string())
+        ));
+        self.bound = Some(Bound {
+            jid,
+            session_id: self.session_id,
+            kicked,
+        });
+        Step::Continue
+    }
+
+    /// RFC 6121 §4.2: presence without `to` is broadcast presence, an input
+    /// of the user's composed presence.
+    async fn presence(&mut self, e: Element) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        if e.attr("to").is_some() || e.attr("type").is_some_and(|t| t != "unavailable") {
+            // Directed presence and subscriptions are routed by the presence
+            // processor, which is not part of this gateway yet.
+            self.stanza_error(&e, "cancel", "feature-not-implemented");
+            return Step::Continue;
+        }
+        let child_text = |name: &str| {
+            e.child(name, &e.namespace)
+                .map(|c| c.text())
+                .filter(|t| !t.is_empty())
+        };
+        let event = DevicePresence {
+            user: bound.jid.bare().into(),
+            device: bound.jid.to_string(),
+            protocol: Protocol::Xmpp,
+            available: e.attr("type") != Some("unavailable"),
+            show: child_text("show").map(|s| Show::from(s.as_str())),
+            status: child_text("status"),
+            priority: child_text("priority")
+                .and_then(|p| p.trim().parse::<i8>().ok())
+                .unwrap_or(0),
+        };
+        if let Err(err) = self
+            .ctx
+            .events
+            .emit(&bound.jid.bare().to_string(), event)
+            .await
+        {
+            tracing::error!(error = %err, "presence not stored");
+            self.stanza_error(&e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    /// RFC 6121 §5: a message becomes `message.submitted`; delivery is the
+    /// router's. It is accepted only once durably stored.
+    async fn message(&mut self, mut e: Element) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let Some(to) = e.attr("to").map(str::to_owned) else {
+            self.stanza_error(&e, "modify", "bad-request");
+            return Step::Continue;
+        };
+        let to = match super::jid::Jid::parse(&to) {
+            Ok(j) => j.to_string(),
+            Err(_) => {
+                self.stanza_error(&e, "modify", "jid-malformed");
+                return Step::Continue;
+            }
+        };
+        let from = bound.jid.to_string();
+        e.set_attr("from", from.clone());
+        let id = e
+            .attr("id")
+            .map(str::to_owned)
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let child_text = |name: &str| {
+            e.child(name, &e.namespace)
+                .map(|c| c.text())
+                .filter(|t| !t.is_empty())
+        };
+        let event = MessageSubmitted {
+            message_id: id,
+            from: (&bound.jid).into(),
+            to,
+            kind: MessageKind::from(e.attr("type").unwrap_or("normal")),
+            body: child_text("body"),
+            thread: child_text("thread"),
+            subject: child_text("subject"),
+            stanza: e.to_xml(),
+        };
+        if let Err(err) = self
+            .ctx
+            .events
+            .emit(&bound.jid.bare().to_string(), event)
+            .await
+        {
+            tracing::error!(error = %err, "message not stored");
+            self.stanza_error(&e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    fn result(&mut self, id: &str) {
+        self.out
+            .push_str(&format!("<iq type='result' id='{}'/>", escape(id)));
+    }
+
+    /// RFC 6120 §8.3: the stanza comes back with `type='error'`.
+    fn stanza_error(&mut self, e: &Element, kind: &str, condition: &str) {
+        let mut reply = Element::new(e.name.clone(), e.namespace.clone());
+        if let Some(id) = e.attr("id") {
+            reply = reply.with_attr("id", id);
+        }
+        if let Some(to) = e.attr("to") {
+            reply = reply.with_attr("from", to);
+        }
+        reply = reply.with_attr("type", "error").with_child(
+            Element::new("error", e.namespace.clone())
+                .with_attr("type", kind)
+                .with_child(Element::new(condition, NS_STANZAS)),
+        );
+        self.out.push_str(&reply.to_xml());
+    }
+
+    fn stanza_error_raw(&mut self, id: &str, kind: &str, condition: &str) {
+        self.out.push_str(&format!(
+            "<iq type='error' id='{}'><error type='{kind}'><{condition} xmlns='{NS_STANZAS}'/></error></iq>",
+            escape(id)
+        ));
+    }
+}
+
+enum Lookup {
+    Unknown,
+    Disabled,
+    Found(Option<switchboard_schemas::events::ScramCredential>),
+}
+
+impl Lookup {
+    fn split(
+        self,
+    ) -> (
+        Option<switchboard_schemas::events::ScramCredential>,
+        Option<LoginFailureReason>,
+    ) {
+        match self {
+            Lookup::Unknown => (None, Some(LoginFailureReason::UnknownUser)),
+            Lookup::Disabled => (None, Some(LoginFailureReason::AccountDisabled)),
+            Lookup::Found(c) => (c, None),
+        }
+    }
+}
+
+/// RFC 6120 §6.4.2: `=` is an empty response; otherwise base64.
+fn decode_sasl(text: &str) -> Result<Vec<u8>, SaslError> {
+    let text = text.trim();
+    if text == "=" || text.is_empty() {
+        return Ok(Vec::new());
+    }
+    B64.decode(text)
+        .map_err(|_| SaslError::Malformed("invalid base64"))
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}

@@ -184,20 +184,18 @@ mod tests {
     #[test]
     fn latest_record_wins_and_tombstone_removes() {
         let mut d = UserDirectory::default();
-        d.apply(
-            b"alice@example.com",
-            Some(&state("alice@example.com", true)),
-        );
-        d.apply(b"bob@example.com", Some(&state("bob@example.com", true)));
-        d.apply(
-            b"alice@example.com",
-            Some(&state("alice@example.com", false)),
-        );
-        assert!(!d.get("alice@example.com").unwrap().enabled);
-        d.apply(b"bob@example.com", None);
+        let alice = "alice@example.com";
+        d.apply(alice.as_bytes(), Some(&state(alice, true)), 0);
+        d.apply(b"bob@example.com", Some(&state("bob@example.com", true)), 0);
+        d.apply(alice.as_bytes(), Some(&state(alice, false)), 1);
+        assert!(!d.get(alice).unwrap().enabled);
+        // An older record read late does not undo a newer one.
+        d.apply(alice.as_bytes(), Some(&state(alice, true)), 0);
+        assert!(!d.get(alice).unwrap().enabled);
+        d.apply(b"bob@example.com", None, 1);
         assert!(d.get("bob@example.com").is_none());
         assert_eq!(d.len(), 1);
-        d.apply(b"carol@example.com", Some(b"not json"));
+        d.apply(b"carol@example.com", Some(b"not json"), 0);
         assert_eq!(d.len(), 1);
     }
 }

@@ -137,6 +137,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 NodeId::new(config.node_id.clone()),
             ),
             sessions: Default::default(),
+            started: std::time::Instant::now(),
         });
         for (addr, direct_tls) in [
             (config.xmpp.c2s_listen, false),

@@ -37,6 +37,12 @@ const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const NS_PING: &str = "urn:xmpp:ping";
+const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
+const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+const NS_VERSION: &str = "jabber:iq:version";
+const NS_LAST: &str = "jabber:iq:last";
+/// Queries the server answers about itself.
+const SERVER_QUERIES: [&str; 4] = [NS_DISCO_INFO, NS_DISCO_ITEMS, NS_VERSION, NS_LAST];
 /// How long a client may take to negotiate before its connection is closed.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -56,6 +62,8 @@ pub struct C2sContext {
     pub events: EventSink,
     /// Sessions bound on this node.
     pub sessions: SessionRegistry,
+    /// When the node started (XEP-0012 server uptime).
+    pub started: std::time::Instant,
 }
 
 /// Sessions bound on this node, per user: enforces the per-user limit and
@@ -821,6 +829,9 @@ impl Conn {
                     Some(NS_SESSION) if to_server => self.result(&id),
                     // XEP-0199 §4: client-to-server ping.
                     Some(NS_PING) if to_server && kind == "get" => self.result(&id),
+                    Some(ns) if to_server && kind == "get" && SERVER_QUERIES.contains(&ns) => {
+                        self.server_query(&id, ns);
+                    }
                     // RFC 6120 §8.4: anything else this server does not serve.
                     _ => self.stanza_error(&e, "cancel", "service-unavailable"),
                 }
@@ -996,6 +1007,42 @@ impl Conn {
             self.stanza_error(&e, "wait", "internal-server-error");
         }
         Step::Continue
+    }
+
+    /// Answers a `get` query addressed to the server itself.
+    fn server_query(&mut self, id: &str, ns: &str) {
+        let payload = match ns {
+            // XEP-0030 §3.1: identity and the features this server implements.
+            NS_DISCO_INFO => {
+                let mut q = String::from(
+                    "<query xmlns='http://jabber.org/protocol/disco#info'>\
+                     <identity category='server' type='im' name='Switchboard'/>",
+                );
+                for feature in [NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_LAST] {
+                    q.push_str(&format!("<feature var='{feature}'/>"));
+                }
+                q.push_str("</query>");
+                q
+            }
+            // XEP-0030 §4.1: no services hosted on other addresses yet.
+            NS_DISCO_ITEMS => "<query xmlns='http://jabber.org/protocol/disco#items'/>".to_owned(),
+            // XEP-0092 §3: name and version; the OS is left out on purpose.
+            NS_VERSION => format!(
+                "<query xmlns='jabber:iq:version'><name>Switchboard</name><version>{}</version></query>",
+                env!("CARGO_PKG_VERSION")
+            ),
+            // XEP-0012 §5: asked of a server, the seconds since it started.
+            _ => format!(
+                "<query xmlns='jabber:iq:last' seconds='{}'/>",
+                self.ctx.started.elapsed().as_secs()
+            ),
+        };
+        let from = self.domain.clone().unwrap_or_default();
+        self.out.push_str(&format!(
+            "<iq type='result' id='{}' from='{}'>{payload}</iq>",
+            escape(id),
+            escape(&from)
+        ));
     }
 
     fn result(&mut self, id: &str) {

@@ -116,6 +116,10 @@ pub struct XmppSettings {
     pub max_sessions_per_user: usize,
     /// Failed authentications on one connection before it is closed.
     pub max_auth_failures_per_connection: u32,
+    /// Seconds of silence after which the server pings a session (XEP-0199).
+    pub ping_interval_secs: u64,
+    /// Seconds a pinged session has to show life before it is closed.
+    pub ping_timeout_secs: u64,
 }
 
 impl Default for XmppSettings {
@@ -129,6 +133,8 @@ impl Default for XmppSettings {
             max_attributes: 64,
             max_sessions_per_user: 10,
             max_auth_failures_per_connection: 3,
+            ping_interval_secs: 60,
+            ping_timeout_secs: 30,
         }
     }
 }

@@ -66,6 +66,16 @@ pub struct C2sContext {
     pub started: std::time::Instant,
 }
 
+impl C2sContext {
+    fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.settings.ping_interval_secs.max(1))
+    }
+
+    fn ping_timeout(&self) -> Duration {
+        Duration::from_secs(self.settings.ping_timeout_secs.max(1))
+    }
+}
+
 /// Sessions bound on this node, per user: enforces the per-user limit and
 /// resource conflicts (RFC 6120 §7.7.2.2).
 #[derive(Default)]
@@ -238,6 +248,15 @@ struct Conn {
     bound: Option<Bound>,
     session_id: Uuid,
     out: String,
+    last_activity: tokio::time::Instant,
+    ping_sent: Option<tokio::time::Instant>,
+}
+
+/// What the connection's timer is for.
+enum Timer {
+    Negotiation,
+    Ping,
+    PingTimeout,
 }
 
 /// What a handled element asks of the connection.
@@ -272,6 +291,8 @@ impl Conn {
             bound: None,
             session_id: Uuid::now_v7(),
             out: String::new(),
+            last_activity: tokio::time::Instant::now(),
+            ping_sent: None,
         }
     }
 
@@ -360,12 +381,14 @@ impl Conn {
                     None => std::future::pending().await,
                 }
             };
-            let deadline = async {
-                if negotiating {
-                    tokio::time::sleep_until(negotiation_deadline).await;
-                } else {
-                    std::future::pending::<()>().await;
-                }
+            // XEP-0199 §5: an idle session is pinged; one that does not
+            // answer within the timeout is dead and closed.
+            let (timer_at, timer) = if negotiating {
+                (negotiation_deadline, Timer::Negotiation)
+            } else if let Some(sent) = self.ping_sent {
+                (sent + self.ctx.ping_timeout(), Timer::PingTimeout)
+            } else {
+                (self.last_activity + self.ctx.ping_interval(), Timer::Ping)
             };
             let n = tokio::select! {
                 read = io.read(buf) => read?,
@@ -375,7 +398,16 @@ impl Conn {
                     self.flush(io).await?;
                     return Ok((Next::Closed, SessionEndReason::Conflict));
                 }
-                () = deadline => {
+                () = tokio::time::sleep_until(timer_at) => {
+                    if matches!(timer, Timer::Ping) {
+                        self.out.push_str(&format!(
+                            "<iq type='get' id='ping-{}' from='{}'><ping xmlns='urn:xmpp:ping'/></iq>",
+                            Uuid::now_v7().simple(),
+                            escape(&self.domain.clone().unwrap_or_default())
+                        ));
+                        self.ping_sent = Some(tokio::time::Instant::now());
+                        continue;
+                    }
                     self.queue_stream_error("connection-timeout", None);
                     self.out.push_str("</stream:stream>");
                     self.flush(io).await?;
@@ -391,6 +423,9 @@ impl Conn {
             if n == 0 {
                 return Ok((Next::Closed, SessionEndReason::ConnectionLost));
             }
+            // Any traffic shows the peer is alive.
+            self.last_activity = tokio::time::Instant::now();
+            self.ping_sent = None;
             self.parser.feed(&buf[..n]);
         }
     }

@@ -138,6 +138,11 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             ),
             sessions: Default::default(),
             started: std::time::Instant::now(),
+            limiter: switchboard_gateway::ratelimit::LoginLimiter::new(
+                config.auth.max_failures_per_address,
+                config.auth.max_failures_per_account,
+                Duration::from_secs(config.auth.failure_window_secs),
+            ),
         });
         for (addr, direct_tls) in [
             (config.xmpp.c2s_listen, false),

@@ -12,6 +12,7 @@
 
 pub mod emit;
 pub mod heartbeat;
+pub mod ratelimit;
 pub mod sasl;
 pub mod tls;
 pub mod users;

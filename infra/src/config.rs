@@ -147,12 +147,23 @@ pub struct AuthSettings {
     /// RFC 7677 §4). Existing credentials keep theirs until the next
     /// password change.
     pub scram_iterations: u32,
+    /// Failed logins from one remote address within the window before
+    /// further attempts from it are refused (0: no limit).
+    pub max_failures_per_address: usize,
+    /// Failed logins for one account within the window before further
+    /// attempts for it are refused (0: no limit).
+    pub max_failures_per_account: usize,
+    /// The window of the two limits above, in seconds.
+    pub failure_window_secs: u64,
 }
 
 impl Default for AuthSettings {
     fn default() -> Self {
         Self {
             scram_iterations: 4096,
+            max_failures_per_address: 20,
+            max_failures_per_account: 10,
+            failure_window_secs: 300,
         }
     }
 }

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use super::jid::{BareJid, FullJid};
 use super::stream::{Element, Limits, StreamError, StreamEvent, StreamParser, stream_error_xml};
 use crate::emit::EventSink;
+use crate::ratelimit::LoginLimiter;
 use crate::sasl::plain::PlainRequest;
 use crate::sasl::scram::{ChannelBindingData, ScramAwaitingFinal, ScramServer};
 use crate::sasl::{self, Mechanism, SaslError};
@@ -64,6 +65,8 @@ pub struct C2sContext {
     pub sessions: SessionRegistry,
     /// When the node started (XEP-0012 server uptime).
     pub started: std::time::Instant,
+    /// Failed-login limits per address and account.
+    pub limiter: LoginLimiter,
 }
 
 impl C2sContext {
@@ -611,6 +614,14 @@ impl Conn {
                 return Step::Continue;
             }
         };
+        if self
+            .ctx
+            .limiter
+            .check(self.peer.ip(), None, std::time::Instant::now())
+            .is_err()
+        {
+            return self.rate_limited(None, mechanism).await;
+        }
         if let Err(err) = mechanism.ensure_offered(self.tls, self.binding.is_some()) {
             self.sasl_failure(&err);
             return self
@@ -641,6 +652,9 @@ impl Conn {
                     }
                 };
                 let user = BareJid::new(Some(request.username()), &domain).ok();
+                if self.account_limited(user.as_ref()) {
+                    return self.rate_limited(user, mechanism).await;
+                }
                 let lookup = match &user {
                     Some(u) => self.credential_of(u, &ScramMechanism::ScramSha256).await,
                     None => Lookup::Unknown,
@@ -685,6 +699,9 @@ impl Conn {
                     }
                 };
                 let user = BareJid::new(Some(awaiting.username()), &domain).ok();
+                if self.account_limited(user.as_ref()) {
+                    return self.rate_limited(user, mechanism).await;
+                }
                 let lookup = match &user {
                     Some(u) => self.credential_of(u, awaiting.credential_mechanism()).await,
                     None => Lookup::Unknown,
@@ -812,6 +829,32 @@ impl Conn {
         Step::Continue
     }
 
+    fn account_limited(&self, user: Option<&BareJid>) -> bool {
+        let account = user.map(ToString::to_string);
+        self.ctx
+            .limiter
+            .check(
+                self.peer.ip(),
+                account.as_deref(),
+                std::time::Instant::now(),
+            )
+            .is_err()
+    }
+
+    /// Too many recent failures for this address or account: refused
+    /// without checking credentials (RFC 6120 §6.5.12).
+    async fn rate_limited(&mut self, user: Option<BareJid>, mechanism: Mechanism) -> Step {
+        let err = SaslError::TemporaryFailure("too many failed logins");
+        self.sasl_failure(&err);
+        self.report_failure(user, mechanism, &err, LoginFailureReason::RateLimited)
+            .await;
+        self.queue_stream_error(
+            "policy-violation",
+            Some("too many failed logins; try later"),
+        );
+        Step::Close(SessionEndReason::Other("rate_limited".to_owned()))
+    }
+
     async fn failed(
         &mut self,
         user: Option<BareJid>,
@@ -819,7 +862,29 @@ impl Conn {
         err: &SaslError,
         reason: LoginFailureReason,
     ) -> Step {
+        let account = user.as_ref().map(ToString::to_string);
+        self.ctx.limiter.failed(
+            self.peer.ip(),
+            account.as_deref(),
+            std::time::Instant::now(),
+        );
+        self.report_failure(user, mechanism, err, reason).await;
         self.auth_failures += 1;
+        if self.auth_failures >= self.ctx.settings.max_auth_failures_per_connection {
+            self.queue_stream_error("policy-violation", Some("too many failed authentications"));
+            return Step::Close(SessionEndReason::Other("auth_failures".to_owned()));
+        }
+        Step::Continue
+    }
+
+    /// Stores a `session.login_failed` event (never the credentials).
+    async fn report_failure(
+        &mut self,
+        user: Option<BareJid>,
+        mechanism: Mechanism,
+        err: &SaslError,
+        reason: LoginFailureReason,
+    ) {
         let subject = user
             .as_ref()
             .map(ToString::to_string)
@@ -836,11 +901,6 @@ impl Conn {
         if let Err(e) = self.ctx.events.emit(&subject, event).await {
             tracing::error!(error = %e, "login failure not stored");
         }
-        if self.auth_failures >= self.ctx.settings.max_auth_failures_per_connection {
-            self.queue_stream_error("policy-violation", Some("too many failed authentications"));
-            return Step::Close(SessionEndReason::Other("auth_failures".to_owned()));
-        }
-        Step::Continue
     }
 
     async fn iq(&mut self, e: Element) -> Step {

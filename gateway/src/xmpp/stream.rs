@@ -139,7 +139,7 @@ impl fmt::Display for Restricted {
 /// are unrecoverable: the stream must be closed (RFC 6120 §4.9.1.1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
-    /// `<not-well-formed/>` (RFC 6120 §4.9.3.13, §11.4): not well-formed
+    /// `<not-well-formed/>` (RFC 6120 §4.9.3.13, §11.3): not well-formed
     /// XML or XML namespaces, mismatched tags, bad UTF-8, illegal characters,
     /// or non-whitespace character data between stanzas.
     #[error("not well-formed: {0}")]
@@ -437,10 +437,21 @@ impl Element {
         out
     }
 
-    fn write_xml(&self, out: &mut String, parent_ns: &str) {
+    /// `default_ns` is the default namespace in scope.
+    fn write_xml(&self, out: &mut String, default_ns: &str) {
+        // The XML namespace cannot be declared as the default namespace
+        // (Namespaces in XML 1.0 §3), so an element in it keeps the
+        // predeclared `xml` prefix and leaves the default as it is.
+        let in_xml_ns = self.namespace == NS_XML;
+        let (prefix, children_ns) = if in_xml_ns {
+            ("xml:", default_ns)
+        } else {
+            ("", self.namespace.as_str())
+        };
         out.push('<');
+        out.push_str(prefix);
         out.push_str(&self.name);
-        if self.namespace != parent_ns {
+        if !in_xml_ns && self.namespace != default_ns {
             out.push_str(" xmlns='");
             escape_into(out, &self.namespace, true);
             out.push('\'');
@@ -488,11 +499,12 @@ impl Element {
         out.push('>');
         for child in &self.children {
             match child {
-                Node::Element(e) => e.write_xml(out, &self.namespace),
+                Node::Element(e) => e.write_xml(out, children_ns),
                 Node::Text(t) => escape_into(out, t, false),
             }
         }
         out.push_str("</");
+        out.push_str(prefix);
         out.push_str(&self.name);
         out.push('>');
     }
@@ -1109,6 +1121,13 @@ pub struct StreamParser {
     lex: Lex,
     /// Open elements of the stanza being scanned.
     depth: usize,
+    /// Names of the open elements, so that a mismatched closing tag is
+    /// refused when it arrives rather than when the stanza would end.
+    open: Vec<Vec<u8>>,
+    /// The tag name being scanned.
+    name: Vec<u8>,
+    /// Whether the scanner is inside that name.
+    in_name: bool,
     phase: Phase,
     /// An XML declaration was consumed before the header.
     decl_seen: bool,
@@ -1131,6 +1150,9 @@ impl StreamParser {
             pos: 0,
             lex: Lex::Idle,
             depth: 0,
+            open: Vec::new(),
+            name: Vec::new(),
+            in_name: false,
             phase: Phase::Header,
             decl_seen: false,
             header_used: 0,
@@ -1181,7 +1203,7 @@ impl StreamParser {
 
     /// Returns the next event, `Ok(None)` if more bytes are needed, or the
     /// stream error to send (RFC 6120 §4.9). Whitespace between stanzas
-    /// (keepalives, RFC 6120 §4.6.1) is consumed silently.
+    /// (keepalives, RFC 6120 §4.6, §11.7) is consumed silently.
     #[allow(clippy::should_implement_trait)] // fallible and resumable, not an Iterator
     pub fn next(&mut self) -> Result<Option<StreamEvent>, StreamError> {
         if let Some(e) = &self.failed {
@@ -1213,6 +1235,7 @@ impl StreamParser {
         self.pos = end;
         self.lex = Lex::Idle;
         self.depth = 0;
+        self.open.clear();
     }
 
     /// From idle: skips whitespace and starts scanning at `<`.
@@ -1227,6 +1250,7 @@ impl StreamParser {
                 self.lex = Lex::Lt;
                 self.pos = self.head + 1;
                 self.depth = 0;
+                self.open.clear();
                 Ok(true)
             }
             Some(_) => Err(nwf(format!("character data {what}"))),
@@ -1331,6 +1355,9 @@ impl StreamParser {
         let header = self.phase == Phase::Header;
         let decl_allowed = header && !self.decl_seen;
         let max_depth = self.limits.max_depth;
+        // Longer names are refused by the stanza parser; the scanner only
+        // needs enough of them to compare.
+        let max_name = self.limits.max_name_bytes.saturating_add(1);
         let buf = &self.buf[..window_end];
         let mut pos = self.pos;
         let mut lex = self.lex;
@@ -1355,7 +1382,11 @@ impl StreamParser {
                 },
                 Lex::Lt => match b {
                     b'/' if header => break Err(nwf("closing tag before the stream header")),
-                    b'/' => Lex::EndTag,
+                    b'/' => {
+                        self.name.clear();
+                        self.in_name = true;
+                        Lex::EndTag
+                    }
                     b'!' => Lex::Bang,
                     b'?' if decl_allowed => Lex::Pi { question: false },
                     b'?' => {
@@ -1365,10 +1396,15 @@ impl StreamParser {
                     }
                     b'>' | b'<' | b'=' | b'\'' | b'"' => break Err(nwf("malformed tag")),
                     b if is_ws(b) => break Err(nwf("malformed tag")),
-                    _ => Lex::StartTag {
-                        quote: 0,
-                        slash: false,
-                    },
+                    _ => {
+                        self.name.clear();
+                        self.name.push(b);
+                        self.in_name = true;
+                        Lex::StartTag {
+                            quote: 0,
+                            slash: false,
+                        }
+                    }
                 },
                 Lex::StartTag { quote, .. } if quote != 0 => match b {
                     b'<' => break Err(nwf("'<' in attribute value")),
@@ -1390,24 +1426,39 @@ impl StreamParser {
                     b'<' => break Err(nwf("'<' inside a tag")),
                     b'>' if header => break Ok(Scan::Header(pos)),
                     b'>' => {
+                        self.in_name = false;
                         if depth + 1 > max_depth {
                             break Err(policy(Limit::Depth, max_depth));
                         }
                         if !slash {
                             depth += 1;
+                            self.open.push(std::mem::take(&mut self.name));
                         } else if depth == 0 {
                             break Ok(Scan::Stanza(pos));
                         }
                         Lex::Content
                     }
-                    _ => Lex::StartTag {
-                        quote: 0,
-                        slash: false,
-                    },
+                    _ => {
+                        if self.in_name {
+                            if is_ws(b) {
+                                self.in_name = false;
+                            } else if self.name.len() < max_name {
+                                self.name.push(b);
+                            }
+                        }
+                        Lex::StartTag {
+                            quote: 0,
+                            slash: false,
+                        }
+                    }
                 },
                 Lex::EndTag => match b {
                     b'>' if depth == 0 => break Ok(Scan::Close(pos)),
                     b'>' => {
+                        // XML 1.0 §3 (well-formedness: element type match).
+                        if self.open.pop().as_deref() != Some(self.name.as_slice()) {
+                            break Err(nwf("closing tag does not match the open element"));
+                        }
                         depth -= 1;
                         if depth == 0 {
                             break Ok(Scan::Stanza(pos));
@@ -1415,7 +1466,19 @@ impl StreamParser {
                         Lex::Content
                     }
                     b'<' => break Err(nwf("'<' inside a closing tag")),
-                    _ => Lex::EndTag,
+                    b if is_ws(b) => {
+                        self.in_name = false;
+                        Lex::EndTag
+                    }
+                    _ => {
+                        if !self.in_name {
+                            break Err(nwf("malformed closing tag"));
+                        }
+                        if self.name.len() < max_name {
+                            self.name.push(b);
+                        }
+                        Lex::EndTag
+                    }
                 },
                 Lex::Bang => match b {
                     b'-' => Lex::BangDash,
@@ -1507,6 +1570,23 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn mismatched_closing_tag_is_refused_before_the_stanza_ends() {
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(HEADER.as_bytes());
+        assert!(matches!(p.next(), Ok(Some(StreamEvent::Header(_)))));
+        // Depth-wise this stanza is still open; name-wise it is broken.
+        p.feed(b"<message><body>hi</message>");
+        let err = p.next().unwrap_err();
+        assert_eq!(err.condition(), "not-well-formed");
+        // Matching names nested deeper are fine.
+        let mut p = StreamParser::new(Limits::default());
+        p.feed(HEADER.as_bytes());
+        p.next().unwrap();
+        p.feed(b"<message><body>a</body><x xmlns='urn:x'><y/></x ></message>");
+        assert!(matches!(p.next(), Ok(Some(StreamEvent::Stanza(_)))));
     }
 
     #[test]
@@ -1686,6 +1766,33 @@ mod tests {
         );
         let again = Element::parse(m.to_xml().as_bytes(), &Limits::default()).expect("parse");
         assert_eq!(&again, m);
+    }
+
+    #[test]
+    fn element_in_the_xml_namespace_round_trips() {
+        // Found by the fuzzer: the XML namespace cannot be declared as the
+        // default namespace, so it must be written with the xml prefix.
+        let input = format!("{HEADER}<iq><query><xml:item jid='a'><b/></xml:item></query></iq>");
+        let (events, error) = run(&input);
+        assert_eq!(error, None);
+        let iq = stanzas(&events)[0];
+        let item = iq
+            .child("query", NS_CLIENT)
+            .and_then(|q| q.child("item", NS_XML));
+        assert_eq!(
+            item.and_then(|i| i.child("b", NS_CLIENT))
+                .map(|b| b.name.as_str()),
+            Some("b")
+        );
+        let xml = iq.to_xml_in(NS_CLIENT);
+        assert_eq!(
+            xml,
+            "<iq><query><xml:item jid='a'><b/></xml:item></query></iq>"
+        );
+        assert_eq!(
+            Element::parse(iq.to_xml().as_bytes(), &Limits::default()).as_ref(),
+            Ok(iq)
+        );
     }
 
     #[test]
@@ -1999,6 +2106,7 @@ mod tests {
             "jabber:iq:roster",
             "urn:x:a&b<'\"c",
             "urn:{y}",
+            NS_XML,
         ])
         .prop_map(str::to_owned)
     }
@@ -2007,7 +2115,7 @@ mod tests {
         prop_oneof![
             3 => arb_name(),
             1 => Just("xml:lang".to_owned()),
-            1 => (arb_ns().prop_filter("non-empty", |n| !n.is_empty()), arb_name())
+            1 => (arb_ns().prop_filter("Clark keys", |n| !n.is_empty() && n != NS_XML), arb_name())
                 .prop_map(|(ns, n)| format!("{{{ns}}}{n}")),
         ]
     }

@@ -369,6 +369,7 @@ impl Conn {
                         self.out.push_str("</stream:stream>");
                         self.flush(io).await?;
                         let _ = io.shutdown().await;
+                        drain(io, buf).await;
                         return Ok((Next::Closed, reason));
                     }
                 }
@@ -462,7 +463,10 @@ impl Conn {
 
     fn stream_error(&mut self, e: &StreamError) {
         self.open_if_needed();
-        self.out.push_str(&e.to_xml());
+        // The stream is closed by the caller, once.
+        let xml = e.to_xml();
+        self.out
+            .push_str(xml.strip_suffix("</stream:stream>").unwrap_or(&xml));
     }
 
     fn queue_stream_error(&mut self, condition: &str, text: Option<&str>) {
@@ -1159,7 +1163,7 @@ impl Conn {
                 .with_attr("type", kind)
                 .with_child(Element::new(condition, NS_STANZAS)),
         );
-        self.out.push_str(&reply.to_xml());
+        self.out.push_str(&reply.to_xml_in(&e.namespace));
     }
 
     fn stanza_error_raw(&mut self, id: &str, kind: &str, condition: &str) {
@@ -1189,6 +1193,24 @@ impl Lookup {
             Lookup::Found(c) => (c, None),
         }
     }
+}
+
+/// Reads and discards what the peer still sends after the server closed its
+/// side (RFC 6120 §4.4), for a moment: closing a socket with unread input
+/// resets the connection, and the peer may then lose the stream error.
+async fn drain<S: AsyncRead + Unpin>(io: &mut S, buf: &mut [u8]) {
+    const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+    const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+    let _ = tokio::time::timeout(DRAIN_LIMIT, async {
+        let mut total = 0;
+        while total < DRAIN_BYTES {
+            match io.read(buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// RFC 6120 §6.4.2: `=` is an empty response; otherwise base64.

@@ -23,6 +23,8 @@ for service in kafka postgres; do
         started+=("$service")
     fi
 done
+# Independent client peers (slixmpp) for the end-to-end suites.
+infra/scripts/python-env.sh >/dev/null
 export SWITCHBOARD_TEST_KAFKA="$(infra/scripts/kafka.sh url)"
 export SWITCHBOARD_TEST_POSTGRES="$(infra/scripts/postgres.sh url)"
 

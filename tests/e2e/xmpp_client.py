@@ -451,6 +451,7 @@ class RawStream:
 
     def _new_parser(self) -> None:
         self.parser = ET.XMLPullParser(events=("start", "end"))
+        self.received = b""
         self.depth = 0
         self.root: ET.Element | None = None
         self.header = None
@@ -482,6 +483,8 @@ class RawStream:
         return element
 
     def _feed(self, data: bytes) -> None:
+        # what this stream (since its last header) received, for reports
+        self.received = (self.received + data)[-4096:]
         self.parser.feed(data)
         for event, element in self.parser.read_events():
             if event == "start":
@@ -646,6 +649,8 @@ async def run_plain_before_tls(args: argparse.Namespace) -> dict[str, Any]:
             and result.get("plain_auth") in ("failure", "stream-error", "closed"))
     except (OSError, ConnectionClosed, StreamClosed, ProtocolError, ET.ParseError) as e:
         result.update({"ok": False, "error": type(e).__name__, "detail": str(e)})
+        if isinstance(e, ET.ParseError):
+            result["received"] = stream.received.decode("utf-8", "replace")[-1500:]
     finally:
         stream.close()
     return result
@@ -720,6 +725,7 @@ async def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             pass
         except ET.ParseError as e:
             result["parse_error"] = str(e)
+            result["received"] = stream.received.decode("utf-8", "replace")[-1500:]
         # After a stream error the server closes its stream and the connection.
         await stream.drain_until_closed(5)
         if not send_task.done():
@@ -745,6 +751,8 @@ async def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             result["ok"] = condition is not None and stream.eof
     except (OSError, ConnectionClosed, StreamClosed, ProtocolError, ET.ParseError) as e:
         result.update({"ok": False, "error": type(e).__name__, "detail": str(e)})
+        if isinstance(e, ET.ParseError):
+            result["received"] = stream.received.decode("utf-8", "replace")[-1500:]
     finally:
         stream.close()
     return {k: v for k, v in result.items() if v is not None}

@@ -38,6 +38,10 @@ impl Role {
     fn runs_gateway(self) -> bool {
         matches!(self, Role::All | Role::Gateway)
     }
+
+    fn runs_processors(self) -> bool {
+        matches!(self, Role::All | Role::Processors)
+    }
 }
 
 /// Interval of node heartbeats.
@@ -159,6 +163,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 shutdown_rx.clone(),
             )));
         }
+        let deliveries = switchboard_gateway::xmpp::server::deliveries(
+            bus.clone(),
+            full_name(&config.bus.topic_prefix, Topic::Deliveries),
+            config.node_id.clone(),
+            c2s.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = deliveries.await {
+                tracing::error!(error = %e, "deliveries consumer stopped");
+            }
+        }));
         tasks.push(tokio::spawn(switchboard_gateway::heartbeat::run(
             bus.clone(),
             full_name(&config.bus.topic_prefix, Topic::Sessions),
@@ -166,6 +182,27 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             HEARTBEAT_INTERVAL,
             shutdown_rx.clone(),
         )));
+    }
+    if role.runs_processors() {
+        let router = switchboard_processors::runtime::run(
+            bus.clone(),
+            switchboard_processors::runtime::RouterConfig {
+                prefix: config.bus.topic_prefix.clone(),
+                node: NodeId::new(config.node_id.clone()),
+                domains: config
+                    .domains
+                    .iter()
+                    .map(|d| d.to_ascii_lowercase())
+                    .collect(),
+                offline_max_per_user: config.messaging.offline_max_per_user,
+            },
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = router.await {
+                tracing::error!(error = %e, "router stopped");
+            }
+        }));
     }
     ready.store(true, Ordering::Release);
     tracing::info!("switchboard is serving");

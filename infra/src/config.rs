@@ -76,6 +76,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// The XMPP gateway.
     pub xmpp: XmppSettings,
+    /// Message routing.
+    pub messaging: MessagingSettings,
 }
 
 impl Default for Config {
@@ -90,6 +92,24 @@ impl Default for Config {
             tls: TlsSettings::default(),
             auth: AuthSettings::default(),
             xmpp: XmppSettings::default(),
+            messaging: MessagingSettings::default(),
+        }
+    }
+}
+
+/// Message routing settings (SPEC.md §7).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagingSettings {
+    /// Most messages stored for one offline user; beyond it the sender gets
+    /// an error.
+    pub offline_max_per_user: usize,
+}
+
+impl Default for MessagingSettings {
+    fn default() -> Self {
+        Self {
+            offline_max_per_user: 100,
         }
     }
 }

@@ -20,7 +20,7 @@ use switchboard_schemas::events::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{RwLock, mpsc, watch};
 use uuid::Uuid;
 
 use super::jid::{BareJid, FullJid};
@@ -84,6 +84,19 @@ impl C2sContext {
 #[derive(Default)]
 pub struct SessionRegistry {
     users: Mutex<HashMap<String, UserSessions>>,
+    by_id: Mutex<HashMap<Uuid, mpsc::Sender<String>>>,
+}
+
+/// Stanzas a session may have queued before it is considered stuck.
+const SESSION_QUEUE: usize = 1024;
+
+/// Why a delivery did not reach a session.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undelivered {
+    /// No such session on this node (it ended).
+    NoSession,
+    /// The session's queue is full (the client does not read).
+    Stuck,
 }
 
 /// One user's sessions on this node: resource → (session id, kick signal).
@@ -105,7 +118,7 @@ impl SessionRegistry {
         resource: &str,
         id: Uuid,
         max: usize,
-    ) -> Result<watch::Receiver<bool>, BindRefused> {
+    ) -> Result<(watch::Receiver<bool>, mpsc::Receiver<String>), BindRefused> {
         let mut users = self.users.lock().expect("sessions lock");
         let sessions = users.entry(user.to_owned()).or_default();
         if !sessions.contains_key(resource) && sessions.len() >= max {
@@ -115,10 +128,23 @@ impl SessionRegistry {
         if let Some((_, old)) = sessions.insert(resource.to_owned(), (id, kick)) {
             let _ = old.send(true);
         }
-        Ok(kicked)
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        self.by_id.lock().expect("sessions lock").insert(id, tx);
+        Ok((kicked, rx))
+    }
+
+    /// Queues a stanza for the session `id` of this node.
+    pub fn deliver(&self, id: Uuid, stanza: String) -> Result<(), Undelivered> {
+        let by_id = self.by_id.lock().expect("sessions lock");
+        let tx = by_id.get(&id).ok_or(Undelivered::NoSession)?;
+        tx.try_send(stanza).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Undelivered::Stuck,
+            mpsc::error::TrySendError::Closed(_) => Undelivered::NoSession,
+        })
     }
 
     fn unbind(&self, user: &str, resource: &str, id: Uuid) {
+        self.by_id.lock().expect("sessions lock").remove(&id);
         let mut users = self.users.lock().expect("sessions lock");
         if let Some(sessions) = users.get_mut(user) {
             if sessions.get(resource).is_some_and(|(s, _)| *s == id) {
@@ -233,6 +259,8 @@ struct Bound {
     jid: FullJid,
     session_id: Uuid,
     kicked: watch::Receiver<bool>,
+    /// Stanzas routed to this session (from the `deliveries` topic).
+    deliveries: Option<mpsc::Receiver<String>>,
 }
 
 struct Conn {
@@ -394,8 +422,22 @@ impl Conn {
             } else {
                 (self.last_activity + self.ctx.ping_interval(), Timer::Ping)
             };
+            let mut deliveries = self.bound.as_mut().and_then(|b| b.deliveries.take());
+            let delivery = async {
+                match deliveries.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let n = tokio::select! {
                 read = io.read(buf) => read?,
+                Some(stanza) = delivery => {
+                    if let Some(b) = self.bound.as_mut() {
+                        b.deliveries = deliveries;
+                    }
+                    self.out.push_str(&stanza);
+                    continue;
+                }
                 () = kicked => {
                     self.queue_stream_error("conflict", Some("replaced by a newer session"));
                     self.out.push_str("</stream:stream>");
@@ -424,6 +466,9 @@ impl Conn {
                     return Ok((Next::Closed, SessionEndReason::NodeDown));
                 }
             };
+            if let Some(b) = self.bound.as_mut() {
+                b.deliveries = deliveries;
+            }
             if n == 0 {
                 return Ok((Next::Closed, SessionEndReason::ConnectionLost));
             }
@@ -963,7 +1008,7 @@ impl Conn {
                 return Step::Continue;
             }
         };
-        let kicked = match self.ctx.sessions.bind(
+        let (kicked, deliveries) = match self.ctx.sessions.bind(
             &user.to_string(),
             jid.resource(),
             self.session_id,
@@ -1014,6 +1059,7 @@ impl Conn {
             jid,
             session_id: self.session_id,
             kicked,
+            deliveries: Some(deliveries),
         });
         Step::Continue
     }
@@ -1211,6 +1257,53 @@ async fn drain<S: AsyncRead + Unpin>(io: &mut S, buf: &mut [u8]) {
         }
     })
     .await;
+}
+
+/// Pushes stanzas routed to sessions of this node (the `deliveries`
+/// topic, keyed by node) into those sessions until `shutdown`.
+pub async fn deliveries(
+    bus: Arc<dyn switchboard_infra::bus::Bus>,
+    topic: String,
+    node: String,
+    ctx: Arc<C2sContext>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), switchboard_infra::bus::BusError> {
+    use switchboard_infra::bus::{ConsumerConfig, Polled, StartFrom};
+    use switchboard_schemas::{Envelope, Event};
+    // Sessions do not survive a restart, so neither do their deliveries:
+    // a new group starting at the end.
+    let mut consumer = bus
+        .consumer(ConsumerConfig {
+            start: StartFrom::Latest,
+            ..ConsumerConfig::new(
+                format!("switchboard-gateway-{node}-{}", Uuid::now_v7().simple()),
+                &[&topic],
+            )
+        })
+        .await?;
+    loop {
+        let polled = tokio::select! {
+            p = consumer.poll(Duration::from_millis(500)) => p?,
+            _ = shutdown.changed() => break,
+        };
+        let Polled::Records(records) = polled else {
+            continue;
+        };
+        for r in records.iter().filter(|r| r.key.as_ref() == node.as_bytes()) {
+            let Some(Ok(envelope)) = r.value.as_deref().map(Envelope::from_json_slice) else {
+                continue;
+            };
+            let Event::StanzaDelivery(d) = envelope.event else {
+                continue;
+            };
+            if let Err(why) = ctx.sessions.deliver(d.session_id, d.stanza) {
+                // The session ended after the router chose it.
+                tracing::warn!(to = %d.to, ?why, message = ?d.message_id, "delivery to a gone session");
+            }
+        }
+    }
+    let _ = consumer.close().await;
+    Ok(())
 }
 
 /// RFC 6120 §6.4.2: `=` is an empty response; otherwise base64.

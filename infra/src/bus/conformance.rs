@@ -254,6 +254,38 @@ pub async fn uncommitted_redelivered(f: &dyn Fixture) {
     c2.close().await.unwrap();
 }
 
+/// A poll dropped before it completes (e.g. the losing branch of a
+/// `select!`) loses nothing: every record still arrives, once.
+pub async fn poll_is_cancel_safe(f: &dyn Fixture) {
+    let bus = f.open().await;
+    let n = 500;
+    let topic = numbered_topic(&*bus, "cancel", 4, n).await;
+    let mut c = bus
+        .consumer(ConsumerConfig::new(unique("cancel-group"), &[&topic]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let mut timeout = Duration::from_micros(20);
+    while seen.len() < n && tokio::time::Instant::now() < deadline {
+        // Most polls are cut short; some complete.
+        if let Ok(polled) = tokio::time::timeout(timeout, c.poll(STEP)).await
+            && let Polled::Records(records) = polled.unwrap()
+        {
+            seen.extend(records.iter().map(value_str));
+        }
+        timeout = if timeout > Duration::from_millis(5) {
+            Duration::from_micros(20)
+        } else {
+            timeout * 2
+        };
+    }
+    let distinct: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(distinct.len(), n, "records lost to cancelled polls");
+    assert_eq!(seen.len(), n, "records repeated by cancelled polls");
+    c.close().await.unwrap();
+}
+
 /// Two members split the partitions; when one leaves, the other takes all.
 pub async fn group_split_and_takeover(f: &dyn Fixture) {
     let bus = f.open().await;
@@ -575,6 +607,7 @@ macro_rules! bus_conformance_suite {
                 per_key_order,
                 replay_from_zero,
                 uncommitted_redelivered,
+                poll_is_cancel_safe,
                 group_split_and_takeover,
                 compaction_keeps_latest,
                 producer_kill9_loses_no_ack,

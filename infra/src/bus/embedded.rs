@@ -848,7 +848,6 @@ struct EmbeddedConsumer {
 impl EmbeddedConsumer {
     /// Applies a new group generation, queueing Revoked and Assigned.
     async fn check_generation(&mut self) -> Result<(), BusError> {
-        self.group_changed.borrow_and_update();
         let (generation, assigned) = {
             let groups = self.bus.inner.groups.lock().expect("groups lock");
             let Some(group) = groups.get(&self.config.group) else {
@@ -866,12 +865,9 @@ impl EmbeddedConsumer {
         if generation == self.generation {
             return Ok(());
         }
-        self.generation = generation;
-        if !self.assignment.is_empty() {
-            self.pending
-                .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
-        }
-        self.positions.clear();
+        // Everything that waits comes first, so that a poll cancelled here
+        // changes nothing and the next poll starts over (cancel safety).
+        let mut positions = BTreeMap::new();
         for tp in &assigned {
             let committed: Option<i64> = sqlx::query_scalar(
                 "SELECT next_offset FROM group_offsets WHERE grp = ? AND topic = ? AND part = ?",
@@ -893,8 +889,14 @@ impl EmbeddedConsumer {
                         .end
                 }
             };
-            self.positions.insert(tp.clone(), position);
+            positions.insert(tp.clone(), position);
         }
+        self.generation = generation;
+        if !self.assignment.is_empty() {
+            self.pending
+                .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
+        }
+        self.positions = positions;
         self.assignment = assigned.clone();
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
@@ -904,6 +906,8 @@ impl EmbeddedConsumer {
     /// different partition each time so that none starves.
     async fn fetch(&mut self) -> Result<Vec<Record>, BusError> {
         let mut out = Vec::new();
+        // Positions move only when the records are returned (cancel safety).
+        let mut moved: Vec<(TopicPartition, i64)> = Vec::new();
         let n = self.assignment.len();
         for i in 0..n {
             if out.len() >= self.config.max_batch {
@@ -963,14 +967,15 @@ impl EmbeddedConsumer {
                         .read()
                         .expect("tail lock")
                         .start;
-                    self.positions.insert(tp.clone(), start);
+                    moved.push((tp.clone(), start));
                     continue;
                 }
             }
             if let Some(last) = out[before..].last() {
-                self.positions.insert(tp, last.offset + 1);
+                moved.push((tp, last.offset + 1));
             }
         }
+        self.positions.extend(moved);
         if n > 0 {
             self.next_partition = (self.next_partition + 1) % n;
         }
@@ -999,9 +1004,8 @@ impl Consumer for EmbeddedConsumer {
     async fn poll(&mut self, timeout: Duration) -> Result<Polled, BusError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if self.group_changed.has_changed().unwrap_or(false) || self.generation == 0 {
-                self.check_generation().await?;
-            }
+            self.group_changed.borrow_and_update();
+            self.check_generation().await?;
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }

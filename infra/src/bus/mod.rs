@@ -297,7 +297,8 @@ pub trait Bus: Send + Sync + 'static {
 /// A member of a consumer group.
 #[async_trait]
 pub trait Consumer: Send {
-    /// Waits up to `timeout` for records or a rebalance.
+    /// Waits up to `timeout` for records or a rebalance. Cancel-safe: a poll
+    /// dropped before it completes loses and repeats nothing.
     async fn poll(&mut self, timeout: Duration) -> Result<Polled, BusError>;
 
     /// Stores the positions (the offsets of the next records to read) of

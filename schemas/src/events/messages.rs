@@ -85,6 +85,10 @@ pub struct MessageStoredOffline {
     pub from: FullJid,
     /// The recipient.
     pub to: BareJid,
+    /// The stanza as submitted, so the store can deliver it later.
+    /// Added in v1 without a version change (absent in older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stanza: Option<String>,
 }
 
 /// A message could not be delivered; the sender is told.

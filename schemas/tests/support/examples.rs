@@ -321,6 +321,7 @@ pub fn examples() -> Vec<Envelope> {
                 message_id: message_id.to_owned(),
                 from: full("alice@example.com/laptop"),
                 to: bare(BOB),
+                stanza: None,
             }
             .into(),
         ),

@@ -1,0 +1,395 @@
+//! The router processor: a consumer-group member over the `messages` topic,
+//! holding the session directory as a global table (every record of the
+//! `sessions` and `presence` topics) and the offline store of the
+//! recipients whose partitions it owns.
+//!
+//! Outputs are events: `delivery.stanza` on `deliveries` (keyed by the
+//! gateway node), `message.delivered`, `message.stored_offline` and
+//! `message.bounced` on `messages` (keyed by the recipient, or the sender
+//! for bounces). Positions are committed after the outputs are durable, so a
+//! crash repeats work rather than losing it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_infra::bus::{
+    Bus, BusError, ConsumerConfig, Polled, Record, StartFrom, TopicPartition, partition_for_key,
+    positions_after,
+};
+use switchboard_schemas::events::{
+    BounceReason, MessageBounced, MessageDelivered, MessageKind, MessageStoredOffline, Protocol,
+    StanzaDelivery,
+};
+use switchboard_schemas::topics::{Topic, full_name};
+use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
+use tokio::sync::watch;
+
+use crate::router::{Decision, OfflineStore, SessionDirectory, Target, bare_of, route, with_delay};
+
+/// Settings of the router.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Topic prefix.
+    pub prefix: String,
+    /// This node (producer of the router's events; part of group names).
+    pub node: NodeId,
+    /// Served domains.
+    pub domains: Vec<String>,
+    /// Most messages stored per user (SPEC.md §7, default 100).
+    pub offline_max_per_user: usize,
+}
+
+struct Router {
+    bus: Arc<dyn Bus>,
+    config: RouterConfig,
+    directory: SessionDirectory,
+    offline: OfflineStore,
+    owned: BTreeSet<i32>,
+    messages_topic: String,
+    deliveries_topic: String,
+    partitions: i32,
+}
+
+/// Runs the router until `shutdown` turns true.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    config: RouterConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), BusError> {
+    let messages_topic = full_name(&config.prefix, Topic::Messages);
+    let partitions = bus.partitions(&messages_topic).await?;
+    let table_topics = [
+        full_name(&config.prefix, Topic::Sessions),
+        full_name(&config.prefix, Topic::Presence),
+    ];
+    let table_refs: Vec<&str> = table_topics.iter().map(String::as_str).collect();
+    // The global table: a group of its own per instance, read from the start.
+    let mut table = bus
+        .consumer(ConsumerConfig::new(
+            format!("switchboard-router-table-{}", uuid::Uuid::now_v7().simple()),
+            &table_refs,
+        ))
+        .await?;
+    let mut messages = bus
+        .consumer(ConsumerConfig::new(
+            "switchboard-router",
+            &[&messages_topic],
+        ))
+        .await?;
+    let mut router = Router {
+        deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
+        bus,
+        config,
+        directory: SessionDirectory::default(),
+        offline: OfflineStore::default(),
+        owned: BTreeSet::new(),
+        messages_topic,
+        partitions,
+    };
+    loop {
+        tokio::select! {
+            polled = table.poll(Duration::from_millis(500)) => {
+                if let Polled::Records(records) = polled? {
+                    router.on_table(&records).await;
+                }
+            }
+            polled = messages.poll(Duration::from_millis(500)) => {
+                match polled? {
+                    Polled::Records(records) => {
+                        router.on_messages(&records).await;
+                        // Outputs are durable; now the inputs may be skipped.
+                        if let Err(e) = messages.commit(&positions_after(&records)).await {
+                            tracing::warn!(error = %e, "router commit failed; records will repeat");
+                        }
+                    }
+                    Polled::Assigned(tps) => router.on_assigned(&tps).await?,
+                    Polled::Revoked(_) | Polled::Idle => {}
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = messages.close().await;
+    let _ = table.close().await;
+    Ok(())
+}
+
+fn decode(record: &Record) -> Option<Envelope> {
+    let value = record.value.as_deref()?;
+    match Envelope::from_json_slice(value) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(topic = %record.topic, offset = record.offset, error = %e, "undecodable event skipped");
+            None
+        }
+    }
+}
+
+impl Router {
+    fn owns(&self, bare: &str) -> bool {
+        self.owned
+            .contains(&partition_for_key(bare.as_bytes(), self.partitions))
+    }
+
+    /// The offline store of newly owned partitions is rebuilt from the log.
+    async fn on_assigned(&mut self, tps: &[TopicPartition]) -> Result<(), BusError> {
+        self.owned = tps.iter().map(|tp| tp.partition).collect();
+        let owned = self.owned.clone();
+        let partitions = self.partitions;
+        self.offline
+            .retain(|user| owned.contains(&partition_for_key(user.as_bytes(), partitions)));
+        let ends = self.bus.end_offsets(&self.messages_topic).await?;
+        if ends.iter().all(|e| *e == 0) {
+            return Ok(());
+        }
+        let mut reader = self
+            .bus
+            .consumer(ConsumerConfig {
+                start: StartFrom::Earliest,
+                ..ConsumerConfig::new(
+                    format!(
+                        "switchboard-router-rebuild-{}",
+                        uuid::Uuid::now_v7().simple()
+                    ),
+                    &[&self.messages_topic],
+                )
+            })
+            .await?;
+        let mut positions = vec![0i64; ends.len()];
+        let caught_up = |positions: &[i64]| {
+            positions
+                .iter()
+                .zip(&ends)
+                .enumerate()
+                .all(|(p, (pos, end))| !owned.contains(&(p as i32)) || pos >= end)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !caught_up(&positions) && tokio::time::Instant::now() < deadline {
+            if let Polled::Records(records) = reader.poll(Duration::from_millis(200)).await? {
+                for r in &records {
+                    positions[r.partition as usize] = r.offset + 1;
+                    if owned.contains(&r.partition)
+                        && let Some(envelope) = decode(r)
+                    {
+                        self.offline.apply(&envelope);
+                    }
+                }
+            }
+        }
+        let _ = reader.close().await;
+        tracing::info!(
+            stored = self.offline.total(),
+            "router offline store rebuilt"
+        );
+        Ok(())
+    }
+
+    async fn on_table(&mut self, records: &[Record]) {
+        for r in records {
+            let Some(envelope) = decode(r) else { continue };
+            if let Some(full) = self.directory.apply(&envelope) {
+                // XEP-0160 §3: stored messages go out at available presence.
+                let bare = bare_of(&full).to_owned();
+                if self.owns(&bare) && !self.offline.queued(&bare).is_empty() {
+                    self.flush_offline(&bare, &full).await;
+                }
+            }
+        }
+    }
+
+    async fn flush_offline(&mut self, bare: &str, full: &str) {
+        let Some(session) = self.directory.session(full).cloned() else {
+            return;
+        };
+        let target = Target {
+            full_jid: full.to_owned(),
+            node: session.node,
+            session_id: session.session_id,
+        };
+        let domain = bare.rsplit_once('@').map_or(bare, |(_, d)| d).to_owned();
+        for stored in self.offline.queued(bare).to_vec() {
+            let stanza = with_delay(&stored.stanza, &domain, &stored.stamp);
+            if self
+                .push(&target, stanza, Some(stored.message_id.clone()))
+                .await
+            {
+                let delivered = MessageDelivered {
+                    message_id: stored.message_id.clone(),
+                    from: FullJid::new(stored.from.clone()),
+                    to: FullJid::new(full),
+                    carbon: false,
+                };
+                if let Some(envelope) = self.emit(bare, delivered).await {
+                    self.offline.apply(&envelope);
+                }
+            }
+        }
+    }
+
+    async fn on_messages(&mut self, records: &[Record]) {
+        for r in records {
+            let Some(envelope) = decode(r) else { continue };
+            match &envelope.event {
+                Event::MessageSubmitted(m) => self.on_submitted(m, &envelope).await,
+                Event::MessageStoredOffline(_) | Event::MessageDelivered(_) => {
+                    self.offline.apply(&envelope);
+                    // Stored while the recipient came online: send it now.
+                    if let Event::MessageStoredOffline(s) = &envelope.event {
+                        let bare = s.to.as_str().to_owned();
+                        let available = self
+                            .directory
+                            .sessions_of(&bare)
+                            .find(|(_, s)| s.available && s.priority >= 0)
+                            .map(|(full, _)| full.to_owned());
+                        if let Some(full) = available {
+                            self.flush_offline(&bare, &full).await;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn on_submitted(
+        &mut self,
+        m: &switchboard_schemas::events::MessageSubmitted,
+        envelope: &Envelope,
+    ) {
+        let domains = &self.config.domains;
+        let decision = route(&self.directory, &m.to, &m.kind, |d| {
+            domains.iter().any(|h| h == d)
+        });
+        match decision {
+            Decision::Deliver(targets) => {
+                for t in targets {
+                    if self
+                        .push(&t, m.stanza.clone(), Some(m.message_id.clone()))
+                        .await
+                    {
+                        let delivered = MessageDelivered {
+                            message_id: m.message_id.clone(),
+                            from: m.from.clone(),
+                            to: FullJid::new(t.full_jid.clone()),
+                            carbon: false,
+                        };
+                        self.emit(bare_of(&t.full_jid), delivered).await;
+                    }
+                }
+            }
+            Decision::StoreOffline => {
+                let bare = bare_of(&m.to).to_owned();
+                if self.owns(&bare)
+                    && self.offline.queued(&bare).len() >= self.config.offline_max_per_user
+                {
+                    self.bounce(m, BounceReason::OfflineLimit, "resource-constraint")
+                        .await;
+                    return;
+                }
+                let stored = MessageStoredOffline {
+                    message_id: m.message_id.clone(),
+                    from: m.from.clone(),
+                    to: BareJid::new(bare.clone()),
+                    stanza: Some(m.stanza.clone()),
+                };
+                self.emit(&bare, stored).await;
+            }
+            Decision::Drop => {
+                tracing::debug!(id = %m.message_id, "message dropped per RFC 6121 §8.5");
+            }
+            Decision::Bounce { reason, condition } => self.bounce(m, reason, condition).await,
+        }
+        let _ = envelope;
+    }
+
+    /// RFC 6120 §8.3: the sender's session gets the message back as an error.
+    async fn bounce(
+        &mut self,
+        m: &switchboard_schemas::events::MessageSubmitted,
+        reason: BounceReason,
+        condition: &'static str,
+    ) {
+        if m.kind == MessageKind::Error {
+            return;
+        }
+        let bounced = MessageBounced {
+            message_id: m.message_id.clone(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            reason,
+            text: None,
+        };
+        self.emit(bare_of(m.from.as_str()), bounced).await;
+        let Some(session) = self.directory.session(m.from.as_str()).cloned() else {
+            return;
+        };
+        let stanza = format!(
+            "<message xmlns='jabber:client' type='error' id='{}' from='{}' to='{}'>\
+             <error type='cancel'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+            escape(&m.message_id),
+            escape(&m.to),
+            escape(m.from.as_str()),
+        );
+        let target = Target {
+            full_jid: m.from.as_str().to_owned(),
+            node: session.node,
+            session_id: session.session_id,
+        };
+        self.push(&target, stanza, Some(m.message_id.clone())).await;
+    }
+
+    /// Produces a delivery for the gateway node holding the session.
+    async fn push(&self, target: &Target, stanza: String, message_id: Option<String>) -> bool {
+        let delivery = StanzaDelivery {
+            session_id: target.session_id,
+            to: target.full_jid.clone(),
+            protocol: Protocol::Xmpp,
+            stanza,
+            message_id,
+        };
+        let envelope = Envelope::new(self.config.node.clone(), target.node.clone(), delivery);
+        let bytes = match envelope.to_json_vec() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding a delivery");
+                return false;
+            }
+        };
+        match self
+            .bus
+            .produce(&self.deliveries_topic, target.node.as_bytes(), Some(&bytes))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "delivery not stored");
+                false
+            }
+        }
+    }
+
+    async fn emit(&self, subject: &str, event: impl Into<Event>) -> Option<Envelope> {
+        let envelope = Envelope::new(self.config.node.clone(), subject, event);
+        let bytes = envelope.to_json_vec().ok()?;
+        match self
+            .bus
+            .produce(&self.messages_topic, subject.as_bytes(), Some(&bytes))
+            .await
+        {
+            Ok(_) => Some(envelope),
+            Err(e) => {
+                tracing::error!(error = %e, "router event not stored");
+                None
+            }
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}

@@ -49,6 +49,9 @@ struct Router {
     messages_topic: String,
     deliveries_topic: String,
     partitions: i32,
+    /// Events decided but not yet produced; produced together, in order,
+    /// by [`Router::flush`] before positions are committed.
+    outbox: Vec<(String, String, Vec<u8>)>,
 }
 
 /// Runs the router until `shutdown` turns true.
@@ -86,18 +89,21 @@ pub async fn run(
         owned: BTreeSet::new(),
         messages_topic,
         partitions,
+        outbox: Vec::new(),
     };
     loop {
         tokio::select! {
             polled = table.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
                     router.on_table(&records).await;
+                    router.flush().await;
                 }
             }
             polled = messages.poll(Duration::from_millis(500)) => {
                 match polled? {
                     Polled::Records(records) => {
                         router.on_messages(&records).await;
+                        router.flush().await;
                         // Outputs are durable; now the inputs may be skipped.
                         if let Err(e) = messages.commit(&positions_after(&records)).await {
                             tracing::warn!(error = %e, "router commit failed; records will repeat");
@@ -210,17 +216,14 @@ impl Router {
         let domain = bare.rsplit_once('@').map_or(bare, |(_, d)| d).to_owned();
         for stored in self.offline.queued(bare).to_vec() {
             let stanza = with_delay(&stored.stanza, &domain, &stored.stamp);
-            if self
-                .push(&target, stanza, Some(stored.message_id.clone()))
-                .await
-            {
+            if self.push(&target, stanza, Some(stored.message_id.clone())) {
                 let delivered = MessageDelivered {
                     message_id: stored.message_id.clone(),
                     from: FullJid::new(stored.from.clone()),
                     to: FullJid::new(full),
                     carbon: false,
                 };
-                if let Some(envelope) = self.emit(bare, delivered).await {
+                if let Some(envelope) = self.emit(bare, delivered) {
                     self.offline.apply(&envelope);
                 }
             }
@@ -264,17 +267,14 @@ impl Router {
         match decision {
             Decision::Deliver(targets) => {
                 for t in targets {
-                    if self
-                        .push(&t, m.stanza.clone(), Some(m.message_id.clone()))
-                        .await
-                    {
+                    if self.push(&t, m.stanza.clone(), Some(m.message_id.clone())) {
                         let delivered = MessageDelivered {
                             message_id: m.message_id.clone(),
                             from: m.from.clone(),
                             to: FullJid::new(t.full_jid.clone()),
                             carbon: false,
                         };
-                        self.emit(bare_of(&t.full_jid), delivered).await;
+                        self.emit(bare_of(&t.full_jid), delivered);
                     }
                 }
             }
@@ -293,7 +293,7 @@ impl Router {
                     to: BareJid::new(bare.clone()),
                     stanza: Some(m.stanza.clone()),
                 };
-                self.emit(&bare, stored).await;
+                self.emit(&bare, stored);
             }
             Decision::Drop => {
                 tracing::debug!(id = %m.message_id, "message dropped per RFC 6121 §8.5");
@@ -320,7 +320,7 @@ impl Router {
             reason,
             text: None,
         };
-        self.emit(bare_of(m.from.as_str()), bounced).await;
+        self.emit(bare_of(m.from.as_str()), bounced);
         let Some(session) = self.directory.session(m.from.as_str()).cloned() else {
             return;
         };
@@ -336,11 +336,11 @@ impl Router {
             node: session.node,
             session_id: session.session_id,
         };
-        self.push(&target, stanza, Some(m.message_id.clone())).await;
+        self.push(&target, stanza, Some(m.message_id.clone()));
     }
 
-    /// Produces a delivery for the gateway node holding the session.
-    async fn push(&self, target: &Target, stanza: String, message_id: Option<String>) -> bool {
+    /// Queues a delivery for the gateway node holding the session.
+    fn push(&mut self, target: &Target, stanza: String, message_id: Option<String>) -> bool {
         let delivery = StanzaDelivery {
             session_id: target.session_id,
             to: target.full_jid.clone(),
@@ -356,33 +356,39 @@ impl Router {
                 return false;
             }
         };
-        match self
-            .bus
-            .produce(&self.deliveries_topic, target.node.as_bytes(), Some(&bytes))
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "delivery not stored");
-                false
-            }
-        }
+        self.outbox
+            .push((self.deliveries_topic.clone(), target.node.clone(), bytes));
+        true
     }
 
-    async fn emit(&self, subject: &str, event: impl Into<Event>) -> Option<Envelope> {
-        let envelope = Envelope::new(self.config.node.clone(), subject, event);
-        let bytes = envelope.to_json_vec().ok()?;
-        match self
-            .bus
-            .produce(&self.messages_topic, subject.as_bytes(), Some(&bytes))
-            .await
-        {
-            Ok(_) => Some(envelope),
-            Err(e) => {
-                tracing::error!(error = %e, "router event not stored");
-                None
+    /// Produces everything queued, concurrently; the bus keeps the order of
+    /// records with the same key because they are enqueued in order.
+    async fn flush(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let bus = &self.bus;
+        let results = futures::future::join_all(
+            self.outbox
+                .iter()
+                .map(|(topic, key, bytes)| bus.produce(topic, key.as_bytes(), Some(bytes))),
+        )
+        .await;
+        for result in results {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "router output not stored");
             }
         }
+        self.outbox.clear();
+    }
+
+    /// Queues an event on the `messages` topic.
+    fn emit(&mut self, subject: &str, event: impl Into<Event>) -> Option<Envelope> {
+        let envelope = Envelope::new(self.config.node.clone(), subject, event);
+        let bytes = envelope.to_json_vec().ok()?;
+        self.outbox
+            .push((self.messages_topic.clone(), subject.to_owned(), bytes));
+        Some(envelope)
     }
 }
 

@@ -4,14 +4,14 @@
 # same TLS, same SASL mechanism (PLAIN over STARTTLS; both verify it against
 # salted keys with the same PBKDF2 iteration count).
 #
-#   benches/xmpp-compare.sh            # USERS=200 RATE=2000 SECS=10 BURST=200
+#   USERS=100 SECS=5 BURST=50 benches/xmpp-compare.sh   (defaults: USERS=200 RATE=2000 SECS=10 BURST=200)
 #
 # Prints one Markdown row per server (see BENCHMARKS.md for the header).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 USERS="${USERS:-200}"
-ITERATIONS="${ITERATIONS:-10000}"
+ITERATIONS="${ITERATIONS:-4096}"
 export XMPP_USERS="$USERS" XMPP_RATE="${RATE:-2000}" XMPP_SECS="${SECS:-10}" \
     XMPP_BURST="${BURST:-200}" XMPP_DOMAIN=example.com XMPP_USER_PREFIX=user XMPP_PASSWORD=pw
 
@@ -45,7 +45,7 @@ kill "$server"; wait "$server" 2>/dev/null || true
 echo "compare: Prosody" >&2
 benches/prosody.sh install >&2
 prosody_pid="$(benches/prosody.sh start "$work/prosody" 17222 example.com | tail -1)"
-benches/prosody.sh users "$work/prosody" example.com user "$USERS" pw >&2
+PROSODY_SCRAM_ITERATIONS="$ITERATIONS" benches/prosody.sh users "$work/prosody" example.com user "$USERS" pw >&2
 XMPP_ADDR=127.0.0.1:17222 XMPP_CERT="$(ls "$work"/prosody/*.crt | head -1)" SERVER_PID="$prosody_pid" \
     XMPP_LABEL="Prosody $(prosody --version 2>/dev/null | head -1 | awk '{print $2}')" \
     cargo bench --quiet --bench xmpp_load

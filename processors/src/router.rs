@@ -32,7 +32,13 @@ pub struct Session {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionDirectory {
     sessions: BTreeMap<String, Session>,
+    /// Presence read before its session's bind: the two come from different
+    /// topics, which have no order between them.
+    early_presence: BTreeMap<String, (bool, i8)>,
 }
+
+/// Presence updates remembered for sessions whose bind was not read yet.
+const MAX_EARLY_PRESENCE: usize = 100_000;
 
 /// The bare part of an address (before the first `/`).
 pub fn bare_of(jid: &str) -> &str {
@@ -50,19 +56,25 @@ impl SessionDirectory {
     pub fn apply(&mut self, envelope: &Envelope) -> Option<String> {
         match &envelope.event {
             Event::SessionResourceBound(bound) => {
+                let full = bound.full_jid.as_str().to_owned();
+                let (available, priority) = self
+                    .early_presence
+                    .remove(&full)
+                    .unwrap_or((false, bound.priority));
                 self.sessions.insert(
-                    bound.full_jid.as_str().to_owned(),
+                    full.clone(),
                     Session {
                         node: envelope.node.as_str().to_owned(),
                         session_id: bound.session_id,
-                        available: false,
-                        priority: bound.priority,
+                        available,
+                        priority,
                     },
                 );
-                None
+                available.then_some(full)
             }
             Event::SessionEnded(ended) => {
                 let full = ended.full_jid.as_ref()?.as_str();
+                self.early_presence.remove(full);
                 if self
                     .sessions
                     .get(full)
@@ -73,7 +85,16 @@ impl SessionDirectory {
                 None
             }
             Event::DevicePresence(presence) => {
-                let session = self.sessions.get_mut(&presence.device)?;
+                let Some(session) = self.sessions.get_mut(&presence.device) else {
+                    // Keep only the newest, and only a bounded number.
+                    if self.early_presence.len() < MAX_EARLY_PRESENCE {
+                        self.early_presence.insert(
+                            presence.device.clone(),
+                            (presence.available, presence.priority),
+                        );
+                    }
+                    return None;
+                };
                 let was = session.available;
                 session.available = presence.available;
                 session.priority = presence.priority;
@@ -402,6 +423,30 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn presence_read_before_the_bind_counts() {
+        let mut dir = SessionDirectory::default();
+        assert_eq!(
+            dir.apply(&env(presence("bob@example.com/a", true, 3))),
+            None
+        );
+        let id = Uuid::now_v7();
+        let became = dir.apply(&env(SessionResourceBound {
+            session_id: id,
+            full_jid: FullJid::new("bob@example.com/a"),
+            protocol: Protocol::Xmpp,
+            contact: None,
+            priority: 0,
+            client: Default::default(),
+        }));
+        assert_eq!(became, Some("bob@example.com/a".to_owned()));
+        assert_eq!(
+            delivered_to(&route(&dir, "bob@example.com", &MessageKind::Chat, hosted)),
+            ["bob@example.com/a"]
+        );
+        assert_eq!(dir.session("bob@example.com/a").unwrap().priority, 3);
     }
 
     #[test]

@@ -47,6 +47,6 @@ benches/prosody.sh install >&2
 prosody_pid="$(benches/prosody.sh start "$work/prosody" 17222 example.com | tail -1)"
 PROSODY_SCRAM_ITERATIONS="$ITERATIONS" benches/prosody.sh users "$work/prosody" example.com user "$USERS" pw >&2
 XMPP_ADDR=127.0.0.1:17222 XMPP_CERT="$(ls "$work"/prosody/*.crt | head -1)" SERVER_PID="$prosody_pid" \
-    XMPP_LABEL="Prosody $(prosody --version 2>/dev/null | head -1 | awk '{print $2}')" \
+    XMPP_LABEL="Prosody $(dpkg-query -W -f='${Version}' prosody)" \
     cargo bench --quiet --bench xmpp_load
 benches/prosody.sh stop "$work/prosody" >&2

@@ -291,6 +291,11 @@ impl OfflineStore {
         self.queues.get(bare).map_or(&[], Vec::as_slice)
     }
 
+    /// Users with stored messages.
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.queues.keys().map(String::as_str)
+    }
+
     /// Messages stored for every user.
     pub fn total(&self) -> usize {
         self.total

@@ -80,6 +80,17 @@ pub async fn run(
             &[&messages_topic],
         ))
         .await?;
+    // The table is "live" once read to the end it had at start: before
+    // that it replays history (old sessions, long gone), which must neither
+    // route messages nor release stored ones.
+    let mut table_ends = Vec::new();
+    for topic in &table_topics {
+        for (partition, end) in bus.end_offsets(topic).await?.into_iter().enumerate() {
+            if end > 0 {
+                table_ends.push((TopicPartition::new(topic, partition as i32), end));
+            }
+        }
+    }
     let mut router = Router {
         deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
         bus,
@@ -91,15 +102,33 @@ pub async fn run(
         partitions,
         outbox: Vec::new(),
     };
+    let mut live = table_ends.is_empty();
     loop {
         tokio::select! {
             polled = table.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
-                    router.on_table(&records).await;
+                    if live {
+                        router.on_table(&records).await;
+                    } else {
+                        for r in &records {
+                            if let Some(envelope) = decode(r) {
+                                router.directory.apply(&envelope);
+                            }
+                        }
+                        let read = positions_after(&records);
+                        table_ends.retain(|(tp, end)| {
+                            !read.iter().any(|(t, position)| t == tp && position >= end)
+                        });
+                        if table_ends.is_empty() {
+                            live = true;
+                            tracing::info!(sessions = router.directory.len(), "router session table caught up");
+                            router.release_all_offline().await;
+                        }
+                    }
                     router.flush().await;
                 }
             }
-            polled = messages.poll(Duration::from_millis(500)) => {
+            polled = messages.poll(Duration::from_millis(500)), if live => {
                 match polled? {
                     Polled::Records(records) => {
                         router.on_messages(&records).await;
@@ -189,6 +218,26 @@ impl Router {
             "router offline store rebuilt"
         );
         Ok(())
+    }
+
+    /// Sends stored messages to every owned user who is available now.
+    async fn release_all_offline(&mut self) {
+        let users: Vec<String> = self
+            .offline
+            .users()
+            .filter(|u| self.owns(u))
+            .map(str::to_owned)
+            .collect();
+        for bare in users {
+            let available = self
+                .directory
+                .sessions_of(&bare)
+                .find(|(_, s)| s.available && s.priority >= 0)
+                .map(|(full, _)| full.to_owned());
+            if let Some(full) = available {
+                self.flush_offline(&bare, &full).await;
+            }
+        }
     }
 
     async fn on_table(&mut self, records: &[Record]) {

@@ -13,255 +13,19 @@
 //! Needs `python3` (3.11+, with venv) and PyPI the first time (the venv is
 //! kept in `${SWITCHBOARD_INFRA_DIR:-.infra}/venv`).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::xmpp::{DOMAIN, Deployment, python, readyz, repo_root, run_with_limit};
 
-const DOMAIN: &str = "example.com";
 const ALICE: &str = "alice@example.com";
 const ALICE_PASSWORD: &str = "correct horse, battery = staple";
 const BOB: &str = "bob@example.com";
 const BOB_PASSWORD: &str = "bob's own password";
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits for `child` at most `limit`; kills it past that. Returns
-/// (exit code, stdout, stderr); the code is None when it was killed.
-fn run_with_limit(mut cmd: Command, limit: Duration) -> (Option<i32>, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    // Read both pipes on threads so a chatty child never blocks on them.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (code, out_reader.join().unwrap(), err_reader.join().unwrap())
-}
-
-/// The venv's python from `infra/scripts/python-env.sh path`.
-fn python() -> PathBuf {
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo_root().join("infra/scripts/python-env.sh"))
-        .arg("path")
-        .current_dir(repo_root());
-    let (code, out, err) = run_with_limit(cmd, Duration::from_secs(600));
-    let path = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(str::trim);
-    match (code, path) {
-        (Some(0), Some(path)) if Path::new(path).exists() => PathBuf::from(path),
-        _ => panic!(
-            "infra/scripts/python-env.sh path failed (exit {code:?}); the XMPP end-to-end \
-             test needs python3 >= 3.11 with venv and PyPI (or an existing \
-             .infra/venv).\nstdout:\n{out}\nstderr:\n{err}"
-        ),
-    }
-}
-
-/// A raw HTTP/1.1 GET; returns the status.
-fn http_status(addr: &str, path: &str) -> Option<u16> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split(' ').nth(1)?.parse().ok()
-}
-
-/// `switchboard` with this deployment's environment only.
-struct Deployment {
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    log: PathBuf,
-    http: String,
-    c2s: SocketAddr,
-    c2s_tls: SocketAddr,
-}
-
-impl Deployment {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let log = dir.path().join("server.log");
-        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-        Self {
-            data,
-            log,
-            http: format!("127.0.0.1:{}", free_port()),
-            c2s: addr(free_port()),
-            c2s_tls: addr(free_port()),
-            _dir: dir,
-        }
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SWITCHBOARD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("SWITCHBOARD_LOG", "info")
-            .env("SWITCHBOARD__DATA_DIR", &self.data)
-            .env("SWITCHBOARD__DOMAINS", format!("[\"{DOMAIN}\"]"))
-            .env("SWITCHBOARD__HTTP__LISTEN", &self.http)
-            .env("SWITCHBOARD__XMPP__C2S_LISTEN", self.c2s.to_string())
-            .env(
-                "SWITCHBOARD__XMPP__C2S_TLS_LISTEN",
-                self.c2s_tls.to_string(),
-            );
-        cmd
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.data.join("tls/cert.pem")
-    }
-
-    /// The last lines of the server's log, for failure messages.
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let start = lines.len().saturating_sub(60);
-        format!(
-            "--- server log ({}), last {} lines ---\n{}",
-            self.log.display(),
-            lines.len() - start,
-            lines[start..].join("\n")
-        )
-    }
-}
-
-/// The running server; killed if the test panics before stopping it.
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn start_server(dep: &Deployment) -> Server {
-    let log = std::fs::File::create(&dep.log).unwrap();
-    let child = dep
-        .command()
-        .arg("serve")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut server = Server { child };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut ready = false;
-    loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            panic!(
-                "switchboard serve exited early: {status}\n{}",
-                dep.log_tail()
-            );
-        }
-        if !ready {
-            ready = http_status(&dep.http, "/readyz") == Some(200);
-        }
-        if ready
-            && [dep.c2s, dep.c2s_tls]
-                .iter()
-                .all(|a| TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server not ready within 60 s (readyz: {ready}, c2s {} / c2s_tls {} not accepting)\n{}",
-            dep.c2s,
-            dep.c2s_tls,
-            dep.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        dep.cert().exists(),
-        "no certificate at {}",
-        dep.cert().display()
-    );
-    server
-}
-
-fn add_user(dep: &Deployment, jid: &str, password: &str) {
-    let mut child = dep
-        .command()
-        .args(["user", "add", jid, "--password-stdin"])
-        .env("SWITCHBOARD_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "switchboard user add {jid}: {}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        dep.log_tail()
-    );
-}
 
 /// One run of the Python client: its JSON line and exit code.
 struct Outcome {
@@ -416,41 +180,20 @@ fn login_problems(o: &Outcome, jid: &str, mechanism: &str) -> Vec<String> {
     p
 }
 
-fn stop(mut server: Server, dep: &Deployment) -> Result<(), String> {
-    let pid = server.child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    if !status.success() {
-        return Err("kill -TERM failed".to_owned());
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            return if exit.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "exit status {exit} after SIGTERM\n{}",
-                    dep.log_tail()
-                ))
-            };
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "still running 20 s after SIGTERM\n{}",
-                dep.log_tail()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn xmpp_clients_log_in_and_abuse_is_refused() {
     let python = python();
     let dep = Deployment::new();
-    let server = start_server(&dep);
-    add_user(&dep, ALICE, ALICE_PASSWORD);
-    add_user(&dep, BOB, BOB_PASSWORD);
+    let server = dep
+        .start()
+        .unwrap_or_else(|e| panic!("{e}\n{}", dep.log_tail()));
+    assert!(
+        dep.cert().exists(),
+        "no certificate at {}",
+        dep.cert().display()
+    );
+    dep.add_user(ALICE, ALICE_PASSWORD);
+    dep.add_user(BOB, BOB_PASSWORD);
 
     let mut h = Harness {
         python,
@@ -651,12 +394,12 @@ fn xmpp_clients_log_in_and_abuse_is_refused() {
         "starttls",
         "SCRAM-SHA-256",
     );
-    if http_status(&dep.http, "/readyz") != Some(200) {
+    if !readyz(&dep.http) {
         h.failures
             .push("/readyz is not 200 after the cases".to_owned());
     }
 
-    let stopped = stop(server, &dep);
+    let stopped = dep.stop(server);
     let Harness {
         failures, passed, ..
     } = h;

@@ -19,15 +19,15 @@
 //! stderr (`-- --nocapture`). Needs `python3` (3.11+, with venv) and PyPI the
 //! first time.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::xmpp::{DOMAIN, Deployment, Server, python, repo_root, run_with_limit};
 
-const DOMAIN: &str = "example.com";
 const USERS: [(&str, &str); 3] = [
     ("alice@example.com", "alice's password"),
     ("bob@example.com", "bob: another, password"),
@@ -36,241 +36,6 @@ const USERS: [(&str, &str); 3] = [
 const ALICE: usize = 0;
 const BOB: usize = 1;
 const CAROL: usize = 2;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// Runs `cmd` for at most `limit` (killed past it): (exit code, stdout, stderr).
-fn run_with_limit(mut cmd: Command, limit: Duration) -> (Option<i32>, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let pipe = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().unwrap()));
-    let err = pipe(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + limit;
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (code, out.join().unwrap(), err.join().unwrap())
-}
-
-/// The venv's python from `infra/scripts/python-env.sh path`.
-fn python() -> PathBuf {
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo_root().join("infra/scripts/python-env.sh"))
-        .arg("path")
-        .current_dir(repo_root());
-    let (code, out, err) = run_with_limit(cmd, Duration::from_secs(600));
-    match (
-        code,
-        out.lines().rev().map(str::trim).find(|l| !l.is_empty()),
-    ) {
-        (Some(0), Some(path)) if Path::new(path).exists() => PathBuf::from(path),
-        _ => panic!(
-            "infra/scripts/python-env.sh path failed (exit {code:?}); this test needs \
-             python3 >= 3.11 with venv and PyPI (or an existing .infra/venv).\n\
-             stdout:\n{out}\nstderr:\n{err}"
-        ),
-    }
-}
-
-fn readyz(addr: &str) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let request = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut response = String::new();
-    stream.write_all(request.as_bytes()).is_ok()
-        && stream.read_to_string(&mut response).is_ok()
-        && response.split(' ').nth(1) == Some("200")
-}
-
-/// One deployment: a data directory, a log file and fixed ports, kept
-/// across restarts.
-struct Deployment {
-    _dir: tempfile::TempDir,
-    data: PathBuf,
-    log: PathBuf,
-    http: String,
-    c2s: SocketAddr,
-    c2s_tls: SocketAddr,
-}
-
-/// The running server; killed if the test panics before stopping it.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Deployment {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = || SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self {
-            data: dir.path().join("data"),
-            log: dir.path().join("server.log"),
-            http: format!("127.0.0.1:{}", free_port()),
-            c2s: addr(),
-            c2s_tls: addr(),
-            _dir: dir,
-        }
-    }
-
-    fn command(&self) -> Command {
-        // SWITCHBOARD_TEST_LOG: the server's log filter (default info).
-        let filter = std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "info".into());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SWITCHBOARD") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("SWITCHBOARD_LOG", filter)
-            .env("NO_COLOR", "1")
-            .env("SWITCHBOARD__DATA_DIR", &self.data)
-            .env("SWITCHBOARD__DOMAINS", format!("[\"{DOMAIN}\"]"))
-            .env("SWITCHBOARD__HTTP__LISTEN", &self.http)
-            .env("SWITCHBOARD__XMPP__C2S_LISTEN", self.c2s.to_string())
-            .env(
-                "SWITCHBOARD__XMPP__C2S_TLS_LISTEN",
-                self.c2s_tls.to_string(),
-            );
-        cmd
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.data.join("tls/cert.pem")
-    }
-
-    /// The last lines of the server's log (all runs), for failure messages.
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let start = lines.len().saturating_sub(80);
-        format!(
-            "--- server log ({}), last {} lines ---\n{}",
-            self.log.display(),
-            lines.len() - start,
-            lines[start..].join("\n")
-        )
-    }
-
-    /// `switchboard serve`, appending to the log; waits until /readyz is
-    /// 200 and both XMPP ports accept.
-    fn start(&self) -> Result<Server, String> {
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        writeln!(log, "===== switchboard serve (test: starting) =====").unwrap();
-        let child = self
-            .command()
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut server = Server(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
-                return Err(format!("switchboard serve exited early: {status}"));
-            }
-            if readyz(&self.http)
-                && [self.c2s, self.c2s_tls]
-                    .iter()
-                    .all(|a| TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
-            {
-                return Ok(server);
-            }
-            if Instant::now() > deadline {
-                return Err("server not ready within 60 s".to_owned());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM, then a clean exit within 20 s.
-    fn stop(&self, mut server: Server) -> Result<(), String> {
-        let pid = server.0.id().to_string();
-        if !Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-        {
-            return Err("kill -TERM failed".to_owned());
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match server.0.try_wait().unwrap() {
-                Some(exit) if exit.success() => return Ok(()),
-                Some(exit) => return Err(format!("exit status {exit} after SIGTERM")),
-                None if Instant::now() > deadline => {
-                    return Err("still running 20 s after SIGTERM".to_owned());
-                }
-                None => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-
-    fn add_user(&self, jid: &str, password: &str) {
-        let mut child = self
-            .command()
-            .args(["user", "add", jid, "--password-stdin"])
-            .env("SWITCHBOARD_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
-        drop(stdin);
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "switchboard user add {jid}: {}\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
-    }
-}
 
 /// One run of the Python client: its JSON line and exit code.
 struct Outcome {
@@ -420,7 +185,7 @@ impl Harness<'_> {
 
     /// How the server ended, if it did.
     fn server_exit(&mut self) -> Option<String> {
-        match self.server.as_mut().map(|s| s.0.try_wait()) {
+        match self.server.as_mut().map(Server::try_wait) {
             None => Some("not started".to_owned()),
             Some(Ok(Some(status))) => Some(format!("exited: {status}")),
             Some(_) => None,

@@ -17,7 +17,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for service in kafka postgres; do
+# SWITCHBOARD_TEST_KAFKA=host:port uses a broker that is already running.
+services=(postgres)
+[ -n "${SWITCHBOARD_TEST_KAFKA:-}" ] || services+=(kafka)
+for service in "${services[@]}"; do
     if ! infra/scripts/$service.sh status >/dev/null 2>&1; then
         infra/scripts/$service.sh start
         started+=("$service")
@@ -25,7 +28,7 @@ for service in kafka postgres; do
 done
 # Independent client peers (slixmpp) for the end-to-end suites.
 infra/scripts/python-env.sh >/dev/null
-export SWITCHBOARD_TEST_KAFKA="$(infra/scripts/kafka.sh url)"
+export SWITCHBOARD_TEST_KAFKA="${SWITCHBOARD_TEST_KAFKA:-$(infra/scripts/kafka.sh url)}"
 export SWITCHBOARD_TEST_POSTGRES="$(infra/scripts/postgres.sh url)"
 
 echo "test: cargo fmt --check"

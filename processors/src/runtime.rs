@@ -76,7 +76,8 @@ pub async fn run(
         .await?;
     let mut messages = bus
         .consumer(ConsumerConfig::new(
-            "switchboard-router",
+            // Deployments sharing a cluster (other prefixes) get their own group.
+            format!("{}.router", config.prefix),
             &[&messages_topic],
         ))
         .await?;

@@ -40,6 +40,13 @@ pub struct RouterConfig {
     pub offline_max_per_user: usize,
 }
 
+/// The topics the router writes.
+#[derive(Clone, Copy)]
+enum Out {
+    Messages,
+    Deliveries,
+}
+
 struct Router {
     bus: Arc<dyn Bus>,
     config: RouterConfig,
@@ -49,9 +56,10 @@ struct Router {
     messages_topic: String,
     deliveries_topic: String,
     partitions: i32,
-    /// Events decided but not yet produced; produced together, in order,
-    /// by [`Router::flush`] before positions are committed.
-    outbox: Vec<(String, String, Vec<u8>)>,
+    /// Events decided but not yet produced (topic, key, value); produced
+    /// together, in order, by [`Router::flush`] before positions are
+    /// committed.
+    outbox: Vec<(Out, String, Vec<u8>)>,
 }
 
 /// Runs the router until `shutdown` turns true.
@@ -407,7 +415,7 @@ impl Router {
             }
         };
         self.outbox
-            .push((self.deliveries_topic.clone(), target.node.clone(), bytes));
+            .push((Out::Deliveries, target.node.clone(), bytes));
         true
     }
 
@@ -418,11 +426,14 @@ impl Router {
             return;
         }
         let bus = &self.bus;
-        let results = futures::future::join_all(
-            self.outbox
-                .iter()
-                .map(|(topic, key, bytes)| bus.produce(topic, key.as_bytes(), Some(bytes))),
-        )
+        let (messages, deliveries) = (&self.messages_topic, &self.deliveries_topic);
+        let results = futures::future::join_all(self.outbox.iter().map(|(out, key, bytes)| {
+            let topic = match out {
+                Out::Messages => messages,
+                Out::Deliveries => deliveries,
+            };
+            bus.produce(topic, key.as_bytes(), Some(bytes))
+        }))
         .await;
         for result in results {
             if let Err(e) = result {
@@ -436,8 +447,7 @@ impl Router {
     fn emit(&mut self, subject: &str, event: impl Into<Event>) -> Option<Envelope> {
         let envelope = Envelope::new(self.config.node.clone(), subject, event);
         let bytes = envelope.to_json_vec().ok()?;
-        self.outbox
-            .push((self.messages_topic.clone(), subject.to_owned(), bytes));
+        self.outbox.push((Out::Messages, subject.to_owned(), bytes));
         Some(envelope)
     }
 }

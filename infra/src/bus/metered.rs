@@ -11,12 +11,22 @@ use crate::metrics::{BUS_PRODUCE_LATENCY, BUS_PRODUCED};
 /// Wraps a bus; every produce is timed and counted.
 pub struct MeteredBus {
     inner: Arc<dyn Bus>,
+    // Label lookups done once, not per produce.
+    latency: prometheus::Histogram,
+    ok: prometheus::IntCounter,
+    failed: prometheus::IntCounter,
 }
 
 impl MeteredBus {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Bus>) -> Self {
-        Self { inner }
+        let backend = inner.backend();
+        Self {
+            latency: BUS_PRODUCE_LATENCY.with_label_values(&[backend]),
+            ok: BUS_PRODUCED.with_label_values(&[backend, "ok"]),
+            failed: BUS_PRODUCED.with_label_values(&[backend, "error"]),
+            inner,
+        }
     }
 }
 
@@ -34,13 +44,12 @@ impl Bus for MeteredBus {
     ) -> Result<Delivery, BusError> {
         let started = Instant::now();
         let result = self.inner.produce(topic, key, value).await;
-        let backend = self.inner.backend();
-        BUS_PRODUCE_LATENCY
-            .with_label_values(&[backend])
-            .observe(started.elapsed().as_secs_f64());
-        BUS_PRODUCED
-            .with_label_values(&[backend, if result.is_ok() { "ok" } else { "error" }])
-            .inc();
+        self.latency.observe(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.ok.inc();
+        } else {
+            self.failed.inc();
+        }
         result
     }
 

@@ -20,28 +20,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::xmpp::{DOMAIN, Deployment, python, readyz, repo_root, run_with_limit};
+use support::xmpp::{DOMAIN, Deployment, Outcome, python, readyz, repo_root, run_with_limit};
 
 const ALICE: &str = "alice@example.com";
 const ALICE_PASSWORD: &str = "correct horse, battery = staple";
 const BOB: &str = "bob@example.com";
 const BOB_PASSWORD: &str = "bob's own password";
-
-/// One run of the Python client: its JSON line and exit code.
-struct Outcome {
-    json: Value,
-    code: Option<i32>,
-    report: String,
-}
-
-impl Outcome {
-    fn str(&self, key: &str) -> Option<&str> {
-        self.json.get(key).and_then(Value::as_str)
-    }
-    fn bool(&self, key: &str) -> bool {
-        self.json.get(key).and_then(Value::as_bool) == Some(true)
-    }
-}
 
 struct Harness<'a> {
     python: PathBuf,

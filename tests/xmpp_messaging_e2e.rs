@@ -26,7 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::xmpp::{DOMAIN, Deployment, Server, python, repo_root, run_with_limit};
+use support::xmpp::{DOMAIN, Deployment, Outcome, Server, python, repo_root, run_with_limit};
 
 const USERS: [(&str, &str); 3] = [
     ("alice@example.com", "alice's password"),
@@ -37,20 +37,7 @@ const ALICE: usize = 0;
 const BOB: usize = 1;
 const CAROL: usize = 2;
 
-/// One run of the Python client: its JSON line and exit code.
-struct Outcome {
-    json: Value,
-    code: Option<i32>,
-    report: String,
-}
-
 impl Outcome {
-    fn str(&self, key: &str) -> Option<&str> {
-        self.json.get(key).and_then(Value::as_str)
-    }
-    fn bool(&self, key: &str) -> bool {
-        self.json.get(key).and_then(Value::as_bool) == Some(true)
-    }
     /// "error (stage): detail" of a failed run.
     fn why(&self) -> String {
         let mut s = self.str("error").unwrap_or("no JSON outcome").to_owned();

@@ -277,3 +277,25 @@ impl Deployment {
         );
     }
 }
+
+/// One run of a Python client: its last JSON line and exit code.
+pub struct Outcome {
+    /// The JSON line (Null when there was none).
+    pub json: serde_json::Value,
+    /// The exit code.
+    pub code: Option<i32>,
+    /// What to print when a case fails.
+    pub report: String,
+}
+
+impl Outcome {
+    /// A string field of the JSON line.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.json.get(key).and_then(serde_json::Value::as_str)
+    }
+
+    /// Whether a field of the JSON line is `true`.
+    pub fn bool(&self, key: &str) -> bool {
+        self.json.get(key).and_then(serde_json::Value::as_bool) == Some(true)
+    }
+}

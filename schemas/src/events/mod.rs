@@ -23,6 +23,7 @@ mod admin;
 mod deliveries;
 mod files;
 mod messages;
+mod policy;
 mod presence;
 mod rooms;
 mod roster;
@@ -36,6 +37,7 @@ pub use admin::*;
 pub use deliveries::*;
 pub use files::*;
 pub use messages::*;
+pub use policy::*;
 pub use presence::*;
 pub use rooms::*;
 pub use roster::*;
@@ -121,6 +123,8 @@ event_catalogue! {
     PhoneLineState => "presence.phone_line" v 1 on Presence,
     /// A user's calendar busy state changed.
     CalendarState => "presence.calendar" v 1 on Presence,
+    /// A third-party application's presence input changed.
+    ThirdPartyPresence => "presence.third_party" v 1 on Presence,
     /// A user's composed presence changed.
     ComposedPresence => "presence.composed" v 1 on PresenceState,
 
@@ -136,6 +140,16 @@ event_catalogue! {
     SubscriptionDenied => "roster.subscription_denied" v 1 on Roster,
     /// A user stopped watching another user's presence.
     SubscriptionCancelled => "roster.subscription_cancelled" v 1 on Roster,
+    /// A user blocked a watcher or a whole domain.
+    PolicyBlocked => "roster.blocked" v 1 on Roster,
+    /// A user unblocked a watcher or a domain.
+    PolicyUnblocked => "roster.unblocked" v 1 on Roster,
+    /// A user allowed a watcher or a whole domain without approval.
+    PolicyAllowed => "roster.allowed" v 1 on Roster,
+    /// A user removed a watcher or domain from their allowed list.
+    PolicyDisallowed => "roster.disallowed" v 1 on Roster,
+    /// A user set the default for watchers on neither list.
+    PolicyDefaultSet => "roster.policy_set" v 1 on Roster,
 
     /// A client submitted a message.
     MessageSubmitted => "message.submitted" v 1 on Messages,

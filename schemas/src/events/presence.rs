@@ -188,3 +188,21 @@ pub struct ComposedPresence {
     #[serde(default)]
     pub sources: BTreeSet<PresenceSource>,
 }
+
+/// A third-party application's presence input changed (e.g. a screen-share
+/// or conferencing tool reporting that the user is presenting). One state
+/// per `(user, application)`; a later event for the same application
+/// replaces the earlier one, and `availability` absent withdraws it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ThirdPartyPresence {
+    /// The user.
+    pub user: BareJid,
+    /// The reporting application's identifier, e.g. `webex`.
+    pub application: String,
+    /// The availability the application asserts; absent withdraws its input.
+    #[serde(default)]
+    pub availability: Option<Availability>,
+    /// Free-text status the application suggests.
+    #[serde(default)]
+    pub status: Option<String>,
+}

@@ -222,6 +222,16 @@ pub fn examples() -> Vec<Envelope> {
         ),
         envelope(
             BOB,
+            ThirdPartyPresence {
+                user: bare(BOB),
+                application: "webex".to_owned(),
+                availability: Some(Availability::InMeeting),
+                status: Some("Presenting".to_owned()),
+            }
+            .into(),
+        ),
+        envelope(
+            BOB,
             ComposedPresence {
                 user: bare(BOB),
                 availability: Availability::OnCall,
@@ -288,6 +298,46 @@ pub fn examples() -> Vec<Envelope> {
                 from: bare(ALICE),
                 to: bare("carol@example.com"),
                 status: None,
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            PolicyBlocked {
+                user: bare(ALICE),
+                item: PolicyItem::Domain("spam.example.net".to_owned()),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            PolicyUnblocked {
+                user: bare(ALICE),
+                item: PolicyItem::User(bare("mallory@example.net")),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            PolicyAllowed {
+                user: bare(ALICE),
+                item: PolicyItem::Domain("example.com".to_owned()),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            PolicyDisallowed {
+                user: bare(ALICE),
+                item: PolicyItem::User(bare("carol@example.com")),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            PolicyDefaultSet {
+                user: bare(ALICE),
+                default: DefaultPolicy::Ask,
             }
             .into(),
         ),

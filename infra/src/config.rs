@@ -78,6 +78,8 @@ pub struct Config {
     pub xmpp: XmppSettings,
     /// Message routing.
     pub messaging: MessagingSettings,
+    /// The SIP gateway.
+    pub sip: SipSettings,
 }
 
 impl Default for Config {
@@ -93,6 +95,78 @@ impl Default for Config {
             auth: AuthSettings::default(),
             xmpp: XmppSettings::default(),
             messaging: MessagingSettings::default(),
+            sip: SipSettings::default(),
+        }
+    }
+}
+
+/// Settings of the SIP gateway (SPEC.md §5).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipSettings {
+    /// UDP listener (RFC 3261 §18).
+    pub udp_listen: SocketAddr,
+    /// TCP listener (RFC 3261 §18).
+    pub tcp_listen: SocketAddr,
+    /// TLS listener (RFC 3261 §26.2, `sips:`).
+    pub tls_listen: SocketAddr,
+    /// Digest realm (RFC 3261 §22.1); empty means the default domain.
+    /// Changing it invalidates stored digest secrets until passwords are set
+    /// again, as the realm is part of them.
+    pub realm: String,
+    /// Largest message accepted, in bytes (start line, headers and body).
+    pub max_message_bytes: usize,
+    /// Most header lines in one message.
+    pub max_headers: usize,
+    /// Longest header line, in bytes.
+    pub max_header_line_bytes: usize,
+    /// Registration Expires when the client names none (RFC 3261 §10.2.1.1).
+    pub register_default_expires_secs: u32,
+    /// Longest registration granted.
+    pub register_max_expires_secs: u32,
+    /// Shortest registration accepted (423 Interval Too Brief below it).
+    pub register_min_expires_secs: u32,
+    /// Publication Expires when the client names none (RFC 3903 §4.1).
+    pub publish_default_expires_secs: u32,
+    /// Subscription Expires when the client names none, and the maximum
+    /// (SPEC.md §5: 3600 s; RFC 3856 §6.4).
+    pub subscribe_max_expires_secs: u32,
+    /// Seconds a digest nonce is valid; an older one is answered
+    /// `stale=true` (RFC 3261 §22.4, RFC 7616 §3.3).
+    pub nonce_lifetime_secs: u64,
+    /// Minimum seconds between two NOTIFYs about one presentity to one
+    /// watcher (RFC 3856 §6.10: 5 s).
+    pub notify_min_interval_secs: u64,
+}
+
+impl Default for SipSettings {
+    fn default() -> Self {
+        Self {
+            udp_listen: SocketAddr::from(([0, 0, 0, 0], 5060)),
+            tcp_listen: SocketAddr::from(([0, 0, 0, 0], 5060)),
+            tls_listen: SocketAddr::from(([0, 0, 0, 0], 5061)),
+            realm: String::new(),
+            max_message_bytes: 65_535,
+            max_headers: 64,
+            max_header_line_bytes: 4096,
+            register_default_expires_secs: 3600,
+            register_max_expires_secs: 7200,
+            register_min_expires_secs: 60,
+            publish_default_expires_secs: 3600,
+            subscribe_max_expires_secs: 3600,
+            nonce_lifetime_secs: 300,
+            notify_min_interval_secs: 5,
+        }
+    }
+}
+
+impl SipSettings {
+    /// The digest realm: `realm`, or the default domain when it is empty.
+    pub fn realm_or<'a>(&'a self, default_domain: &'a str) -> &'a str {
+        if self.realm.is_empty() {
+            default_domain
+        } else {
+            &self.realm
         }
     }
 }
@@ -461,6 +535,24 @@ impl Config {
             return Err((
                 "xmpp.max_sessions_per_user",
                 "must be at least 1".to_owned(),
+            ));
+        }
+        if self.sip.max_message_bytes < 1500 {
+            return Err((
+                "sip.max_message_bytes",
+                "must be at least 1500 (RFC 3261 §18.1.1)".to_owned(),
+            ));
+        }
+        if self.sip.max_headers == 0 || self.sip.max_header_line_bytes < 256 {
+            return Err((
+                "sip.max_headers",
+                "max_headers must be at least 1 and max_header_line_bytes at least 256".to_owned(),
+            ));
+        }
+        if self.sip.register_min_expires_secs > self.sip.register_max_expires_secs {
+            return Err((
+                "sip.register_min_expires_secs",
+                "must not exceed register_max_expires_secs".to_owned(),
             ));
         }
         if self.bus.embedded.tail_records == 0 {

@@ -245,6 +245,17 @@ pub async fn uncommitted_redelivered(f: &dyn Fixture) {
         .consumer(ConsumerConfig::new(&group, &[&topic]))
         .await
         .unwrap();
+    // The committed positions read back, and nothing for a partition
+    // that never had a commit.
+    let tps: Vec<_> = positions.iter().map(|(tp, _)| tp.clone()).collect();
+    let read_back = c2.committed(&tps).await.unwrap();
+    let wanted: Vec<Option<i64>> = positions.iter().map(|(_, o)| Some(*o)).collect();
+    assert_eq!(read_back, wanted);
+    let never = c2
+        .committed(&[TopicPartition::new(&unique("uncommitted"), 0)])
+        .await
+        .unwrap();
+    assert_eq!(never, vec![None]);
     let expected = n - committed.len();
     let again = drain(&mut *c2, Duration::from_secs(60), |s| s.len() >= expected).await;
     let again_values: BTreeSet<String> = again.iter().map(value_str).collect();

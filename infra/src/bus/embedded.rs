@@ -1060,6 +1060,23 @@ impl Consumer for EmbeddedConsumer {
         Ok(())
     }
 
+    async fn committed(&mut self, tps: &[TopicPartition]) -> Result<Vec<Option<i64>>, BusError> {
+        let mut out = Vec::with_capacity(tps.len());
+        for tp in tps {
+            out.push(
+                sqlx::query_scalar(
+                    "SELECT next_offset FROM group_offsets WHERE grp = ? AND topic = ? AND part = ?",
+                )
+                .bind(&self.config.group)
+                .bind(&*tp.topic)
+                .bind(i64::from(tp.partition))
+                .fetch_optional(&self.bus.inner.readers)
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
     fn assignment(&self) -> Vec<TopicPartition> {
         self.assignment.clone()
     }

@@ -262,7 +262,7 @@ impl Bus for KafkaBus {
             .set("heartbeat.interval.ms", "1000")
             .set("fetch.wait.max.ms", "100")
             .set("socket.nagle.disable", "true")
-            .set("partition.assignment.strategy", "roundrobin")
+            .set("partition.assignment.strategy", "range")
             .create_with_context(context)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -461,6 +461,34 @@ impl Consumer for KafkaConsumer {
         .await
         .map_err(|_| BusError::Closed)??;
         Ok(())
+    }
+
+    async fn committed(&mut self, tps: &[TopicPartition]) -> Result<Vec<Option<i64>>, BusError> {
+        if tps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for tp in tps {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let consumer = self.consumer.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|_| BusError::Closed)??;
+        Ok(tps
+            .iter()
+            .map(|tp| {
+                match answer
+                    .find_partition(&tp.topic, tp.partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                }
+            })
+            .collect())
     }
 
     fn assignment(&self) -> Vec<TopicPartition> {

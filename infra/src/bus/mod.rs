@@ -309,6 +309,11 @@ pub trait Consumer: Send {
     /// `offset` (or the oldest stored record after it).
     async fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BusError>;
 
+    /// The group's committed positions of `tps` (assigned or not), `None`
+    /// where nothing was committed. Processors that rebuild state from the
+    /// log read up to these before resuming.
+    async fn committed(&mut self, tps: &[TopicPartition]) -> Result<Vec<Option<i64>>, BusError>;
+
     /// The partitions this member owns now.
     fn assignment(&self) -> Vec<TopicPartition>;
 

@@ -405,6 +405,7 @@ impl Router {
             protocol: Protocol::Xmpp,
             stanza,
             message_id,
+            sender: None,
         };
         let envelope = Envelope::new(self.config.node.clone(), target.node.clone(), delivery);
         let bytes = match envelope.to_json_vec() {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::Protocol;
+use crate::address::FullJid;
 
 /// A stanza to write to one session. The envelope subject is the id of the
 /// gateway node holding the session.
@@ -23,4 +24,10 @@ pub struct StanzaDelivery {
     /// duplicate suppression.
     #[serde(default)]
     pub message_id: Option<String>,
+    /// The original sender of a routed chat or normal message. Set when the
+    /// message must not be lost: a gateway that cannot hand it to the
+    /// session returns it as `message.undelivered`. Absent for errors,
+    /// headlines and other stanzas that are dropped instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<FullJid>,
 }

@@ -4,6 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use uuid::Uuid;
+
 use crate::address::{BareJid, FullJid};
 use crate::macros::string_enum;
 
@@ -89,6 +91,43 @@ pub struct MessageStoredOffline {
     /// Added in v1 without a version change (absent in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stanza: Option<String>,
+}
+
+string_enum! {
+    /// Why a routed message did not reach a session.
+    pub enum UndeliveredReason {
+        /// The router found no available session of the recipient: the
+        /// recipient's router applies the offline store rules.
+        NoSession = "no_session",
+        /// The session the router chose ended before the gateway could hand
+        /// the message over.
+        SessionGone = "session_gone",
+        /// The session's outgoing queue was full.
+        QueueFull = "queue_full",
+        /// The gateway node holding the session stopped heartbeating.
+        NodeDown = "node_down",
+    }
+}
+
+/// A chat or normal message did not reach a session; the router owning the
+/// recipient routes it again (another available session) or applies the
+/// offline rules (store, or an error to the sender). Keyed by the
+/// recipient's bare address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageUndelivered {
+    /// The message id.
+    pub message_id: String,
+    /// The original sender.
+    pub from: FullJid,
+    /// The addressee: the session's full address, or the bare address.
+    pub to: String,
+    /// Why.
+    pub reason: UndeliveredReason,
+    /// The session that did not take it, if one was chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<Uuid>,
+    /// The stanza as it was to be delivered.
+    pub stanza: String,
 }
 
 /// A message could not be delivered; the sender is told.

@@ -140,6 +140,10 @@ event_catalogue! {
     SubscriptionDenied => "roster.subscription_denied" v 1 on Roster,
     /// A user stopped watching another user's presence.
     SubscriptionCancelled => "roster.subscription_cancelled" v 1 on Roster,
+    /// A client asked for its roster.
+    RosterQueried => "roster.queried" v 1 on Roster,
+    /// A client asked to add, change or remove a roster item.
+    RosterUpdateRequested => "roster.update_requested" v 1 on Roster,
     /// A user blocked a watcher or a whole domain.
     PolicyBlocked => "roster.blocked" v 1 on Roster,
     /// A user unblocked a watcher or a domain.
@@ -159,6 +163,8 @@ event_catalogue! {
     MessageStoredOffline => "message.stored_offline" v 1 on Messages,
     /// A message could not be delivered and was returned to its sender.
     MessageBounced => "message.bounced" v 1 on Messages,
+    /// A routed message did not reach a session and is routed again.
+    MessageUndelivered => "message.undelivered" v 1 on Messages,
     /// A recipient displayed (read) a message.
     MessageDisplayed => "message.displayed" v 1 on Messages,
 

@@ -666,6 +666,19 @@ pub fn examples() -> Vec<Envelope> {
                 protocol: Protocol::Xmpp,
                 stanza: chat.replace(r#"to="bob@example.com""#, r#"to="bob@example.com/phone""#),
                 message_id: Some(message_id.to_owned()),
+                sender: Some(full("alice@example.com/laptop")),
+            }
+            .into(),
+        ),
+        envelope(
+            BOB,
+            MessageUndelivered {
+                message_id: message_id.to_owned(),
+                from: full("alice@example.com/laptop"),
+                to: "bob@example.com/phone".to_owned(),
+                reason: UndeliveredReason::SessionGone,
+                session_id: Some(id(0x102)),
+                stanza: chat.replace(r#"to="bob@example.com""#, r#"to="bob@example.com/phone""#),
             }
             .into(),
         ),
@@ -676,6 +689,7 @@ pub fn examples() -> Vec<Envelope> {
         ("presence.composed", "presence.phone_line"),
         ("message.delivered", "message.submitted"),
         ("delivery.stanza", "message.submitted"),
+        ("message.undelivered", "delivery.stanza"),
         ("file.upload_completed", "file.upload_started"),
         ("file.download_completed", "file.download_started"),
         ("user.state", "user.provisioned"),

@@ -5,5 +5,6 @@
 //! it never talks to a client. What it decides goes out as events, including
 //! deliveries for the gateway node holding a session.
 
+pub mod compose;
 pub mod router;
 pub mod runtime;

@@ -6,5 +6,6 @@
 //! deliveries for the gateway node holding a session.
 
 pub mod compose;
+pub mod policy;
 pub mod router;
 pub mod runtime;

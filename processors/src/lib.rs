@@ -7,5 +7,8 @@
 
 pub mod compose;
 pub mod policy;
+pub mod roster;
 pub mod router;
 pub mod runtime;
+pub mod settings;
+pub mod xml;

@@ -3,7 +3,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::address::BareJid;
+use uuid::Uuid;
+
+use crate::address::{BareJid, FullJid};
 use crate::macros::string_enum;
 
 string_enum! {
@@ -38,6 +40,10 @@ pub struct RosterItemSet {
     /// Whether the owner's subscription request is pending (`ask="subscribe"`).
     #[serde(default)]
     pub ask: bool,
+    /// Whether the owner pre-approved the contact's subscription (RFC 6121
+    /// §3.4, `approved="true"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approved: bool,
 }
 
 /// A roster item was removed.
@@ -47,6 +53,48 @@ pub struct RosterItemRemoved {
     pub user: BareJid,
     /// The removed contact.
     pub contact: BareJid,
+}
+
+/// A client asked for its roster (RFC 6121 §2.1.3); the roster processor
+/// answers the asking session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RosterQueried {
+    /// The roster owner.
+    pub user: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+    /// The roster version the client has cached (RFC 6121 §2.6), if any.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// A client asked to add, change or remove a roster item (RFC 6121 §2.3,
+/// §2.5); the roster processor decides and answers the asking session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RosterUpdateRequested {
+    /// The roster owner.
+    pub user: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+    /// The contact.
+    pub contact: BareJid,
+    /// The owner's name for the contact.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Groups, sorted and unique.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Remove the item (`subscription="remove"`).
+    #[serde(default)]
+    pub remove: bool,
 }
 
 macro_rules! subscription_event {

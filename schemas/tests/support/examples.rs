@@ -70,6 +70,21 @@ fn credentials() -> Vec<ScramCredential> {
     ]
 }
 
+fn digest() -> Vec<DigestCredential> {
+    vec![
+        DigestCredential {
+            algorithm: DigestAlgorithm::Sha256,
+            realm: "example.com".to_owned(),
+            ha1_hex: "e2d7cf2b9a6b3bd5ae7ce7b5ab1d6d6b0b9aa8bd6d31f0c0a2f3e8b3f1e0d5a1".to_owned(),
+        },
+        DigestCredential {
+            algorithm: DigestAlgorithm::Md5,
+            realm: "example.com".to_owned(),
+            ha1_hex: "5c1a0e4f2b7d3e9a8f6c4b2a1d0e9f8c".to_owned(),
+        },
+    ]
+}
+
 /// One example per catalogue entry, in catalogue order.
 pub fn examples() -> Vec<Envelope> {
     let node = || NodeId::new("node1");
@@ -254,6 +269,32 @@ pub fn examples() -> Vec<Envelope> {
                 groups: vec!["Engineering".to_owned(), "Standup".to_owned()],
                 subscription: Subscription::Both,
                 ask: false,
+                approved: false,
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            RosterQueried {
+                user: bare(ALICE),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "roster-1".to_owned(),
+                version: Some("3f1c2a9b".to_owned()),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            RosterUpdateRequested {
+                user: bare(ALICE),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "roster-2".to_owned(),
+                contact: bare(BOB),
+                name: Some("Bob Builder".to_owned()),
+                groups: vec!["Engineering".to_owned()],
+                remove: false,
             }
             .into(),
         ),
@@ -599,6 +640,7 @@ pub fn examples() -> Vec<Envelope> {
                 display_name: Some("Erin Example".to_owned()),
                 locale: Some("de-DE".to_owned()),
                 credentials: credentials(),
+                digest: digest(),
                 by: Some("admin_cli:root".to_owned()),
             }
             .into(),
@@ -608,6 +650,7 @@ pub fn examples() -> Vec<Envelope> {
             UserCredentialsChanged {
                 user: bare("erin@example.com"),
                 credentials: credentials(),
+                digest: digest(),
                 by: Some("erin@example.com".to_owned()),
             }
             .into(),
@@ -645,6 +688,7 @@ pub fn examples() -> Vec<Envelope> {
                 locale: Some("de-DE".to_owned()),
                 enabled: true,
                 credentials: credentials(),
+                digest: digest(),
             }
             .into(),
         ),

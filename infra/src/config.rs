@@ -80,6 +80,8 @@ pub struct Config {
     pub messaging: MessagingSettings,
     /// The SIP gateway.
     pub sip: SipSettings,
+    /// The compliance profile: which events the compliance log records.
+    pub compliance: ComplianceSettings,
 }
 
 impl Default for Config {
@@ -96,6 +98,42 @@ impl Default for Config {
             xmpp: XmppSettings::default(),
             messaging: MessagingSettings::default(),
             sip: SipSettings::default(),
+            compliance: ComplianceSettings::default(),
+        }
+    }
+}
+
+/// The compliance profile (SPEC.md §10): which events the tamper-evident
+/// compliance log records.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ComplianceSettings {
+    /// Run the compliance log at all.
+    pub enabled: bool,
+    /// One-to-one messages and their outcomes (`message.*`).
+    pub messages: bool,
+    /// Room joins and exits (`room.joined`, `room.left`).
+    pub room_joins_exits: bool,
+    /// Room messages and subject changes (`room.message`, `room.subject_changed`).
+    pub room_messages: bool,
+    /// Managed file transfers (`file.*`).
+    pub file_transfers: bool,
+    /// Logins, resource bindings and session ends (`session.*` but heartbeats).
+    pub logins: bool,
+    /// Presence changes (`presence.*`).
+    pub presence: bool,
+}
+
+impl Default for ComplianceSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            messages: true,
+            room_joins_exits: true,
+            room_messages: true,
+            file_transfers: true,
+            logins: true,
+            presence: false,
         }
     }
 }

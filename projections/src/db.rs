@@ -1,0 +1,651 @@
+//! The projections' database: SQLite (a file under `data_dir`, the embedded
+//! default) or PostgreSQL (`database.url`), each with its own numbered
+//! migrations (`projections/migrations/{sqlite,postgres}/`).
+//!
+//! Every batch is one transaction: compare-and-set of the consumer positions,
+//! then the rows. The statements are the same text on both backends; the
+//! code that runs them is instantiated once per backend by `backend!`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use switchboard_infra::bus::TopicPartition;
+
+use crate::compliance::{ComplianceRecord, Verification};
+use crate::rows::{ArchiveRow, FileRow, RosterOp, SessionOp};
+use crate::{ProjectionError, ProjectionKind, sql};
+
+/// Rows per multi-row `INSERT` (well under both backends' parameter limits).
+const INSERT_CHUNK: usize = 256;
+/// Records per page when verifying the compliance chain.
+const VERIFY_PAGE: i64 = 5000;
+
+/// The position change of one partition in a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PositionUpdate {
+    /// The partition.
+    pub tp: TopicPartition,
+    /// The position the writer read (and sought to).
+    pub expected: i64,
+    /// The position after the batch.
+    pub next: i64,
+}
+
+/// The rows a batch writes, per projection.
+#[derive(Debug)]
+pub enum Ops {
+    /// Roster changes in order.
+    Rosters(Vec<RosterOp>),
+    /// Session changes in order.
+    Sessions(Vec<SessionOp>),
+    /// Archive rows.
+    Archive(Vec<ArchiveRow>),
+    /// File-transfer log rows.
+    Files(Vec<FileRow>),
+    /// Compliance entries, not yet chained.
+    Compliance(Vec<ComplianceRecord>),
+}
+
+impl Ops {
+    /// Rows (or row changes) this batch writes.
+    pub fn len(&self) -> usize {
+        match self {
+            Ops::Rosters(v) => v.len(),
+            Ops::Sessions(v) => v.len(),
+            Ops::Archive(v) => v.len(),
+            Ops::Files(v) => v.len(),
+            Ops::Compliance(v) => v.len(),
+        }
+    }
+
+    /// Whether the batch writes no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What applying a batch did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Rows and positions are stored.
+    Done,
+    /// A stored position differs from the expected one (another member or a
+    /// replay moved it); nothing was written.
+    Conflict,
+}
+
+/// An open projections database.
+#[derive(Clone, Debug)]
+pub enum Database {
+    /// SQLite: one writing connection (writers take turns anyway) and a pool
+    /// of readers.
+    Sqlite {
+        /// The writing connection.
+        write: SqlitePool,
+        /// Read-only connections.
+        read: SqlitePool,
+    },
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+impl Database {
+    /// Opens (and migrates) the database: PostgreSQL when `url` is a
+    /// `postgres://` URL, else SQLite at `sqlite_path`.
+    pub async fn open(url: &str, sqlite_path: &Path) -> Result<Self, ProjectionError> {
+        if url.is_empty() {
+            Self::open_sqlite(sqlite_path).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url).await
+        } else {
+            Err(ProjectionError::Url(
+                "must be a postgres:// URL, or empty for SQLite".to_owned(),
+            ))
+        }
+    }
+
+    /// Opens a SQLite database file, creating and migrating it.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, ProjectionError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(sqlx::Error::Io)?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // A crash of the process loses nothing committed; the projection
+            // can be rebuilt from the log after a power loss.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-65536");
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Database::Sqlite { write, read })
+    }
+
+    /// Connects to PostgreSQL and migrates the schema (in the first schema
+    /// of the connection's `search_path`, e.g. `?options[search_path]=x`).
+    pub async fn open_postgres(url: &str) -> Result<Self, ProjectionError> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|e| ProjectionError::Url(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Database::Postgres(pool))
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Database::Sqlite { .. } => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The SQLite writing pool, if this is SQLite.
+    pub fn sqlite(&self) -> Option<&SqlitePool> {
+        match self {
+            Database::Sqlite { write, .. } => Some(write),
+            Database::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL pool, if this is PostgreSQL.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match self {
+            Database::Postgres(pool) => Some(pool),
+            Database::Sqlite { .. } => None,
+        }
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        match self {
+            Database::Sqlite { write, read } => {
+                read.close().await;
+                write.close().await;
+            }
+            Database::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// The stored positions of a consumer group.
+    pub async fn positions(
+        &self,
+        group: &str,
+    ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
+        match self {
+            Database::Sqlite { write, .. } => sqlite::positions(write, group).await,
+            Database::Postgres(pool) => postgres::positions(pool, group).await,
+        }
+    }
+
+    /// Applies one batch: positions (compare-and-set) and rows in one
+    /// transaction.
+    pub async fn apply(
+        &self,
+        group: &str,
+        positions: &[PositionUpdate],
+        ops: &Ops,
+    ) -> Result<Applied, ProjectionError> {
+        match self {
+            Database::Sqlite { write, .. } => sqlite::apply(write, group, positions, ops).await,
+            Database::Postgres(pool) => postgres::apply(pool, group, positions, ops).await,
+        }
+    }
+
+    /// Empties a projection and forgets its positions, in one transaction,
+    /// so that its runner rebuilds it from the start of the log.
+    pub async fn reset(&self, kind: ProjectionKind, group: &str) -> Result<(), ProjectionError> {
+        match self {
+            Database::Sqlite { write, .. } => sqlite::reset(write, kind, group).await,
+            Database::Postgres(pool) => postgres::reset(pool, kind, group).await,
+        }
+    }
+
+    /// Every row of a projection as text, in key order (see
+    /// [`crate::sql::snapshot_query`]).
+    pub async fn snapshot(
+        &self,
+        kind: ProjectionKind,
+    ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
+        match self {
+            Database::Sqlite { read, .. } => sqlite::snapshot(read, kind).await,
+            Database::Postgres(pool) => postgres::snapshot(pool, kind).await,
+        }
+    }
+
+    /// Walks the compliance chain in one consistent snapshot and reports the
+    /// first bad record, if any.
+    pub async fn verify_compliance(&self) -> Result<Verification, ProjectionError> {
+        match self {
+            Database::Sqlite { read, .. } => sqlite::verify(read).await,
+            Database::Postgres(pool) => postgres::verify(pool).await,
+        }
+    }
+}
+
+/// The per-backend code: the same statements over `$db`'s pool.
+macro_rules! backend {
+    ($module:ident, $db:ty, $head_sql:expr, $clear_compliance:expr) => {
+        mod $module {
+            use sqlx::{Pool, QueryBuilder, Row, Transaction};
+
+            use super::*;
+            use crate::compliance::{self, Verifier};
+            use crate::rows::SessionStep;
+
+            type Db = $db;
+
+            pub(super) async fn positions(
+                pool: &Pool<Db>,
+                group: &str,
+            ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
+                let rows = sqlx::query(sql::SELECT_POSITIONS)
+                    .bind(group)
+                    .fetch_all(pool)
+                    .await?;
+                let mut out = BTreeMap::new();
+                for row in rows {
+                    let topic: String = row.try_get(0)?;
+                    let part: i32 = row.try_get(1)?;
+                    let next: i64 = row.try_get(2)?;
+                    out.insert(TopicPartition::new(&topic, part), next);
+                }
+                Ok(out)
+            }
+
+            pub(super) async fn apply(
+                pool: &Pool<Db>,
+                group: &str,
+                positions: &[PositionUpdate],
+                ops: &Ops,
+            ) -> Result<Applied, ProjectionError> {
+                let mut tx = pool.begin().await?;
+                for p in positions {
+                    if !set_position(&mut tx, group, p).await? {
+                        tx.rollback().await?;
+                        return Ok(Applied::Conflict);
+                    }
+                }
+                match ops {
+                    Ops::Rosters(ops) => rosters(&mut tx, ops).await?,
+                    Ops::Sessions(ops) => sessions(&mut tx, ops).await?,
+                    Ops::Archive(rows) => archive(&mut tx, rows).await?,
+                    Ops::Files(rows) => files(&mut tx, rows).await?,
+                    Ops::Compliance(entries) => compliance(&mut tx, entries).await?,
+                }
+                tx.commit().await?;
+                Ok(Applied::Done)
+            }
+
+            async fn set_position(
+                tx: &mut Transaction<'static, Db>,
+                group: &str,
+                p: &PositionUpdate,
+            ) -> Result<bool, ProjectionError> {
+                let updated = sqlx::query(sql::UPDATE_POSITION)
+                    .bind(p.next)
+                    .bind(group)
+                    .bind(&*p.tp.topic)
+                    .bind(p.tp.partition)
+                    .bind(p.expected)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                if updated == 1 {
+                    return Ok(true);
+                }
+                if p.expected != 0 {
+                    return Ok(false);
+                }
+                let inserted = sqlx::query(sql::INSERT_POSITION)
+                    .bind(group)
+                    .bind(&*p.tp.topic)
+                    .bind(p.tp.partition)
+                    .bind(p.next)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                Ok(inserted == 1)
+            }
+
+            async fn rosters(
+                tx: &mut Transaction<'static, Db>,
+                ops: &[RosterOp],
+            ) -> Result<(), ProjectionError> {
+                for op in ops {
+                    match op {
+                        RosterOp::Set {
+                            owner,
+                            contact,
+                            name,
+                            groups,
+                            subscription,
+                            ask,
+                            approved,
+                            at_us,
+                            event_id,
+                        } => {
+                            sqlx::query(sql::ROSTER_SET)
+                                .bind(owner)
+                                .bind(contact)
+                                .bind(name)
+                                .bind(groups)
+                                .bind(subscription)
+                                .bind(*ask)
+                                .bind(*approved)
+                                .bind(*at_us)
+                                .bind(event_id)
+                                .execute(&mut **tx)
+                                .await?;
+                        }
+                        RosterOp::Remove { owner, contact } => {
+                            sqlx::query(sql::ROSTER_REMOVE)
+                                .bind(owner)
+                                .bind(contact)
+                                .execute(&mut **tx)
+                                .await?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+
+            async fn sessions(
+                tx: &mut Transaction<'static, Db>,
+                ops: &[SessionOp],
+            ) -> Result<(), ProjectionError> {
+                for op in ops {
+                    let statement = match op.step {
+                        SessionStep::Attempted => sql::SESSION_ATTEMPTED,
+                        SessionStep::Succeeded => sql::SESSION_SUCCEEDED,
+                        SessionStep::Failed => sql::SESSION_FAILED,
+                        SessionStep::Bound => sql::SESSION_BOUND,
+                        SessionStep::Ended => sql::SESSION_ENDED,
+                    };
+                    sqlx::query(statement)
+                        .bind(&op.session_id)
+                        .bind(&op.user)
+                        .bind(&op.protocol)
+                        .bind(&op.node)
+                        .bind(op.at_us)
+                        .bind(&op.remote_addr)
+                        .bind(&op.mechanism)
+                        .bind(op.tls)
+                        .bind(&op.reason)
+                        .bind(&op.text)
+                        .bind(&op.full_jid)
+                        .bind(&op.client_name)
+                        .bind(&op.client_version)
+                        .bind(&op.client_os)
+                        .bind(&op.user_agent)
+                        .bind(&op.sip_contact)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn archive(
+                tx: &mut Transaction<'static, Db>,
+                rows: &[ArchiveRow],
+            ) -> Result<(), ProjectionError> {
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_INSERT);
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.owner.as_str())
+                            .push_bind(r.archive_id.as_str())
+                            .push_bind(r.at_us)
+                            .push_bind(r.peer.as_str())
+                            .push_bind(r.peer_full.as_deref())
+                            .push_bind(r.direction)
+                            .push_bind(r.kind.as_str())
+                            .push_bind(r.message_id.as_str())
+                            .push_bind(r.sender.as_str())
+                            .push_bind(r.nick.as_deref())
+                            .push_bind(r.thread.as_deref())
+                            .push_bind(r.subject.as_deref())
+                            .push_bind(r.body.as_deref())
+                            .push_bind(r.stanza.as_str());
+                    });
+                    q.push(sql::ARCHIVE_ON_CONFLICT);
+                    q.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn files(
+                tx: &mut Transaction<'static, Db>,
+                rows: &[FileRow],
+            ) -> Result<(), ProjectionError> {
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::FILES_INSERT);
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.id.as_str())
+                            .push_bind(r.at_us)
+                            .push_bind(r.transfer_id.as_str())
+                            .push_bind(r.direction)
+                            .push_bind(r.status)
+                            .push_bind(r.uploader.as_str())
+                            .push_bind(r.downloader.as_deref())
+                            .push_bind(r.to_jid.as_str())
+                            .push_bind(r.stored_name.as_str())
+                            .push_bind(r.real_name.as_str())
+                            .push_bind(r.path.as_str())
+                            .push_bind(r.size)
+                            .push_bind(r.bytes_transferred)
+                            .push_bind(r.transport.as_str())
+                            .push_bind(r.content_type.as_deref())
+                            .push_bind(r.upload_id.as_deref())
+                            .push_bind(r.failure_reason.as_deref())
+                            .push_bind(r.failure_text.as_deref());
+                    });
+                    q.push(sql::FILES_ON_CONFLICT);
+                    q.build().execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn compliance(
+                tx: &mut Transaction<'static, Db>,
+                entries: &[ComplianceRecord],
+            ) -> Result<(), ProjectionError> {
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                // The same event twice (in the batch or already logged) is
+                // recorded once.
+                let mut seen = BTreeSet::new();
+                for chunk in entries.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::COMPLIANCE_EXISTING);
+                    q.push("(");
+                    let mut list = q.separated(", ");
+                    for e in chunk {
+                        list.push_bind(e.event_id.as_str());
+                    }
+                    q.push(")");
+                    for row in q.build().fetch_all(&mut **tx).await? {
+                        let id: String = row.try_get(0)?;
+                        seen.insert(id);
+                    }
+                }
+                let mut fresh: Vec<ComplianceRecord> = Vec::with_capacity(entries.len());
+                for e in entries {
+                    if seen.insert(e.event_id.clone()) {
+                        fresh.push(e.clone());
+                    }
+                }
+                if fresh.is_empty() {
+                    return Ok(());
+                }
+                let head = sqlx::query($head_sql).fetch_one(&mut **tx).await?;
+                let head_seq: i64 = head.try_get(0)?;
+                let head_hash: String = head.try_get(1)?;
+                let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
+                for chunk in fresh.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::COMPLIANCE_INSERT);
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.seq)
+                            .push_bind(r.event_id.as_str())
+                            .push_bind(r.event_type.as_str())
+                            .push_bind(r.subject.as_str())
+                            .push_bind(r.at_us)
+                            .push_bind(r.topic.as_str())
+                            .push_bind(r.partition)
+                            .push_bind(r.offset)
+                            .push_bind(r.record.as_str())
+                            .push_bind(r.prev_hash.as_str())
+                            .push_bind(r.hash.as_str());
+                    });
+                    q.build().execute(&mut **tx).await?;
+                }
+                sqlx::query(sql::COMPLIANCE_SET_HEAD)
+                    .bind(seq)
+                    .bind(hash)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            pub(super) async fn reset(
+                pool: &Pool<Db>,
+                kind: ProjectionKind,
+                group: &str,
+            ) -> Result<(), ProjectionError> {
+                let mut tx = pool.begin().await?;
+                if kind == ProjectionKind::Compliance {
+                    for statement in $clear_compliance {
+                        sqlx::query(statement).execute(&mut *tx).await?;
+                    }
+                    sqlx::query(sql::COMPLIANCE_SET_HEAD)
+                        .bind(0i64)
+                        .bind(compliance::GENESIS_HASH)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query(sql::clear_statement(kind))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(sql::DELETE_POSITIONS)
+                    .bind(group)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            pub(super) async fn snapshot(
+                pool: &Pool<Db>,
+                kind: ProjectionKind,
+            ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
+                let rows = sqlx::query(sql::snapshot_query(kind))
+                    .fetch_all(pool)
+                    .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let mut cols = Vec::with_capacity(row.len());
+                    for i in 0..row.len() {
+                        cols.push(row.try_get::<Option<String>, _>(i)?);
+                    }
+                    out.push(cols);
+                }
+                Ok(out)
+            }
+
+            pub(super) async fn verify(pool: &Pool<Db>) -> Result<Verification, ProjectionError> {
+                let mut tx = pool.begin().await?;
+                if <Db as sqlx::Database>::NAME == "PostgreSQL" {
+                    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let head = sqlx::query(sql::COMPLIANCE_HEAD_SQLITE)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let head_seq: i64 = head.try_get(0)?;
+                let head_hash: String = head.try_get(1)?;
+                let mut verifier = Verifier::default();
+                let mut after = 0i64;
+                let mut records = 0i64;
+                loop {
+                    let page = sqlx::query(sql::COMPLIANCE_PAGE)
+                        .bind(after)
+                        .bind(VERIFY_PAGE)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    for row in &page {
+                        let r = ComplianceRecord {
+                            seq: row.try_get(0)?,
+                            event_id: row.try_get(1)?,
+                            event_type: row.try_get(2)?,
+                            subject: row.try_get(3)?,
+                            at_us: row.try_get(4)?,
+                            topic: row.try_get(5)?,
+                            partition: row.try_get(6)?,
+                            offset: row.try_get(7)?,
+                            record: row.try_get(8)?,
+                            prev_hash: row.try_get(9)?,
+                            hash: row.try_get(10)?,
+                        };
+                        after = r.seq;
+                        if let Err(b) = verifier.check(&r) {
+                            tx.rollback().await?;
+                            return Ok(Verification {
+                                records,
+                                head_hash: verifier.prev_hash.clone(),
+                                broken: Some(b),
+                            });
+                        }
+                        records += 1;
+                    }
+                }
+                tx.rollback().await?;
+                let broken = verifier.finish(head_seq, &head_hash).err();
+                Ok(Verification {
+                    records,
+                    head_hash: verifier.prev_hash.clone(),
+                    broken,
+                })
+            }
+        }
+    };
+}
+
+backend!(
+    sqlite,
+    sqlx::Sqlite,
+    sql::COMPLIANCE_HEAD_SQLITE,
+    sql::SQLITE_COMPLIANCE_CLEAR
+        .iter()
+        .chain(sql::SQLITE_COMPLIANCE_TRIGGERS.iter())
+        .copied()
+);
+backend!(
+    postgres,
+    sqlx::Postgres,
+    sql::COMPLIANCE_HEAD_POSTGRES,
+    [sql::POSTGRES_COMPLIANCE_CLEAR]
+);

@@ -1,0 +1,482 @@
+//! A projection as a consumer-group member.
+//!
+//! On assignment the runner reads the positions stored with the rows and
+//! seeks there (offset 0 when none is stored); the bus's committed offsets
+//! are not used. Each poll's records become one transaction: the positions
+//! move by compare-and-set from the values the runner sought to, then the
+//! rows are written. If a position moved meanwhile (a rebalance gave the
+//! partition to another member that wrote first, or a rebuild reset it) the
+//! transaction writes nothing and the runner seeks to the stored positions.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard_infra::bus::{Bus, Consumer, ConsumerConfig, Polled, Record, TopicPartition};
+use switchboard_schemas::topics::full_name;
+use tokio::sync::watch;
+
+use crate::db::{Applied, Database, Ops, PositionUpdate};
+use crate::rows::{self, Item};
+use crate::{Profile, ProjectionError, ProjectionKind, metrics};
+
+/// A projection is ready again once its lag is at most this many records.
+pub const READY_LAG: i64 = 1_000;
+/// A ready projection turns not ready when its lag exceeds this.
+pub const NOT_READY_LAG: i64 = 100_000;
+/// How often the lag is measured.
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest pause between retries of a failing database.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Settings shared by the runners of one process.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Topic prefix.
+    pub prefix: String,
+    /// Served domains (lowercase): a 1:1 message to one of them is archived
+    /// on the recipient's side too. Empty: every domain counts as served.
+    pub local_domains: Vec<String>,
+    /// The compliance profile.
+    pub profile: Profile,
+    /// Most records per poll (one transaction).
+    pub max_batch: usize,
+}
+
+impl RunnerConfig {
+    /// Defaults under a topic prefix: every domain served, the default
+    /// profile, 2048 records per batch.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            local_domains: Vec::new(),
+            profile: Profile::default(),
+            max_batch: 2048,
+        }
+    }
+
+    fn is_local(&self, domain: &str) -> bool {
+        self.local_domains.is_empty()
+            || self
+                .local_domains
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The full topic names a projection reads.
+    pub fn topics(&self, kind: ProjectionKind) -> Vec<String> {
+        kind.topics(&self.profile)
+            .into_iter()
+            .map(|t| full_name(&self.prefix, t))
+            .collect()
+    }
+}
+
+/// Health of one projection in this process.
+#[derive(Debug)]
+pub struct ProjectionStatus {
+    kind: ProjectionKind,
+    lag: AtomicI64,
+    ready: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ProjectionStatus {
+    fn new(kind: ProjectionKind) -> Self {
+        Self {
+            kind,
+            lag: AtomicI64::new(-1),
+            ready: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The projection.
+    pub fn kind(&self) -> ProjectionKind {
+        self.kind
+    }
+
+    /// Records not yet applied on this member's partitions (-1: not measured
+    /// yet).
+    pub fn lag(&self) -> i64 {
+        self.lag.load(Ordering::Acquire)
+    }
+
+    /// Whether the projection has caught up (and not fallen far behind since).
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The last database error, while it persists.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn set_lag(&self, lag: i64) {
+        self.lag.store(lag, Ordering::Release);
+        metrics::LAG.with_label_values(&[self.kind.name()]).set(lag);
+        if lag <= READY_LAG {
+            self.ready.store(true, Ordering::Release);
+        } else if lag > NOT_READY_LAG {
+            self.ready.store(false, Ordering::Release);
+        }
+    }
+
+    fn set_error(&self, error: Option<String>) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = error;
+        }
+    }
+}
+
+/// Health of every projection run by this process (for `/readyz`).
+#[derive(Debug)]
+pub struct Status {
+    projections: Vec<Arc<ProjectionStatus>>,
+}
+
+impl Status {
+    /// Status slots for `kinds`, all not ready.
+    pub fn new(kinds: &[ProjectionKind]) -> Arc<Self> {
+        Arc::new(Self {
+            projections: kinds
+                .iter()
+                .map(|k| Arc::new(ProjectionStatus::new(*k)))
+                .collect(),
+        })
+    }
+
+    /// The slot of one projection.
+    pub fn get(&self, kind: ProjectionKind) -> Option<Arc<ProjectionStatus>> {
+        self.projections.iter().find(|p| p.kind == kind).cloned()
+    }
+
+    /// Every slot.
+    pub fn all(&self) -> &[Arc<ProjectionStatus>] {
+        &self.projections
+    }
+
+    /// Whether every projection has caught up.
+    pub fn ready(&self) -> bool {
+        self.projections.iter().all(|p| p.ready())
+    }
+
+    /// One line per projection that is not ready: `name lag N`.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for p in &self.projections {
+            if !p.ready() {
+                out.push_str(&format!("projection {} lag {}", p.kind, p.lag()));
+                if let Some(e) = p.last_error() {
+                    out.push_str(&format!(" error: {e}"));
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// Runs one projection until `shutdown` turns true.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    db: Database,
+    kind: ProjectionKind,
+    config: Arc<RunnerConfig>,
+    status: Arc<ProjectionStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectionError> {
+    let topics = config.topics(kind);
+    if topics.is_empty() {
+        // Nothing to read (e.g. compliance disabled).
+        status.set_lag(0);
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        return Ok(());
+    }
+    let group = kind.group(&config.prefix);
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let mut consumer = bus
+        .consumer(ConsumerConfig {
+            max_batch: config.max_batch,
+            ..ConsumerConfig::new(group.clone(), &topic_refs)
+        })
+        .await?;
+    let mut runner = Runner {
+        bus,
+        db,
+        kind,
+        config,
+        status,
+        group,
+        topics,
+        positions: BTreeMap::new(),
+    };
+    let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
+    lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            polled = consumer.poll(Duration::from_millis(500)) => {
+                let step = match polled {
+                    Ok(Polled::Assigned(tps)) => runner.on_assigned(&mut *consumer, &tps, &mut shutdown).await,
+                    Ok(Polled::Revoked(tps)) => {
+                        for tp in &tps {
+                            runner.positions.remove(tp);
+                        }
+                        Ok(())
+                    }
+                    Ok(Polled::Records(records)) => runner.on_records(&mut *consumer, &records, &mut shutdown).await,
+                    Ok(Polled::Idle) => Ok(()),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = step {
+                    break Err(e);
+                }
+            }
+            _ = lag_tick.tick() => runner.measure_lag().await,
+            _ = shutdown.changed() => break Ok(()),
+        }
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+    };
+    let _ = consumer.close().await;
+    result
+}
+
+/// Result of [`catch_up`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaughtUp {
+    /// The positions reached, per partition.
+    pub positions: BTreeMap<TopicPartition, i64>,
+}
+
+/// Runs one projection until its stored positions reach the ends the topics
+/// had when it started, then stops.
+pub async fn catch_up(
+    bus: Arc<dyn Bus>,
+    db: Database,
+    kind: ProjectionKind,
+    config: Arc<RunnerConfig>,
+) -> Result<CaughtUp, ProjectionError> {
+    let group = kind.group(&config.prefix);
+    let mut targets = Vec::new();
+    for topic in config.topics(kind) {
+        for (partition, end) in bus.end_offsets(&topic).await?.into_iter().enumerate() {
+            if end > 0 {
+                targets.push((TopicPartition::new(&topic, partition as i32), end));
+            }
+        }
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = Arc::new(ProjectionStatus::new(kind));
+    let mut task = tokio::spawn(run(bus, db.clone(), kind, config, status, stop_rx));
+    loop {
+        let positions = db.positions(&group).await?;
+        let done = targets
+            .iter()
+            .all(|(tp, end)| positions.get(tp).is_some_and(|p| p >= end));
+        if done {
+            let _ = stop_tx.send(true);
+            task.await
+                .map_err(|e| ProjectionError::Url(format!("projection task failed: {e}")))??;
+            return Ok(CaughtUp { positions });
+        }
+        tokio::select! {
+            finished = &mut task => {
+                finished.map_err(|e| ProjectionError::Url(format!("projection task failed: {e}")))??;
+                return Err(ProjectionError::Bus(switchboard_infra::bus::BusError::Closed));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+struct Runner {
+    bus: Arc<dyn Bus>,
+    db: Database,
+    kind: ProjectionKind,
+    config: Arc<RunnerConfig>,
+    status: Arc<ProjectionStatus>,
+    group: String,
+    topics: Vec<String>,
+    /// The next offset to apply per owned partition (what the database holds).
+    positions: BTreeMap<TopicPartition, i64>,
+}
+
+impl Runner {
+    /// Reads the stored positions, retrying while the database fails.
+    async fn stored_positions(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.db.positions(&self.group).await {
+                Ok(p) => {
+                    self.status.set_error(None);
+                    return Ok(p);
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %self.kind, error = %e, "reading positions failed; retrying");
+                    self.status.set_error(Some(e.to_string()));
+                    if self.pause(&mut backoff, shutdown).await {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for the backoff (doubling it); true when shutting down.
+    async fn pause(&self, backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(*backoff) => {}
+            _ = shutdown.changed() => return true,
+        }
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        *shutdown.borrow()
+    }
+
+    async fn on_assigned(
+        &mut self,
+        consumer: &mut dyn Consumer,
+        tps: &[TopicPartition],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ProjectionError> {
+        let stored = self.stored_positions(shutdown).await?;
+        for tp in tps {
+            let position = stored.get(tp).copied().unwrap_or(0);
+            consumer.seek(tp, position).await?;
+            self.positions.insert(tp.clone(), position);
+        }
+        tracing::info!(projection = %self.kind, partitions = tps.len(), "partitions assigned");
+        self.measure_lag().await;
+        Ok(())
+    }
+
+    async fn resync(
+        &mut self,
+        consumer: &mut dyn Consumer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ProjectionError> {
+        let stored = self.stored_positions(shutdown).await?;
+        let owned: Vec<TopicPartition> = self.positions.keys().cloned().collect();
+        for tp in owned {
+            let position = stored.get(&tp).copied().unwrap_or(0);
+            consumer.seek(&tp, position).await?;
+            self.positions.insert(tp, position);
+        }
+        Ok(())
+    }
+
+    async fn on_records(
+        &mut self,
+        consumer: &mut dyn Consumer,
+        records: &[Record],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ProjectionError> {
+        let mut updates: BTreeMap<TopicPartition, PositionUpdate> = BTreeMap::new();
+        let mut fresh: Vec<&Record> = Vec::with_capacity(records.len());
+        for r in records {
+            let tp = r.topic_partition();
+            let Some(&position) = self.positions.get(&tp) else {
+                continue; // not ours (any more)
+            };
+            let update = updates.entry(tp.clone()).or_insert(PositionUpdate {
+                tp,
+                expected: position,
+                next: position,
+            });
+            if r.offset < update.next {
+                continue; // already applied
+            }
+            update.next = r.offset + 1;
+            fresh.push(r);
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<Item<'_>> = fresh.iter().map(|r| Item::decode(r)).collect();
+        let undecodable = items
+            .iter()
+            .filter(|i| i.envelope.is_none() && i.record.value.is_some())
+            .count();
+        if undecodable > 0 {
+            metrics::UNDECODABLE
+                .with_label_values(&[self.kind.name()])
+                .inc_by(undecodable as u64);
+        }
+        let ops = self.ops(&items);
+        let updates: Vec<PositionUpdate> = updates.into_values().collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.db.apply(&self.group, &updates, &ops).await {
+                Ok(Applied::Done) => {
+                    self.status.set_error(None);
+                    for u in &updates {
+                        self.positions.insert(u.tp.clone(), u.next);
+                    }
+                    metrics::APPLIED
+                        .with_label_values(&[self.kind.name()])
+                        .inc_by(fresh.len() as u64);
+                    return Ok(());
+                }
+                Ok(Applied::Conflict) => {
+                    tracing::info!(projection = %self.kind, "stored position moved; seeking to it");
+                    metrics::CONFLICTS
+                        .with_label_values(&[self.kind.name()])
+                        .inc();
+                    return self.resync(consumer, shutdown).await;
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %self.kind, error = %e, "applying a batch failed; retrying");
+                    self.status.set_error(Some(e.to_string()));
+                    if self.pause(&mut backoff, shutdown).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn ops(&self, items: &[Item<'_>]) -> Ops {
+        match self.kind {
+            ProjectionKind::Rosters => Ops::Rosters(rows::roster_ops(items)),
+            ProjectionKind::Sessions => Ops::Sessions(rows::session_ops(items)),
+            ProjectionKind::Archive => {
+                let config = &self.config;
+                Ops::Archive(rows::archive_rows(items, &|d| config.is_local(d)))
+            }
+            ProjectionKind::Files => Ops::Files(rows::file_rows(items)),
+            ProjectionKind::Compliance => {
+                Ops::Compliance(rows::compliance_entries(items, &self.config.profile))
+            }
+        }
+    }
+
+    /// Lag of the owned partitions: end offsets minus applied positions.
+    async fn measure_lag(&mut self) {
+        if self.positions.is_empty() {
+            return;
+        }
+        let mut lag = 0i64;
+        for topic in &self.topics {
+            match self.bus.end_offsets(topic).await {
+                Ok(ends) => {
+                    for (partition, end) in ends.into_iter().enumerate() {
+                        let tp = TopicPartition::new(topic, partition as i32);
+                        if let Some(position) = self.positions.get(&tp) {
+                            lag += (end - position).max(0);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(projection = %self.kind, error = %e, "end offsets unavailable");
+                    return;
+                }
+            }
+        }
+        self.status.set_lag(lag);
+    }
+}

@@ -20,8 +20,8 @@ use switchboard_gateway::users::UserDirectory;
 use switchboard_infra::bus::Bus;
 use switchboard_infra::config::Config;
 use switchboard_schemas::events::{
-    ScramCredential, UserCredentialsChanged, UserDeleted, UserDisabled, UserEnabled,
-    UserProvisioned, UserState,
+    DigestCredential, ScramCredential, UserCredentialsChanged, UserDeleted, UserDisabled,
+    UserEnabled, UserProvisioned, UserState,
 };
 use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, NodeId};
@@ -47,6 +47,9 @@ pub enum Request {
         display_name: Option<String>,
         /// SCRAM keys of the initial password.
         credentials: Vec<ScramCredential>,
+        /// SIP digest secrets of the initial password.
+        #[serde(default)]
+        digest: Vec<DigestCredential>,
         /// Who asks.
         by: String,
     },
@@ -56,6 +59,9 @@ pub enum Request {
         user: String,
         /// SCRAM keys of the new password.
         credentials: Vec<ScramCredential>,
+        /// SIP digest secrets of the new password.
+        #[serde(default)]
+        digest: Vec<DigestCredential>,
         /// Who asks.
         by: String,
     },
@@ -184,6 +190,7 @@ impl Admin {
                 user,
                 display_name,
                 credentials,
+                digest,
                 by,
             } => {
                 if directory.get(&user).is_some() {
@@ -196,12 +203,14 @@ impl Admin {
                     locale: None,
                     enabled: true,
                     credentials: credentials.clone(),
+                    digest: digest.clone(),
                 };
                 let audit = UserProvisioned {
                     user: jid,
                     display_name,
                     locale: None,
                     credentials,
+                    digest,
                     by: Some(by),
                 };
                 (user, audit.into(), Some(state))
@@ -209,13 +218,16 @@ impl Admin {
             Request::UserPasswd {
                 user,
                 credentials,
+                digest,
                 by,
             } => {
                 let mut state = existing(&directory, &user)?;
                 state.credentials = credentials.clone();
+                state.digest = digest.clone();
                 let audit = UserCredentialsChanged {
                     user: state.user.clone(),
                     credentials,
+                    digest,
                     by: Some(by),
                 };
                 (user, audit.into(), Some(state))

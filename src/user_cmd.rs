@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use switchboard_gateway::xmpp::jid::BareJid;
 use switchboard_infra::config::Config;
-use switchboard_schemas::events::{ScramCredential, ScramMechanism};
+use switchboard_schemas::events::{DigestCredential, ScramCredential, ScramMechanism};
 
 use crate::admin::{self, Request, Response};
 
@@ -66,11 +66,14 @@ pub async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             password_stdin,
         } => {
             let user = hosted_user(config, &user)?;
-            let credentials = credentials(config, &read_password(password_stdin, true)?)?;
+            let password = read_password(password_stdin, true)?;
+            let credentials = credentials(config, &password)?;
+            let digest = digest(config, &user, &password);
             Request::UserAdd {
                 user,
                 display_name,
                 credentials,
+                digest,
                 by,
             }
         }
@@ -79,10 +82,13 @@ pub async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             password_stdin,
         } => {
             let user = hosted_user(config, &user)?;
-            let credentials = credentials(config, &read_password(password_stdin, true)?)?;
+            let password = read_password(password_stdin, true)?;
+            let credentials = credentials(config, &password)?;
+            let digest = digest(config, &user, &password);
             Request::UserPasswd {
                 user,
                 credentials,
+                digest,
                 by,
             }
         }
@@ -162,6 +168,22 @@ fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
         bail!("the password is empty");
     }
     Ok(password)
+}
+
+/// SIP digest secrets (RFC 3261 §22.4, RFC 7616) of `password` for the
+/// configured realm, SHA-256 and MD5, with the localpart as the username.
+fn digest(config: &Config, user: &str, password: &str) -> Vec<DigestCredential> {
+    let default_domain = config.domains.first().map(String::as_str).unwrap_or("");
+    let realm = config.sip.realm_or(default_domain);
+    let username = user.split_once('@').map_or(user, |(local, _)| local);
+    switchboard_gateway::sip::digest::OFFERED
+        .iter()
+        .map(|algorithm| DigestCredential {
+            algorithm: algorithm.clone(),
+            realm: realm.to_owned(),
+            ha1_hex: switchboard_gateway::sip::digest::ha1(algorithm, username, realm, password),
+        })
+        .collect()
 }
 
 /// SCRAM-SHA-256 and SCRAM-SHA-1 keys of `password`, with fresh salts.

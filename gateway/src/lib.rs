@@ -14,6 +14,7 @@ pub mod emit;
 pub mod heartbeat;
 pub mod ratelimit;
 pub mod sasl;
+pub mod sip;
 pub mod tls;
 pub mod users;
 pub mod xmpp;

@@ -69,6 +69,22 @@ impl UserDirectory {
         self.users.get(bare)
     }
 
+    /// The SIP digest secret (HA1, RFC 3261 §22.4) of an enabled or
+    /// disabled user for this algorithm and realm.
+    pub fn digest_ha1(
+        &self,
+        bare: &str,
+        algorithm: &switchboard_schemas::events::DigestAlgorithm,
+        realm: &str,
+    ) -> Option<&str> {
+        self.users
+            .get(bare)?
+            .digest
+            .iter()
+            .find(|d| &d.algorithm == algorithm && d.realm == realm)
+            .map(|d| d.ha1_hex.as_str())
+    }
+
     /// All users in address order.
     pub fn iter(&self) -> impl Iterator<Item = &UserState> {
         self.users.values()
@@ -175,6 +191,7 @@ mod tests {
                 locale: None,
                 enabled,
                 credentials: Vec::new(),
+                digest: Vec::new(),
             },
         )
         .to_json_vec()

@@ -46,6 +46,40 @@ impl fmt::Debug for ScramCredential {
     }
 }
 
+string_enum! {
+    /// A SIP digest algorithm (RFC 7616 §3.4.1, RFC 8760).
+    pub enum DigestAlgorithm {
+        /// MD5 (RFC 3261 §22.4).
+        Md5 = "MD5",
+        /// SHA-256 (RFC 7616, RFC 8760).
+        Sha256 = "SHA-256",
+    }
+}
+
+/// A SIP digest secret (RFC 3261 §22.4, RFC 7616 §3.4.2):
+/// `HA1 = H(username ":" realm ":" password)` in lower-case hex, where the
+/// username is the user's localpart. It is password-equivalent for this
+/// realm, so it is treated like the SCRAM keys: never logged (`Debug`
+/// redacts it), never in session events.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DigestCredential {
+    /// The hash algorithm.
+    pub algorithm: DigestAlgorithm,
+    /// The realm the secret is for.
+    pub realm: String,
+    /// `H(username:realm:password)`, lower-case hex.
+    pub ha1_hex: String,
+}
+
+impl fmt::Debug for DigestCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DigestCredential")
+            .field("algorithm", &self.algorithm)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A user was provisioned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct UserProvisioned {
@@ -60,6 +94,10 @@ pub struct UserProvisioned {
     /// Initial credentials; empty for directory (LDAP bind) users.
     #[serde(default)]
     pub credentials: Vec<ScramCredential>,
+    /// SIP digest secrets of the same password (added in v1 without a
+    /// version change; absent in older records and for directory users).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digest: Vec<DigestCredential>,
     /// The administrator who did it.
     #[serde(default)]
     pub by: Option<String>,
@@ -72,6 +110,10 @@ pub struct UserCredentialsChanged {
     pub user: BareJid,
     /// The complete new credential list.
     pub credentials: Vec<ScramCredential>,
+    /// SIP digest secrets of the same password (added in v1 without a
+    /// version change; absent in older records and for directory users).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digest: Vec<DigestCredential>,
     /// Who changed them: an administrator, or the user.
     #[serde(default)]
     pub by: Option<String>,
@@ -127,6 +169,10 @@ pub struct UserState {
     /// Current credentials.
     #[serde(default)]
     pub credentials: Vec<ScramCredential>,
+    /// SIP digest secrets of the same password (added in v1 without a
+    /// version change; absent in older records and for directory users).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digest: Vec<DigestCredential>,
 }
 
 /// A setting changed. On the compacted `settings` topic, keyed by `key`, so

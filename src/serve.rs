@@ -53,6 +53,8 @@ struct AppState {
 }
 
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
+    // Sessions bound before this instant belong to an earlier run of this node.
+    let started_at = std::time::SystemTime::now();
     if role != Role::All && config.bus.backend == Backend::Embedded {
         anyhow::bail!(
             "--role {role:?} needs a shared bus: the embedded log serves one process; \
@@ -180,6 +182,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             full_name(&config.bus.topic_prefix, Topic::Sessions),
             NodeId::new(config.node_id.clone()),
             HEARTBEAT_INTERVAL,
+            started_at,
             shutdown_rx.clone(),
         )));
     }
@@ -187,14 +190,20 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         let router = switchboard_processors::runtime::run(
             bus.clone(),
             switchboard_processors::runtime::RouterConfig {
-                prefix: config.bus.topic_prefix.clone(),
-                node: NodeId::new(config.node_id.clone()),
-                domains: config
-                    .domains
-                    .iter()
-                    .map(|d| d.to_ascii_lowercase())
-                    .collect(),
+                offline_enabled: config.messaging.offline_enabled,
                 offline_max_per_user: config.messaging.offline_max_per_user,
+                offline_max_per_node: config.messaging.offline_max_per_node,
+                sticky_timeout: Duration::from_secs(config.messaging.sticky_timeout_secs),
+                node_timeout: Duration::from_secs(config.messaging.node_timeout_secs),
+                ..switchboard_processors::runtime::RouterConfig::new(
+                    config.bus.topic_prefix.clone(),
+                    NodeId::new(config.node_id.clone()),
+                    config
+                        .domains
+                        .iter()
+                        .map(|d| d.to_ascii_lowercase())
+                        .collect(),
+                )
             },
             shutdown_rx.clone(),
         );

@@ -1,6 +1,9 @@
 //! Node heartbeats: a gateway node announces it is alive on the sessions
 //! topic, so processors can end its sessions when it stops (the presence and
-//! router processors watch for missing heartbeats).
+//! router processors watch for missing heartbeats). Each heartbeat carries
+//! the process start time: sessions bound before it belong to an earlier
+//! run of the node (a restart after kill -9 under the same node id) and are
+//! ended by the router as well.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,16 +15,19 @@ use switchboard_schemas::{Envelope, NodeId};
 use tokio::sync::watch;
 
 /// Produces a `session.node_heartbeat` event every `interval` until
-/// `shutdown` turns true. A failed produce is logged and retried at the next
-/// tick: a missing heartbeat is exactly what the processors must see.
+/// `shutdown` turns true. `started_at` is when the process started, taken
+/// before any session could bind. A failed produce is logged and retried at
+/// the next tick: a missing heartbeat is exactly what the processors must
+/// see.
 pub async fn run(
     bus: Arc<dyn Bus>,
     topic: String,
     node: NodeId,
     interval: Duration,
+    started_at: std::time::SystemTime,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let started_at = chrono::Utc::now();
+    let started_at = chrono::DateTime::<chrono::Utc>::from(started_at);
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {

@@ -216,12 +216,28 @@ pub struct MessagingSettings {
     /// Most messages stored for one offline user; beyond it the sender gets
     /// an error.
     pub offline_max_per_user: usize,
+    /// Whether messages for users without a session are stored (XEP-0160);
+    /// off: the sender gets `service-unavailable`.
+    pub offline_enabled: bool,
+    /// Most messages stored by one router instance (the users whose
+    /// partitions it owns); beyond it the sender gets `resource-constraint`.
+    pub offline_max_per_node: usize,
+    /// IM forking: silence after which chat to a user stops sticking to the
+    /// client that replied and goes to all of the user's clients again.
+    pub sticky_timeout_secs: u64,
+    /// A gateway node that sent no heartbeat for this long is down: its
+    /// sessions end and their messages go to offline storage.
+    pub node_timeout_secs: u64,
 }
 
 impl Default for MessagingSettings {
     fn default() -> Self {
         Self {
             offline_max_per_user: 100,
+            offline_enabled: true,
+            offline_max_per_node: 30_000,
+            sticky_timeout_secs: 600,
+            node_timeout_secs: 10,
         }
     }
 }

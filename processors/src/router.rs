@@ -8,10 +8,14 @@
 //! * [`OfflineStore`]: stored messages per recipient, folded from
 //!   `message.stored_offline` and `message.delivered` on the `messages`
 //!   topic, whose key is the recipient for those events.
+//! * [`SeenIds`]: message ids already routed, for duplicate suppression.
+//! * [`Stickiness`]: IM forking state (which client of a user replied).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 
-use switchboard_schemas::events::{BounceReason, MessageKind};
+use chrono::{DateTime, Utc};
+use switchboard_schemas::events::{BounceReason, MessageKind, Protocol};
 use switchboard_schemas::{Envelope, Event};
 use uuid::Uuid;
 
@@ -26,15 +30,30 @@ pub struct Session {
     pub available: bool,
     /// Its presence priority (RFC 6121 §4.7.2.3).
     pub priority: i8,
+    /// When it was bound (the bind event's time, the gateway's clock).
+    pub bound_at: DateTime<Utc>,
+    /// Its client protocol.
+    pub protocol: Protocol,
 }
 
-/// Every bound session, by full address.
+/// What the router knows of a gateway node from its heartbeats.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    /// When the node's process started (its latest heartbeat says).
+    pub started_at: DateTime<Utc>,
+    /// Time of its latest heartbeat.
+    pub last_heartbeat: DateTime<Utc>,
+}
+
+/// Every bound session, by full address, and the gateway nodes' heartbeats.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionDirectory {
     sessions: BTreeMap<String, Session>,
     /// Presence read before its session's bind: the two come from different
     /// topics, which have no order between them.
     early_presence: BTreeMap<String, (bool, i8)>,
+    /// Gateway nodes that sent a heartbeat, by node id.
+    nodes: BTreeMap<String, NodeState>,
 }
 
 /// Presence updates remembered for sessions whose bind was not read yet.
@@ -68,9 +87,23 @@ impl SessionDirectory {
                         session_id: bound.session_id,
                         available,
                         priority,
+                        bound_at: envelope.occurred_at,
+                        protocol: bound.protocol.clone(),
                     },
                 );
                 available.then_some(full)
+            }
+            Event::NodeHeartbeat(beat) => {
+                let state = self
+                    .nodes
+                    .entry(beat.node.as_str().to_owned())
+                    .or_insert(NodeState {
+                        started_at: beat.started_at,
+                        last_heartbeat: envelope.occurred_at,
+                    });
+                state.started_at = state.started_at.max(beat.started_at);
+                state.last_heartbeat = state.last_heartbeat.max(envelope.occurred_at);
+                None
             }
             Event::SessionEnded(ended) => {
                 let full = ended.full_jid.as_ref()?.as_str();
@@ -121,6 +154,32 @@ impl SessionDirectory {
             .map(|(full, s)| (full.as_str(), s))
     }
 
+    /// A gateway node's heartbeat state.
+    pub fn node(&self, node: &str) -> Option<&NodeState> {
+        self.nodes.get(node)
+    }
+
+    /// Sessions whose gateway node is gone (issue 4 "Sessions"): the node's
+    /// latest heartbeat is older than `timeout` at `now`, or the node
+    /// restarted (a heartbeat with a later `started_at` than the bind: a
+    /// process does not keep its sessions across a restart). Sessions of
+    /// nodes that never sent a heartbeat are not judged.
+    pub fn stale_sessions(
+        &self,
+        now: DateTime<Utc>,
+        timeout: chrono::Duration,
+    ) -> Vec<(String, Session)> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| {
+                self.nodes
+                    .get(&s.node)
+                    .is_some_and(|n| now - n.last_heartbeat > timeout || s.bound_at < n.started_at)
+            })
+            .map(|(full, s)| (full.clone(), s.clone()))
+            .collect()
+    }
+
     /// Number of bound sessions.
     pub fn len(&self) -> usize {
         self.sessions.len()
@@ -163,12 +222,30 @@ pub enum Decision {
 
 /// RFC 6121 §8.5: routes a message of `kind` addressed to `to` (an already
 /// normalised address) given the sessions of the deployment. `hosted`
-/// tells whether a domain is served here.
+/// tells whether a domain is served here. No stickiness: see [`route_with`].
 pub fn route(
     directory: &SessionDirectory,
     to: &str,
     kind: &MessageKind,
     hosted: impl Fn(&str) -> bool,
+) -> Decision {
+    route_with(directory, to, kind, hosted, None)
+}
+
+/// [`route`], with the session a bare-addressed chat sticks to (SPEC.md §7
+/// IM forking: once a client of the recipient replied, chat goes to that
+/// client only; see [`Stickiness`]).
+///
+/// RFC 6121 §8.5.2.1.1 lets a server deliver a bare-addressed message to
+/// one or more of the available resources with non-negative priority:
+/// chat forks to all of them (until one replies), normal messages go to
+/// the highest priority, headlines to all.
+pub fn route_with(
+    directory: &SessionDirectory,
+    to: &str,
+    kind: &MessageKind,
+    hosted: impl Fn(&str) -> bool,
+    sticky: Option<&str>,
 ) -> Decision {
     if !hosted(domain_of(to)) {
         // Server-to-server federation is not offered (yet).
@@ -210,10 +287,17 @@ pub fn route(
                     _ => Decision::StoreOffline,
                 };
             };
+            if *kind == MessageKind::Chat
+                && let Some(sticky) = sticky
+                && let Some((full, s)) = candidates.iter().find(|(full, _)| *full == sticky)
+            {
+                return Decision::Deliver(vec![target(full, s)]);
+            }
+            let all = matches!(kind, MessageKind::Headline | MessageKind::Chat);
             Decision::Deliver(
                 candidates
                     .into_iter()
-                    .filter(|(_, s)| *kind == MessageKind::Headline || s.priority == top)
+                    .filter(|(_, s)| all || s.priority == top)
                     .map(|(full, s)| target(full, s))
                     .collect(),
             )
@@ -242,11 +326,17 @@ pub struct Stored {
     pub stamp: String,
 }
 
-/// Stored messages per recipient, in arrival order, deduplicated by id.
+/// Stored messages per recipient, in arrival order, deduplicated by
+/// (sender's bare address, message id): ids are unique per sender only
+/// (XEP-0359), so two senders' "1" are two messages.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OfflineStore {
     queues: BTreeMap<String, Vec<Stored>>,
     total: usize,
+}
+
+fn same_message(stored: &Stored, from: &str, message_id: &str) -> bool {
+    stored.message_id == message_id && bare_of(&stored.from) == bare_of(from)
 }
 
 impl OfflineStore {
@@ -258,7 +348,10 @@ impl OfflineStore {
                     .queues
                     .entry(stored.to.as_str().to_owned())
                     .or_default();
-                if queue.iter().any(|s| s.message_id == stored.message_id) {
+                if queue
+                    .iter()
+                    .any(|s| same_message(s, stored.from.as_str(), &stored.message_id))
+                {
                     return;
                 }
                 queue.push(Stored {
@@ -275,7 +368,9 @@ impl OfflineStore {
                 let bare = bare_of(delivered.to.as_str());
                 if let Some(queue) = self.queues.get_mut(bare) {
                     let before = queue.len();
-                    queue.retain(|s| s.message_id != delivered.message_id);
+                    queue.retain(|s| {
+                        !same_message(s, delivered.from.as_str(), &delivered.message_id)
+                    });
                     self.total -= before - queue.len();
                     if queue.is_empty() {
                         self.queues.remove(bare);
@@ -301,6 +396,19 @@ impl OfflineStore {
         self.total
     }
 
+    /// Whether this message is stored for `bare`.
+    pub fn contains(&self, bare: &str, from: &str, message_id: &str) -> bool {
+        self.queued(bare)
+            .iter()
+            .any(|s| same_message(s, from, message_id))
+    }
+
+    /// Forgets everything (before a rebuild).
+    pub fn clear(&mut self) {
+        self.queues.clear();
+        self.total = 0;
+    }
+
     /// Forgets the users whose key `keep` refuses (their partition moved to
     /// another instance).
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
@@ -309,8 +417,269 @@ impl OfflineStore {
     }
 }
 
-/// Adds an XEP-0203 delay element to a stored stanza.
+/// Message ids already routed, per sender, for duplicate suppression (SPEC.md
+/// §7: ids are stable end to end, XEP-0359). A `message.submitted` whose
+/// (sender's bare address, message id) is here was delivered, stored or
+/// bounced before (a redelivery after a router crash, or a client sending
+/// it again) and is not routed again.
+///
+/// Derived from the log: the router rebuilds it from its outcome events
+/// (`message.delivered`, `message.stored_offline`, `message.undelivered`,
+/// `message.bounced`, which all name sender and id) when partitions are
+/// assigned, and adds to it as it routes. Bounded: an id is remembered for
+/// `window` after its time (event time, not wall clock: the newest time seen
+/// is "now"), and at most `max` ids (the oldest go first). Keys are 128-bit
+/// hashes of (sender, id), so memory per id is fixed (about 60 bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenIds {
+    by_key: BTreeMap<u128, i64>,
+    by_time: BTreeSet<(i64, u128)>,
+    newest: i64,
+    window_ms: i64,
+    max: usize,
+}
+
+/// Default of [`SeenIds`]' window: long enough for a client that resends
+/// after reconnecting (XEP-0198 resumption, a re-login after failover).
+pub const DEDUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+/// Default of [`SeenIds`]' size bound.
+pub const DEDUP_MAX: usize = 500_000;
+
+impl Default for SeenIds {
+    fn default() -> Self {
+        Self::new(DEDUP_WINDOW, DEDUP_MAX)
+    }
+}
+
+fn dedup_key(sender: &str, message_id: &str) -> u128 {
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        salt.hash(&mut h);
+        bare_of(sender).hash(&mut h);
+        message_id.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
+}
+
+impl SeenIds {
+    /// Remembers ids for `window`, at most `max` of them.
+    pub fn new(window: std::time::Duration, max: usize) -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            by_time: BTreeSet::new(),
+            newest: i64::MIN,
+            window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX),
+            max: max.max(1),
+        }
+    }
+
+    /// Whether (sender, id) was routed within the window.
+    pub fn contains(&self, sender: &str, message_id: &str) -> bool {
+        self.by_key.contains_key(&dedup_key(sender, message_id))
+    }
+
+    /// Remembers (sender, id) as routed at `at`.
+    pub fn insert(&mut self, sender: &str, message_id: &str, at: DateTime<Utc>) {
+        let at = at.timestamp_millis();
+        let key = dedup_key(sender, message_id);
+        if let Some(old) = self.by_key.insert(key, at) {
+            if old >= at {
+                self.by_key.insert(key, old);
+                return;
+            }
+            self.by_time.remove(&(old, key));
+        }
+        self.by_time.insert((at, key));
+        self.newest = self.newest.max(at);
+        let horizon = self.newest.saturating_sub(self.window_ms);
+        while let Some(&(time, oldest)) = self.by_time.first() {
+            if time >= horizon && self.by_time.len() <= self.max {
+                break;
+            }
+            self.by_time.pop_first();
+            self.by_key.remove(&oldest);
+        }
+    }
+
+    /// Remembers the outcome events of routing (see the type's doc);
+    /// `owned` tells whether a sender's partition is this instance's.
+    pub fn apply(&mut self, envelope: &Envelope, owned: impl Fn(&str) -> bool) {
+        let (from, id) = match &envelope.event {
+            Event::MessageDelivered(d) if !d.carbon => (d.from.as_str(), &d.message_id),
+            Event::MessageStoredOffline(s) => (s.from.as_str(), &s.message_id),
+            Event::MessageUndelivered(u) => (u.from.as_str(), &u.message_id),
+            Event::MessageBounced(b) => (b.from.as_str(), &b.message_id),
+            _ => return,
+        };
+        if owned(bare_of(from)) {
+            self.insert(from, id, envelope.occurred_at);
+        }
+    }
+
+    /// Number of ids remembered.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Forgets everything (before a rebuild).
+    pub fn clear(&mut self) {
+        self.by_key.clear();
+        self.by_time.clear();
+        self.newest = i64::MIN;
+    }
+}
+
+/// IM forking stickiness (SPEC.md §7): once a client of user B replies to A,
+/// A's bare-addressed chat to B goes to that client only, until that session
+/// ends or the conversation is silent for `timeout`.
+///
+/// Folded from the `messages` partition of A (where B's replies to A arrive
+/// as `message.delivered` / `message.stored_offline`, keyed by A), plus A's
+/// own messages to B, which keep it alive. Times are event times. Bounded:
+/// at most `max` conversations (the least recently active go first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stickiness {
+    /// (A bare, B bare) -> (B's full address that replied, last activity).
+    conversations: BTreeMap<(String, String), (String, DateTime<Utc>)>,
+    timeout: chrono::Duration,
+    max: usize,
+}
+
+/// Default silence after which stickiness ends (SPEC.md §7).
+pub const STICKY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Most conversations a router instance keeps stickiness for.
+pub const STICKY_MAX: usize = 200_000;
+
+impl Default for Stickiness {
+    fn default() -> Self {
+        Self::new(STICKY_TIMEOUT, STICKY_MAX)
+    }
+}
+
+impl Stickiness {
+    /// Stickiness ending after `timeout` of silence, for at most `max`
+    /// conversations.
+    pub fn new(timeout: std::time::Duration, max: usize) -> Self {
+        Self {
+            conversations: BTreeMap::new(),
+            timeout: chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
+            max: max.max(1),
+        }
+    }
+
+    /// `replier` (a full address of B) sent a message to `to` (A) at `at`.
+    pub fn replied(&mut self, replier: &str, to: &str, at: DateTime<Utc>) {
+        if !replier.contains('/') {
+            return;
+        }
+        let key = (bare_of(to).to_owned(), bare_of(replier).to_owned());
+        if key.0 == key.1 {
+            return;
+        }
+        match self.conversations.get_mut(&key) {
+            Some((full, last)) if *last <= at => {
+                full.clear();
+                full.push_str(replier);
+                *last = at;
+            }
+            Some(_) => {}
+            None => {
+                if self.conversations.len() >= self.max {
+                    self.evict(at);
+                }
+                self.conversations.insert(key, (replier.to_owned(), at));
+            }
+        }
+    }
+
+    fn evict(&mut self, now: DateTime<Utc>) {
+        let timeout = self.timeout;
+        self.conversations
+            .retain(|_, (_, last)| now - *last <= timeout);
+        while self.conversations.len() >= self.max {
+            let oldest = self
+                .conversations
+                .iter()
+                .min_by_key(|(_, (_, last))| *last)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => self.conversations.remove(&k),
+                None => break,
+            };
+        }
+    }
+
+    /// The client of `peer` that `user`'s chat sticks to at `now`, if any.
+    /// It ends (and is forgotten) after `timeout` of silence, or when that
+    /// session is no longer available or was bound after the reply (a new
+    /// session with the same resource is another session). A hit counts as
+    /// activity.
+    pub fn target(
+        &mut self,
+        directory: &SessionDirectory,
+        user: &str,
+        peer: &str,
+        now: DateTime<Utc>,
+    ) -> Option<String> {
+        let key = (bare_of(user).to_owned(), bare_of(peer).to_owned());
+        let (full, last) = self.conversations.get(&key)?;
+        let alive = now - *last <= self.timeout
+            && directory
+                .session(full)
+                .is_some_and(|s| s.available && s.priority >= 0 && s.bound_at <= *last);
+        if !alive {
+            self.conversations.remove(&key);
+            return None;
+        }
+        let full = full.clone();
+        if let Some(entry) = self.conversations.get_mut(&key) {
+            entry.1 = entry.1.max(now);
+        }
+        Some(full)
+    }
+
+    /// Applies an event of the `messages` topic (see the type's doc).
+    pub fn apply(&mut self, envelope: &Envelope) {
+        match &envelope.event {
+            Event::MessageDelivered(d) if !d.carbon => {
+                self.replied(d.from.as_str(), d.to.as_str(), envelope.occurred_at);
+            }
+            Event::MessageStoredOffline(s) => {
+                self.replied(s.from.as_str(), s.to.as_str(), envelope.occurred_at);
+            }
+            _ => {}
+        }
+    }
+
+    /// Number of sticky conversations.
+    pub fn len(&self) -> usize {
+        self.conversations.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.conversations.is_empty()
+    }
+
+    /// Forgets everything (before a rebuild).
+    pub fn clear(&mut self) {
+        self.conversations.clear();
+    }
+}
+
+/// Adds an XEP-0203 delay element to a stored stanza, unless it has one
+/// already (a delayed message that came back undelivered keeps its first
+/// stamp: XEP-0203 §3, the time of the original storage).
 pub fn with_delay(stanza: &str, domain: &str, stamp: &str) -> String {
+    if stanza.contains("<delay xmlns='urn:xmpp:delay'") {
+        return stanza.to_owned();
+    }
     let delay = format!("<delay xmlns='urn:xmpp:delay' from='{domain}' stamp='{stamp}'/>");
     if let Some(head) = stanza.strip_suffix("/>") {
         format!("{head}>{delay}</message>")
@@ -324,9 +693,10 @@ pub fn with_delay(stanza: &str, domain: &str, stamp: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_schemas::events::Protocol;
     use switchboard_schemas::events::{
-        DevicePresence, MessageDelivered, MessageStoredOffline, Protocol, SessionEndReason,
-        SessionEnded, SessionResourceBound,
+        DevicePresence, MessageDelivered, MessageStoredOffline, SessionEndReason, SessionEnded,
+        SessionResourceBound,
     };
     use switchboard_schemas::{BareJid, FullJid, NodeId};
 
@@ -382,14 +752,274 @@ mod tests {
         bind(&mut dir, "bob@example.com/idle", 9, false);
         bind(&mut dir, "bob@example.com/negative", -1, true);
         bind(&mut dir, "bobby@example.com/x", 50, true);
-        let d = route(&dir, "bob@example.com", &MessageKind::Chat, hosted);
+        let d = route(&dir, "bob@example.com", &MessageKind::Normal, hosted);
         assert_eq!(
             delivered_to(&d),
             ["bob@example.com/laptop", "bob@example.com/tablet"]
         );
-        // Headlines go to every non-negative available resource.
-        let d = route(&dir, "bob@example.com", &MessageKind::Headline, hosted);
-        assert_eq!(delivered_to(&d).len(), 3);
+        // Headlines go to every non-negative available resource, and so
+        // does chat (IM forking) while it sticks to none.
+        for kind in [MessageKind::Headline, MessageKind::Chat] {
+            let d = route(&dir, "bob@example.com", &kind, hosted);
+            assert_eq!(
+                delivered_to(&d),
+                [
+                    "bob@example.com/laptop",
+                    "bob@example.com/phone",
+                    "bob@example.com/tablet"
+                ]
+            );
+        }
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn env_at(event: impl Into<Event>, secs: i64) -> Envelope {
+        let mut e = env(event);
+        e.occurred_at = at(secs);
+        e
+    }
+
+    fn delivered(from: &str, to: &str, id: &str) -> MessageDelivered {
+        MessageDelivered {
+            message_id: id.to_owned(),
+            from: FullJid::new(from),
+            to: FullJid::new(to),
+            carbon: false,
+        }
+    }
+
+    fn bind_at(dir: &mut SessionDirectory, full: &str, secs: i64) -> Uuid {
+        let id = Uuid::now_v7();
+        dir.apply(&env_at(
+            SessionResourceBound {
+                session_id: id,
+                full_jid: FullJid::new(full),
+                protocol: Protocol::Xmpp,
+                contact: None,
+                priority: 0,
+                client: Default::default(),
+            },
+            secs,
+        ));
+        dir.apply(&env_at(presence(full, true, 0), secs));
+        id
+    }
+
+    #[test]
+    fn forking_sticks_to_the_client_that_replied_until_silence_or_its_end() {
+        let mut dir = SessionDirectory::default();
+        bind_at(&mut dir, "bob@example.com/phone", 0);
+        let laptop = bind_at(&mut dir, "bob@example.com/laptop", 0);
+        let mut sticky = Stickiness::new(std::time::Duration::from_secs(600), 100);
+        let chat = |dir: &SessionDirectory, sticky: &mut Stickiness, now: i64| {
+            let to = sticky.target(dir, "alice@example.com", "bob@example.com", at(now));
+            delivered_to(&route_with(
+                dir,
+                "bob@example.com",
+                &MessageKind::Chat,
+                hosted,
+                to.as_deref(),
+            ))
+        };
+        // Nobody replied: both clients get it.
+        assert_eq!(chat(&dir, &mut sticky, 1).len(), 2);
+        // bob replies from the laptop (his message delivered to alice).
+        sticky.apply(&env_at(
+            delivered("bob@example.com/laptop", "alice@example.com/x", "r1"),
+            10,
+        ));
+        assert_eq!(chat(&dir, &mut sticky, 20), ["bob@example.com/laptop"]);
+        // alice's messages keep it alive: 9 minutes later, and 9 more.
+        assert_eq!(chat(&dir, &mut sticky, 560), ["bob@example.com/laptop"]);
+        assert_eq!(chat(&dir, &mut sticky, 1100), ["bob@example.com/laptop"]);
+        // Ten minutes of silence (exactly 600 s still sticks, 601 s not).
+        assert_eq!(chat(&dir, &mut sticky, 1700), ["bob@example.com/laptop"]);
+        assert_eq!(chat(&dir, &mut sticky, 2301).len(), 2);
+        // Again sticky; then the laptop's session ends: fork again.
+        sticky.apply(&env_at(
+            delivered("bob@example.com/laptop", "alice@example.com/x", "r2"),
+            2400,
+        ));
+        assert_eq!(chat(&dir, &mut sticky, 2410), ["bob@example.com/laptop"]);
+        dir.apply(&env_at(
+            SessionEnded {
+                session_id: laptop,
+                user: BareJid::new("bob@example.com"),
+                full_jid: Some(FullJid::new("bob@example.com/laptop")),
+                protocol: Protocol::Xmpp,
+                reason: SessionEndReason::Logout,
+                text: None,
+            },
+            2420,
+        ));
+        assert_eq!(chat(&dir, &mut sticky, 2430), ["bob@example.com/phone"]);
+        // A new session with the laptop's resource is not the one that
+        // replied: no stickiness to it.
+        bind_at(&mut dir, "bob@example.com/laptop", 2440);
+        assert_eq!(chat(&dir, &mut sticky, 2450).len(), 2);
+        assert!(sticky.is_empty());
+        // Other senders and normal messages are not affected.
+        sticky.apply(&env_at(
+            delivered("bob@example.com/phone", "alice@example.com/x", "r3"),
+            2500,
+        ));
+        assert_eq!(
+            sticky.target(&dir, "carol@example.com", "bob@example.com", at(2510)),
+            None
+        );
+        assert_eq!(
+            route_with(
+                &dir,
+                "bob@example.com",
+                &MessageKind::Normal,
+                hosted,
+                Some("bob@example.com/phone")
+            ),
+            route(&dir, "bob@example.com", &MessageKind::Normal, hosted)
+        );
+    }
+
+    #[test]
+    fn stickiness_is_bounded() {
+        let mut sticky = Stickiness::new(std::time::Duration::from_secs(600), 3);
+        for i in 0..10 {
+            sticky.apply(&env_at(
+                delivered(&format!("u{i}@example.com/r"), "alice@example.com/x", "m"),
+                i,
+            ));
+        }
+        assert_eq!(sticky.len(), 3);
+    }
+
+    #[test]
+    fn seen_ids_are_per_sender_and_bounded_by_time_and_count() {
+        let mut seen = SeenIds::new(std::time::Duration::from_secs(60), 1000);
+        seen.insert("alice@example.com/a", "1", at(0));
+        // Another resource of the same sender: the same message.
+        assert!(seen.contains("alice@example.com/b", "1"));
+        // Another sender's "1" is another message.
+        assert!(!seen.contains("bob@example.com/a", "1"));
+        seen.insert("alice@example.com/a", "2", at(60));
+        assert!(
+            seen.contains("alice@example.com/a", "1"),
+            "exactly 60 s: kept"
+        );
+        seen.insert("alice@example.com/a", "3", at(61));
+        assert!(
+            !seen.contains("alice@example.com/a", "1"),
+            "61 s: forgotten"
+        );
+        assert_eq!(seen.len(), 2);
+        // Count bound: the oldest go first.
+        let mut seen = SeenIds::new(std::time::Duration::from_secs(600), 3);
+        for i in 0..5 {
+            seen.insert("alice@example.com/a", &i.to_string(), at(i));
+        }
+        assert_eq!(seen.len(), 3);
+        assert!(!seen.contains("alice@example.com/a", "1"));
+        assert!(seen.contains("alice@example.com/a", "2"));
+        // Rebuilt from outcome events of owned senders only.
+        let mut seen = SeenIds::default();
+        seen.apply(
+            &env_at(
+                delivered("alice@example.com/a", "bob@example.com/b", "m1"),
+                0,
+            ),
+            |s| s == "alice@example.com",
+        );
+        seen.apply(
+            &env_at(
+                delivered("carol@example.com/a", "bob@example.com/b", "m2"),
+                0,
+            ),
+            |s| s == "alice@example.com",
+        );
+        assert!(seen.contains("alice@example.com/x", "m1"));
+        assert!(!seen.contains("carol@example.com/a", "m2"));
+    }
+
+    #[test]
+    fn silent_or_restarted_nodes_make_their_sessions_stale() {
+        use switchboard_schemas::events::NodeHeartbeat;
+        let mut dir = SessionDirectory::default();
+        let beat = |node: &str, started: i64, secs: i64| {
+            let mut e = env_at(
+                NodeHeartbeat {
+                    node: NodeId::new(node),
+                    started_at: at(started),
+                    interval_secs: 5,
+                    sessions: Default::default(),
+                },
+                secs,
+            );
+            e.node = NodeId::new(node);
+            e
+        };
+        dir.apply(&beat("gw1", 0, 0));
+        bind_at(&mut dir, "bob@example.com/a", 1);
+        // A node never heard of: its sessions are not judged.
+        let mut other = env_at(
+            SessionResourceBound {
+                session_id: Uuid::now_v7(),
+                full_jid: FullJid::new("carol@example.com/a"),
+                protocol: Protocol::Xmpp,
+                contact: None,
+                priority: 0,
+                client: Default::default(),
+            },
+            1,
+        );
+        other.node = NodeId::new("gw9");
+        dir.apply(&other);
+        let timeout = chrono::Duration::seconds(10);
+        dir.apply(&beat("gw1", 0, 5));
+        assert!(
+            dir.stale_sessions(at(15), timeout).is_empty(),
+            "exactly 10 s"
+        );
+        let stale = dir.stale_sessions(at(16), timeout);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].0, "bob@example.com/a");
+        // A heartbeat again: alive.
+        dir.apply(&beat("gw1", 0, 14));
+        assert!(dir.stale_sessions(at(16), timeout).is_empty());
+        // The node restarted (kill -9, same node id): sessions bound before
+        // its new start are gone, newer ones are not.
+        dir.apply(&beat("gw1", 20, 20));
+        bind_at(&mut dir, "dave@example.com/a", 21);
+        let stale: Vec<String> = dir
+            .stale_sessions(at(22), timeout)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
+        assert_eq!(stale, ["bob@example.com/a"]);
+    }
+
+    #[test]
+    fn offline_ids_are_per_sender() {
+        let mut store = OfflineStore::default();
+        for from in ["alice@example.com/x", "dave@example.com/y"] {
+            store.apply(&env(MessageStoredOffline {
+                message_id: "1".to_owned(),
+                from: FullJid::new(from),
+                to: BareJid::new("carol@example.com"),
+                stanza: Some("<message id='1'/>".to_owned()),
+            }));
+        }
+        assert_eq!(store.queued("carol@example.com").len(), 2);
+        store.apply(&env(delivered(
+            "dave@example.com/other",
+            "carol@example.com/phone",
+            "1",
+        )));
+        assert_eq!(store.queued("carol@example.com").len(), 1);
+        assert!(store.contains("carol@example.com", "alice@example.com/x", "1"));
+        // A stanza that has a delay keeps it.
+        let once = with_delay("<message id='1'/>", "example.com", "T1");
+        assert_eq!(with_delay(&once, "example.com", "T2"), once);
     }
 
     #[test]

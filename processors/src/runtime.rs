@@ -4,28 +4,43 @@
 //! recipients whose partitions it owns.
 //!
 //! Outputs are events: `delivery.stanza` on `deliveries` (keyed by the
-//! gateway node), `message.delivered`, `message.stored_offline` and
-//! `message.bounced` on `messages` (keyed by the recipient, or the sender
-//! for bounces). Positions are committed after the outputs are durable, so a
-//! crash repeats work rather than losing it.
+//! gateway node), `message.delivered`, `message.undelivered`,
+//! `message.stored_offline` and `message.bounced` on `messages` (keyed by the
+//! recipient, or the sender for bounces), and for sessions of a gateway node
+//! that stopped heartbeating `session.ended` and `presence.device`
+//! (unavailable). Positions are committed after the outputs are durable, so
+//! a crash repeats work rather than losing it; the duplicate suppression of
+//! [`SeenIds`] keeps a repeated `message.submitted` from being routed twice.
+//!
+//! A message goes through at most two router instances: the sender's
+//! partition owner routes it (`message.submitted`); when no session takes it
+//! the recipient's partition owner applies the offline rules
+//! (`message.undelivered` keyed by the recipient), because the recipient's
+//! offline store and its limits live there. A gateway that cannot hand a
+//! delivery to its session returns it the same way.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use switchboard_infra::bus::{
     Bus, BusError, ConsumerConfig, Polled, Record, StartFrom, TopicPartition, partition_for_key,
     positions_after,
 };
 use switchboard_schemas::events::{
-    BounceReason, MessageBounced, MessageDelivered, MessageKind, MessageStoredOffline, Protocol,
-    StanzaDelivery,
+    BounceReason, DevicePresence, MessageBounced, MessageDelivered, MessageKind,
+    MessageStoredOffline, MessageSubmitted, MessageUndelivered, SessionEndReason, SessionEnded,
+    StanzaDelivery, UndeliveredReason,
 };
 use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
 use tokio::sync::watch;
 
-use crate::router::{Decision, OfflineStore, SessionDirectory, Target, bare_of, route, with_delay};
+use crate::router::{
+    DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
+    Stickiness, Target, bare_of, route_with, with_delay,
+};
 
 /// Settings of the router.
 #[derive(Clone, Debug)]
@@ -36,8 +51,41 @@ pub struct RouterConfig {
     pub node: NodeId,
     /// Served domains.
     pub domains: Vec<String>,
+    /// Whether messages for users without a session are stored (SPEC.md §7:
+    /// suppressible). Off: the sender gets `service-unavailable`.
+    pub offline_enabled: bool,
     /// Most messages stored per user (SPEC.md §7, default 100).
     pub offline_max_per_user: usize,
+    /// Most messages stored by this router instance (the users whose
+    /// partitions it owns; SPEC.md §7 "per node", default 30,000).
+    pub offline_max_per_node: usize,
+    /// Silence after which IM forking stickiness ends (default 10 minutes).
+    pub sticky_timeout: Duration,
+    /// A gateway node silent this long is down and its sessions end
+    /// (default 10 s).
+    pub node_timeout: Duration,
+    /// How long message ids are remembered for duplicate suppression.
+    pub dedup_window: Duration,
+    /// Most message ids remembered for duplicate suppression.
+    pub dedup_max: usize,
+}
+
+impl RouterConfig {
+    /// The defaults of SPEC.md §7 for `domains` under `prefix`.
+    pub fn new(prefix: impl Into<String>, node: NodeId, domains: Vec<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            node,
+            domains,
+            offline_enabled: true,
+            offline_max_per_user: 100,
+            offline_max_per_node: 30_000,
+            sticky_timeout: crate::router::STICKY_TIMEOUT,
+            node_timeout: Duration::from_secs(10),
+            dedup_window: DEDUP_WINDOW,
+            dedup_max: DEDUP_MAX,
+        }
+    }
 }
 
 /// The topics the router writes.
@@ -45,6 +93,8 @@ pub struct RouterConfig {
 enum Out {
     Messages,
     Deliveries,
+    Sessions,
+    Presence,
 }
 
 struct Router {
@@ -52,9 +102,16 @@ struct Router {
     config: RouterConfig,
     directory: SessionDirectory,
     offline: OfflineStore,
+    seen: SeenIds,
+    sticky: Stickiness,
+    /// `message.stored_offline` produced but not read back yet: (recipient,
+    /// sender, id). Counted against the limits until read back.
+    pending_stored: BTreeSet<(String, String, String)>,
     owned: BTreeSet<i32>,
     messages_topic: String,
     deliveries_topic: String,
+    sessions_topic: String,
+    presence_topic: String,
     partitions: i32,
     /// Events decided but not yet produced (topic, key, value); produced
     /// together, in order, by [`Router::flush`] before positions are
@@ -102,22 +159,29 @@ pub async fn run(
     }
     let mut router = Router {
         deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
+        sessions_topic: table_topics[0].clone(),
+        presence_topic: table_topics[1].clone(),
         bus,
+        seen: SeenIds::new(config.dedup_window, config.dedup_max),
+        sticky: Stickiness::new(config.sticky_timeout, STICKY_MAX),
         config,
         directory: SessionDirectory::default(),
         offline: OfflineStore::default(),
+        pending_stored: BTreeSet::new(),
         owned: BTreeSet::new(),
         messages_topic,
         partitions,
         outbox: Vec::new(),
     };
     let mut live = table_ends.is_empty();
+    let mut nodes_check = tokio::time::interval(Duration::from_secs(1));
+    nodes_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             polled = table.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
                     if live {
-                        router.on_table(&records).await;
+                        router.on_table(&records);
                     } else {
                         for r in &records {
                             if let Some(envelope) = decode(r) {
@@ -131,7 +195,7 @@ pub async fn run(
                         if table_ends.is_empty() {
                             live = true;
                             tracing::info!(sessions = router.directory.len(), "router session table caught up");
-                            router.release_all_offline().await;
+                            router.release_all_offline();
                         }
                     }
                     router.flush().await;
@@ -140,7 +204,7 @@ pub async fn run(
             polled = messages.poll(Duration::from_millis(500)), if live => {
                 match polled? {
                     Polled::Records(records) => {
-                        router.on_messages(&records).await;
+                        router.on_messages(&records);
                         router.flush().await;
                         // Outputs are durable; now the inputs may be skipped.
                         if let Err(e) = messages.commit(&positions_after(&records)).await {
@@ -150,6 +214,10 @@ pub async fn run(
                     Polled::Assigned(tps) => router.on_assigned(&tps).await?,
                     Polled::Revoked(_) | Polled::Idle => {}
                 }
+            }
+            _ = nodes_check.tick(), if live => {
+                router.end_sessions_of_dead_nodes(Utc::now());
+                router.flush().await;
             }
             _ = shutdown.changed() => break,
         }
@@ -170,19 +238,31 @@ fn decode(record: &Record) -> Option<Envelope> {
     }
 }
 
+/// Chat and normal messages are never dropped once routed: their deliveries
+/// name the sender so a gateway can hand them back.
+fn returnable(kind: &MessageKind) -> bool {
+    matches!(kind, MessageKind::Chat | MessageKind::Normal)
+}
+
 impl Router {
     fn owns(&self, bare: &str) -> bool {
         self.owned
             .contains(&partition_for_key(bare.as_bytes(), self.partitions))
     }
 
-    /// The offline store of newly owned partitions is rebuilt from the log.
+    /// The state of newly owned partitions is rebuilt from the log: the
+    /// offline store and stickiness from the owned partitions, the
+    /// duplicate memory from every partition (a sender's outcomes are keyed
+    /// by its recipients).
     async fn on_assigned(&mut self, tps: &[TopicPartition]) -> Result<(), BusError> {
         self.owned = tps.iter().map(|tp| tp.partition).collect();
-        let owned = self.owned.clone();
-        let partitions = self.partitions;
-        self.offline
-            .retain(|user| owned.contains(&partition_for_key(user.as_bytes(), partitions)));
+        self.offline.clear();
+        self.seen.clear();
+        self.sticky.clear();
+        self.pending_stored.clear();
+        if self.owned.is_empty() {
+            return Ok(());
+        }
         let ends = self.bus.end_offsets(&self.messages_topic).await?;
         if ends.iter().all(|e| *e == 0) {
             return Ok(());
@@ -201,36 +281,92 @@ impl Router {
             })
             .await?;
         let mut positions = vec![0i64; ends.len()];
-        let caught_up = |positions: &[i64]| {
-            positions
-                .iter()
-                .zip(&ends)
-                .enumerate()
-                .all(|(p, (pos, end))| !owned.contains(&(p as i32)) || pos >= end)
-        };
+        let caught_up =
+            |positions: &[i64]| positions.iter().zip(&ends).all(|(pos, end)| pos >= end);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let (owned, partitions) = (self.owned.clone(), self.partitions);
+        let owns = |bare: &str| owned.contains(&partition_for_key(bare.as_bytes(), partitions));
         while !caught_up(&positions) && tokio::time::Instant::now() < deadline {
             if let Polled::Records(records) = reader.poll(Duration::from_millis(200)).await? {
                 for r in &records {
-                    positions[r.partition as usize] = r.offset + 1;
-                    if owned.contains(&r.partition)
-                        && let Some(envelope) = decode(r)
-                    {
+                    let Some(slot) = positions.get_mut(r.partition as usize) else {
+                        continue;
+                    };
+                    if r.offset >= ends[r.partition as usize] {
+                        continue;
+                    }
+                    *slot = r.offset + 1;
+                    let Some(envelope) = decode(r) else { continue };
+                    self.seen.apply(&envelope, owns);
+                    if owned.contains(&r.partition) {
                         self.offline.apply(&envelope);
+                        self.sticky.apply(&envelope);
                     }
                 }
             }
         }
+        if !caught_up(&positions) {
+            tracing::error!("router rebuild did not reach the end of the log within 120 s");
+        }
         let _ = reader.close().await;
         tracing::info!(
             stored = self.offline.total(),
-            "router offline store rebuilt"
+            seen = self.seen.len(),
+            sticky = self.sticky.len(),
+            "router state rebuilt"
         );
         Ok(())
     }
 
+    /// Issue 4 "Sessions": the sessions of gateway nodes that stopped
+    /// heartbeating end. Only the owner of the user's partition emits (one
+    /// instance per user); the events are applied at once, so the next check
+    /// does not repeat them, and after a restart the log has them.
+    fn end_sessions_of_dead_nodes(&mut self, now: DateTime<Utc>) {
+        if self.owned.is_empty() {
+            return;
+        }
+        let timeout =
+            chrono::Duration::from_std(self.config.node_timeout).unwrap_or(chrono::Duration::MAX);
+        for (full, session) in self.directory.stale_sessions(now, timeout) {
+            let bare = bare_of(&full).to_owned();
+            if !self.owns(&bare) {
+                continue;
+            }
+            tracing::info!(session = %full, node = %session.node, "gateway node down: ending its session");
+            let unavailable = DevicePresence {
+                user: BareJid::new(bare.clone()),
+                device: full.clone(),
+                protocol: session.protocol.clone(),
+                available: false,
+                show: None,
+                status: None,
+                priority: session.priority,
+            };
+            let ended = SessionEnded {
+                session_id: session.session_id,
+                user: BareJid::new(bare.clone()),
+                full_jid: Some(FullJid::new(full.clone())),
+                protocol: session.protocol.clone(),
+                reason: SessionEndReason::NodeDown,
+                text: Some(format!(
+                    "gateway node {} stopped heartbeating",
+                    session.node
+                )),
+            };
+            for (out, event) in [
+                (Out::Presence, Event::from(unavailable)),
+                (Out::Sessions, Event::from(ended)),
+            ] {
+                if let Some(envelope) = self.emit_to(out, &bare, event) {
+                    self.directory.apply(&envelope);
+                }
+            }
+        }
+    }
+
     /// Sends stored messages to every owned user who is available now.
-    async fn release_all_offline(&mut self) {
+    fn release_all_offline(&mut self) {
         let users: Vec<String> = self
             .offline
             .users()
@@ -238,31 +374,34 @@ impl Router {
             .map(str::to_owned)
             .collect();
         for bare in users {
-            let available = self
-                .directory
-                .sessions_of(&bare)
-                .find(|(_, s)| s.available && s.priority >= 0)
-                .map(|(full, _)| full.to_owned());
-            if let Some(full) = available {
-                self.flush_offline(&bare, &full).await;
+            if let Some(full) = self.available_session(&bare) {
+                self.flush_offline(&bare, &full);
             }
         }
     }
 
-    async fn on_table(&mut self, records: &[Record]) {
+    fn available_session(&self, bare: &str) -> Option<String> {
+        self.directory
+            .sessions_of(bare)
+            .filter(|(_, s)| s.available && s.priority >= 0)
+            .max_by_key(|(_, s)| s.priority)
+            .map(|(full, _)| full.to_owned())
+    }
+
+    fn on_table(&mut self, records: &[Record]) {
         for r in records {
             let Some(envelope) = decode(r) else { continue };
             if let Some(full) = self.directory.apply(&envelope) {
                 // XEP-0160 §3: stored messages go out at available presence.
                 let bare = bare_of(&full).to_owned();
                 if self.owns(&bare) && !self.offline.queued(&bare).is_empty() {
-                    self.flush_offline(&bare, &full).await;
+                    self.flush_offline(&bare, &full);
                 }
             }
         }
     }
 
-    async fn flush_offline(&mut self, bare: &str, full: &str) {
+    fn flush_offline(&mut self, bare: &str, full: &str) {
         let Some(session) = self.directory.session(full).cloned() else {
             return;
         };
@@ -274,10 +413,16 @@ impl Router {
         let domain = bare.rsplit_once('@').map_or(bare, |(_, d)| d).to_owned();
         for stored in self.offline.queued(bare).to_vec() {
             let stanza = with_delay(&stored.stanza, &domain, &stored.stamp);
-            if self.push(&target, stanza, Some(stored.message_id.clone())) {
+            let sender = FullJid::new(stored.from.clone());
+            if self.push(
+                &target,
+                stanza,
+                Some(stored.message_id.clone()),
+                Some(&sender),
+            ) {
                 let delivered = MessageDelivered {
                     message_id: stored.message_id.clone(),
-                    from: FullJid::new(stored.from.clone()),
+                    from: sender,
                     to: FullJid::new(full),
                     carbon: false,
                 };
@@ -288,44 +433,66 @@ impl Router {
         }
     }
 
-    async fn on_messages(&mut self, records: &[Record]) {
+    fn on_messages(&mut self, records: &[Record]) {
         for r in records {
             let Some(envelope) = decode(r) else { continue };
             match &envelope.event {
-                Event::MessageSubmitted(m) => self.on_submitted(m, &envelope).await,
-                Event::MessageStoredOffline(_) | Event::MessageDelivered(_) => {
+                Event::MessageSubmitted(m) => self.on_submitted(m, &envelope),
+                Event::MessageUndelivered(u) => self.on_undelivered(u),
+                Event::MessageStoredOffline(s) => {
+                    self.pending_stored.remove(&(
+                        s.to.as_str().to_owned(),
+                        bare_of(s.from.as_str()).to_owned(),
+                        s.message_id.clone(),
+                    ));
                     self.offline.apply(&envelope);
+                    self.sticky.apply(&envelope);
                     // Stored while the recipient came online: send it now.
-                    if let Event::MessageStoredOffline(s) = &envelope.event {
-                        let bare = s.to.as_str().to_owned();
-                        let available = self
-                            .directory
-                            .sessions_of(&bare)
-                            .find(|(_, s)| s.available && s.priority >= 0)
-                            .map(|(full, _)| full.to_owned());
-                        if let Some(full) = available {
-                            self.flush_offline(&bare, &full).await;
-                        }
+                    let bare = s.to.as_str().to_owned();
+                    if let Some(full) = self.available_session(&bare) {
+                        self.flush_offline(&bare, &full);
                     }
+                }
+                Event::MessageDelivered(_) => {
+                    self.offline.apply(&envelope);
+                    self.sticky.apply(&envelope);
                 }
                 _ => {}
             }
         }
     }
 
-    async fn on_submitted(
-        &mut self,
-        m: &switchboard_schemas::events::MessageSubmitted,
-        envelope: &Envelope,
-    ) {
+    fn on_submitted(&mut self, m: &MessageSubmitted, envelope: &Envelope) {
+        let sender = m.from.as_str();
+        if self.seen.contains(sender, &m.message_id) {
+            tracing::debug!(id = %m.message_id, from = %sender, "duplicate message suppressed");
+            return;
+        }
+        self.seen
+            .insert(sender, &m.message_id, envelope.occurred_at);
+        let sticky = if m.kind == MessageKind::Chat && !m.to.contains('/') {
+            self.sticky.target(
+                &self.directory,
+                bare_of(sender),
+                &m.to,
+                envelope.occurred_at,
+            )
+        } else {
+            None
+        };
         let domains = &self.config.domains;
-        let decision = route(&self.directory, &m.to, &m.kind, |d| {
-            domains.iter().any(|h| h == d)
-        });
+        let decision = route_with(
+            &self.directory,
+            &m.to,
+            &m.kind,
+            |d| domains.iter().any(|h| h == d),
+            sticky.as_deref(),
+        );
         match decision {
             Decision::Deliver(targets) => {
+                let sender = returnable(&m.kind).then_some(&m.from);
                 for t in targets {
-                    if self.push(&t, m.stanza.clone(), Some(m.message_id.clone())) {
+                    if self.push(&t, m.stanza.clone(), Some(m.message_id.clone()), sender) {
                         let delivered = MessageDelivered {
                             message_id: m.message_id.clone(),
                             from: m.from.clone(),
@@ -337,75 +504,174 @@ impl Router {
                 }
             }
             Decision::StoreOffline => {
-                let bare = bare_of(&m.to).to_owned();
-                if self.owns(&bare)
-                    && self.offline.queued(&bare).len() >= self.config.offline_max_per_user
-                {
-                    self.bounce(m, BounceReason::OfflineLimit, "resource-constraint")
-                        .await;
-                    return;
-                }
-                let stored = MessageStoredOffline {
+                // The recipient's router applies the offline rules.
+                let undelivered = MessageUndelivered {
                     message_id: m.message_id.clone(),
                     from: m.from.clone(),
-                    to: BareJid::new(bare.clone()),
-                    stanza: Some(m.stanza.clone()),
+                    to: m.to.clone(),
+                    reason: UndeliveredReason::NoSession,
+                    session_id: None,
+                    stanza: m.stanza.clone(),
                 };
-                self.emit(&bare, stored);
+                self.emit(bare_of(&m.to), undelivered);
             }
             Decision::Drop => {
                 tracing::debug!(id = %m.message_id, "message dropped per RFC 6121 §8.5");
             }
-            Decision::Bounce { reason, condition } => self.bounce(m, reason, condition).await,
+            Decision::Bounce { reason, condition } => {
+                self.bounce(&m.message_id, &m.from, &m.to, &m.kind, reason, condition);
+            }
         }
-        let _ = envelope;
+    }
+
+    /// A chat or normal message no session took (the recipient's partition
+    /// is ours): another available session of the recipient gets it (the
+    /// one that failed excluded), else XEP-0160 offline storage within the
+    /// limits of SPEC.md §7, else an error to the sender (RFC 6120 §8.3).
+    fn on_undelivered(&mut self, u: &MessageUndelivered) {
+        let bare = bare_of(&u.to).to_owned();
+        if u.reason != UndeliveredReason::NoSession {
+            let other = self
+                .directory
+                .sessions_of(&bare)
+                .filter(|(_, s)| {
+                    s.available && s.priority >= 0 && Some(s.session_id) != u.session_id
+                })
+                .max_by_key(|(_, s)| s.priority)
+                .map(|(full, s)| Target {
+                    full_jid: full.to_owned(),
+                    node: s.node.clone(),
+                    session_id: s.session_id,
+                });
+            if let Some(t) = other {
+                if self.push(
+                    &t,
+                    u.stanza.clone(),
+                    Some(u.message_id.clone()),
+                    Some(&u.from),
+                ) {
+                    let delivered = MessageDelivered {
+                        message_id: u.message_id.clone(),
+                        from: u.from.clone(),
+                        to: FullJid::new(t.full_jid.clone()),
+                        carbon: false,
+                    };
+                    self.emit(&bare, delivered);
+                }
+                return;
+            }
+        }
+        let sender_bare = bare_of(u.from.as_str()).to_owned();
+        if self.offline.contains(&bare, u.from.as_str(), &u.message_id)
+            || self.pending_stored.contains(&(
+                bare.clone(),
+                sender_bare.clone(),
+                u.message_id.clone(),
+            ))
+        {
+            return;
+        }
+        let queued = self.offline.queued(&bare).len()
+            + self
+                .pending_stored
+                .range((bare.clone(), String::new(), String::new())..)
+                .take_while(|(to, _, _)| *to == bare)
+                .count();
+        let total = self.offline.total() + self.pending_stored.len();
+        let refusal = if !self.config.offline_enabled {
+            // RFC 6121 §8.5.2.1.1 / XEP-0160 §3: no offline storage.
+            Some((BounceReason::RecipientUnavailable, "service-unavailable"))
+        } else if queued >= self.config.offline_max_per_user {
+            // XEP-0160 §3: the recipient's offline storage is full.
+            Some((BounceReason::OfflineLimit, "service-unavailable"))
+        } else if total >= self.config.offline_max_per_node {
+            // RFC 6120 §8.3.3.18: the server lacks the resources.
+            Some((BounceReason::OfflineLimit, "resource-constraint"))
+        } else {
+            None
+        };
+        if let Some((reason, condition)) = refusal {
+            self.bounce(
+                &u.message_id,
+                &u.from,
+                &u.to,
+                &MessageKind::Chat,
+                reason,
+                condition,
+            );
+            return;
+        }
+        let stored = MessageStoredOffline {
+            message_id: u.message_id.clone(),
+            from: u.from.clone(),
+            to: BareJid::new(bare.clone()),
+            stanza: Some(u.stanza.clone()),
+        };
+        if self.emit(&bare, stored).is_some() {
+            self.pending_stored
+                .insert((bare, sender_bare, u.message_id.clone()));
+        }
     }
 
     /// RFC 6120 §8.3: the sender's session gets the message back as an error.
-    async fn bounce(
+    fn bounce(
         &mut self,
-        m: &switchboard_schemas::events::MessageSubmitted,
+        message_id: &str,
+        from: &FullJid,
+        to: &str,
+        kind: &MessageKind,
         reason: BounceReason,
         condition: &'static str,
     ) {
-        if m.kind == MessageKind::Error {
+        if *kind == MessageKind::Error {
             return;
         }
         let bounced = MessageBounced {
-            message_id: m.message_id.clone(),
-            from: m.from.clone(),
-            to: m.to.clone(),
+            message_id: message_id.to_owned(),
+            from: from.clone(),
+            to: to.to_owned(),
             reason,
             text: None,
         };
-        self.emit(bare_of(m.from.as_str()), bounced);
-        let Some(session) = self.directory.session(m.from.as_str()).cloned() else {
+        self.emit(bare_of(from.as_str()), bounced);
+        let Some(session) = self.directory.session(from.as_str()).cloned() else {
             return;
+        };
+        let error_type = if condition == "resource-constraint" {
+            "wait"
+        } else {
+            "cancel"
         };
         let stanza = format!(
             "<message xmlns='jabber:client' type='error' id='{}' from='{}' to='{}'>\
-             <error type='cancel'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
-            escape(&m.message_id),
-            escape(&m.to),
-            escape(m.from.as_str()),
+             <error type='{error_type}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+            escape(message_id),
+            escape(to),
+            escape(from.as_str()),
         );
         let target = Target {
-            full_jid: m.from.as_str().to_owned(),
+            full_jid: from.as_str().to_owned(),
             node: session.node,
             session_id: session.session_id,
         };
-        self.push(&target, stanza, Some(m.message_id.clone()));
+        self.push(&target, stanza, Some(message_id.to_owned()), None);
     }
 
     /// Queues a delivery for the gateway node holding the session.
-    fn push(&mut self, target: &Target, stanza: String, message_id: Option<String>) -> bool {
+    fn push(
+        &mut self,
+        target: &Target,
+        stanza: String,
+        message_id: Option<String>,
+        sender: Option<&FullJid>,
+    ) -> bool {
         let delivery = StanzaDelivery {
             session_id: target.session_id,
             to: target.full_jid.clone(),
-            protocol: Protocol::Xmpp,
+            protocol: switchboard_schemas::events::Protocol::Xmpp,
             stanza,
             message_id,
-            sender: None,
+            sender: sender.cloned(),
         };
         let envelope = Envelope::new(self.config.node.clone(), target.node.clone(), delivery);
         let bytes = match envelope.to_json_vec() {
@@ -427,11 +693,18 @@ impl Router {
             return;
         }
         let bus = &self.bus;
-        let (messages, deliveries) = (&self.messages_topic, &self.deliveries_topic);
+        let topics = [
+            &self.messages_topic,
+            &self.deliveries_topic,
+            &self.sessions_topic,
+            &self.presence_topic,
+        ];
         let results = futures::future::join_all(self.outbox.iter().map(|(out, key, bytes)| {
             let topic = match out {
-                Out::Messages => messages,
-                Out::Deliveries => deliveries,
+                Out::Messages => topics[0],
+                Out::Deliveries => topics[1],
+                Out::Sessions => topics[2],
+                Out::Presence => topics[3],
             };
             bus.produce(topic, key.as_bytes(), Some(bytes))
         }))
@@ -446,9 +719,13 @@ impl Router {
 
     /// Queues an event on the `messages` topic.
     fn emit(&mut self, subject: &str, event: impl Into<Event>) -> Option<Envelope> {
+        self.emit_to(Out::Messages, subject, event.into())
+    }
+
+    fn emit_to(&mut self, out: Out, subject: &str, event: Event) -> Option<Envelope> {
         let envelope = Envelope::new(self.config.node.clone(), subject, event);
         let bytes = envelope.to_json_vec().ok()?;
-        self.outbox.push((Out::Messages, subject.to_owned(), bytes));
+        self.outbox.push((out, subject.to_owned(), bytes));
         Some(envelope)
     }
 }

@@ -1269,6 +1269,7 @@ pub async fn deliveries(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), switchboard_infra::bus::BusError> {
     use switchboard_infra::bus::{ConsumerConfig, Polled, StartFrom};
+    use switchboard_schemas::events::{MessageUndelivered, UndeliveredReason};
     use switchboard_schemas::{Envelope, Event};
     // Sessions do not survive a restart, so neither do their deliveries:
     // a new group starting at the end.
@@ -1281,6 +1282,7 @@ pub async fn deliveries(
             )
         })
         .await?;
+    let mut recent = RecentDeliveries::default();
     loop {
         let polled = tokio::select! {
             p = consumer.poll(Duration::from_millis(500)) => p?,
@@ -1296,14 +1298,131 @@ pub async fn deliveries(
             let Event::StanzaDelivery(d) = envelope.event else {
                 continue;
             };
-            if let Err(why) = ctx.sessions.deliver(d.session_id, d.stanza) {
-                // The session ended after the router chose it.
-                tracing::warn!(to = %d.to, ?why, message = ?d.message_id, "delivery to a gone session");
+            // SPEC.md §7: a message id is stable end to end; a router that
+            // repeats work after a crash must not show a message twice.
+            if let Some(id) = &d.message_id
+                && !recent.first_time(d.session_id, id, &d.stanza)
+            {
+                tracing::debug!(to = %d.to, message = %id, "duplicate delivery suppressed");
+                continue;
+            }
+            let returned = d.sender.as_ref().map(|_| d.stanza.clone());
+            let Err(why) = ctx.sessions.deliver(d.session_id, d.stanza) else {
+                continue;
+            };
+            // The session ended (or is stuck) after the router chose it: a
+            // chat or normal message goes back to the router, which routes
+            // it again or stores it (XEP-0160); anything else is dropped.
+            let (Some(stanza), Some(from), Some(message_id)) = (returned, d.sender, d.message_id)
+            else {
+                tracing::debug!(to = %d.to, ?why, "delivery to a gone session dropped");
+                continue;
+            };
+            let reason = match why {
+                Undelivered::Stuck => UndeliveredReason::QueueFull,
+                Undelivered::NoSession => UndeliveredReason::SessionGone,
+            };
+            let bare =
+                d.to.split_once('/')
+                    .map_or(d.to.as_str(), |(b, _)| b)
+                    .to_owned();
+            let undelivered = MessageUndelivered {
+                message_id,
+                from,
+                to: d.to,
+                reason,
+                session_id: Some(d.session_id),
+                stanza,
+            };
+            if let Err(e) = ctx.events.emit(&bare, undelivered).await {
+                tracing::error!(error = %e, "undelivered message not handed back");
             }
         }
     }
     let _ = consumer.close().await;
     Ok(())
+}
+
+/// Deliveries recently pushed to sessions of this node, to drop repeats
+/// (same session, message id and stanza). Bounded: the oldest of
+/// [`RecentDeliveries::MAX`] are forgotten first.
+#[derive(Default)]
+struct RecentDeliveries {
+    set: std::collections::BTreeSet<(Uuid, u64)>,
+    order: std::collections::VecDeque<(Uuid, u64)>,
+}
+
+impl RecentDeliveries {
+    const MAX: usize = 100_000;
+
+    /// Whether this delivery was not pushed before (and remembers it).
+    fn first_time(&mut self, session: Uuid, message_id: &str, stanza: &str) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        message_id.hash(&mut h);
+        stanza.hash(&mut h);
+        let key = (session, h.finish());
+        if !self.set.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > Self::MAX
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+/// RFC 6121 §2.3.2 and §2.5.2: the one `<item/>` of a roster set, as
+/// (contact, name, groups, remove), or the stanza error condition.
+fn roster_item(
+    query: &Element,
+) -> Result<(BareJid, Option<String>, Vec<String>, bool), &'static str> {
+    let mut items = query.elements().filter(|c| c.name == "item");
+    let (Some(item), None) = (items.next(), items.next()) else {
+        return Err("bad-request");
+    };
+    let contact = item
+        .attr("jid")
+        .and_then(|j| super::jid::Jid::parse(j).ok())
+        .ok_or("jid-malformed")?;
+    let super::jid::Jid::Bare(contact) = contact else {
+        return Err("bad-request");
+    };
+    let remove = match item.attr("subscription") {
+        None | Some("none" | "to" | "from" | "both") => false,
+        Some("remove") => true,
+        Some(_) => return Err("bad-request"),
+    };
+    let name = item
+        .attr("name")
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned);
+    if name.as_ref().is_some_and(|n| n.len() > MAX_ROSTER_TEXT) {
+        return Err("not-acceptable");
+    }
+    let mut groups: Vec<String> = item
+        .elements()
+        .filter(|g| g.name == "group")
+        .map(|g| g.text())
+        .collect();
+    // §2.3.3: empty or duplicate groups and oversized names are refused.
+    if groups
+        .iter()
+        .any(|g| g.is_empty() || g.len() > MAX_ROSTER_TEXT)
+        || groups.len() > MAX_ROSTER_GROUPS
+    {
+        return Err("not-acceptable");
+    }
+    groups.sort();
+    let before = groups.len();
+    groups.dedup();
+    if groups.len() != before {
+        return Err("bad-request");
+    }
+    Ok((contact, name, groups, remove))
 }
 
 /// RFC 6120 §6.4.2: `=` is an empty response; otherwise base64.

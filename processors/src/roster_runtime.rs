@@ -1,0 +1,598 @@
+//! The roster processor: a consumer-group member over the `roster` topic
+//! (rosters, subscriptions, authorization policy: RFC 6121 §2-§3, SPEC.md
+//! §6) that also fans composed presence out to authorized watchers (RFC
+//! 6121 §4.2-§4.4).
+//!
+//! State:
+//! * owned partitions of `roster`: [`Rosters`] and [`Policies`], rebuilt on
+//!   assignment by reading each partition from the start up to the group's
+//!   committed position; the group consumer then goes on from there, so
+//!   every record after the last commit is decided again (at least once;
+//!   the decisions are idempotent);
+//! * global tables, read by a group of its own from the start: the session
+//!   directory (`sessions`, `presence`) and every user's composed presence
+//!   (`presence_state`).
+//!
+//! Item events this instance writes are applied at once and skipped when
+//! they come back through the consumer; everything else it writes (forwarded
+//! subscription events, approvals on a user's behalf) is an input like any
+//! other.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard_infra::bus::{
+    Bus, BusError, ConsumerConfig, Polled, Record, StartFrom, TopicPartition, partition_for_key,
+    positions_after,
+};
+use switchboard_schemas::events::{Availability, ComposedPresence, Protocol, StanzaDelivery};
+use switchboard_schemas::topics::{Topic, full_name};
+use switchboard_schemas::{BareJid, Envelope, Event, NodeId};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::policy::{Decision, Policies, PolicyLimits};
+use crate::roster::{
+    Answer, Asker, Effect, Policy, Rosters, Verdict, decide, item_removed_event, item_set_event,
+    item_xml,
+};
+use crate::router::{SessionDirectory, bare_of};
+use crate::xml::{attr, escape, text_element};
+
+/// Settings of the roster processor.
+#[derive(Clone, Debug)]
+pub struct RosterConfig {
+    /// Topic prefix.
+    pub prefix: String,
+    /// This node (producer of the processor's events).
+    pub node: NodeId,
+}
+
+const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+
+struct RosterProcessor {
+    bus: Arc<dyn Bus>,
+    config: RosterConfig,
+    limits: watch::Receiver<PolicyLimits>,
+    directory: SessionDirectory,
+    composed: BTreeMap<String, ComposedPresence>,
+    rosters: Rosters,
+    policies: Policies,
+    owned: BTreeSet<i32>,
+    partitions: i32,
+    roster_topic: String,
+    deliveries_topic: String,
+    /// Ids of item events written by this instance and not read back yet.
+    own_items: HashSet<Uuid>,
+    /// Records to produce (topic, key, value) before committing.
+    outbox: Vec<(String, String, Vec<u8>)>,
+    pushes: u64,
+}
+
+/// Runs the roster processor until `shutdown` turns true. `limits` carries
+/// the deployment's live authorization settings.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    config: RosterConfig,
+    limits: watch::Receiver<PolicyLimits>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), BusError> {
+    let roster_topic = full_name(&config.prefix, Topic::Roster);
+    let partitions = bus.partitions(&roster_topic).await?;
+    let table_topics = [
+        full_name(&config.prefix, Topic::Sessions),
+        full_name(&config.prefix, Topic::Presence),
+        full_name(&config.prefix, Topic::PresenceState),
+    ];
+    let table_refs: Vec<&str> = table_topics.iter().map(String::as_str).collect();
+    let mut table = bus
+        .consumer(ConsumerConfig {
+            start: StartFrom::Earliest,
+            ..ConsumerConfig::new(
+                format!("switchboard-roster-table-{}", Uuid::now_v7().simple()),
+                &table_refs,
+            )
+        })
+        .await?;
+    let mut group = bus
+        .consumer(ConsumerConfig {
+            start: StartFrom::Earliest,
+            ..ConsumerConfig::new(format!("{}.roster", config.prefix), &[&roster_topic])
+        })
+        .await?;
+    // The tables are "live" once read to the ends they had at start; before
+    // that they replay history, which must not cause deliveries.
+    let mut table_ends = Vec::new();
+    for topic in &table_topics {
+        for (partition, end) in bus.end_offsets(topic).await?.into_iter().enumerate() {
+            if end > 0 {
+                table_ends.push((TopicPartition::new(topic, partition as i32), end));
+            }
+        }
+    }
+    let mut p = RosterProcessor {
+        deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
+        bus,
+        config,
+        limits,
+        directory: SessionDirectory::default(),
+        composed: BTreeMap::new(),
+        rosters: Rosters::default(),
+        policies: Policies::default(),
+        owned: BTreeSet::new(),
+        partitions,
+        roster_topic,
+        own_items: HashSet::new(),
+        outbox: Vec::new(),
+        pushes: 0,
+    };
+    let mut live = table_ends.is_empty();
+    loop {
+        tokio::select! {
+            polled = table.poll(Duration::from_millis(500)) => {
+                if let Polled::Records(records) = polled? {
+                    for r in &records {
+                        if let Some(envelope) = decode(r) {
+                            p.on_table(&envelope, live);
+                        }
+                    }
+                    if !live {
+                        let read = positions_after(&records);
+                        table_ends.retain(|(tp, end)| {
+                            !read.iter().any(|(t, position)| t == tp && position >= end)
+                        });
+                        live = table_ends.is_empty();
+                        if live {
+                            tracing::info!(sessions = p.directory.len(), "roster processor tables caught up");
+                        }
+                    }
+                    p.flush().await?;
+                }
+            }
+            polled = group.poll(Duration::from_millis(500)), if live => {
+                match polled? {
+                    Polled::Records(records) => {
+                        for r in &records {
+                            if let Some(envelope) = decode(r) {
+                                p.on_roster(&envelope);
+                            }
+                        }
+                        p.flush().await?;
+                        if let Err(e) = group.commit(&positions_after(&records)).await {
+                            tracing::warn!(error = %e, "roster commit failed; records will repeat");
+                        }
+                    }
+                    Polled::Assigned(tps) => {
+                        let committed = group.committed(&tps).await?;
+                        p.rebuild(&tps, &committed).await?;
+                    }
+                    Polled::Revoked(_) | Polled::Idle => {}
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = group.close().await;
+    let _ = table.close().await;
+    Ok(())
+}
+
+fn decode(record: &Record) -> Option<Envelope> {
+    let value = record.value.as_deref()?;
+    match Envelope::from_json_slice(value) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(topic = %record.topic, offset = record.offset, error = %e, "undecodable event skipped");
+            None
+        }
+    }
+}
+
+/// RFC 6121 §4.2-§4.4: the presence stanza a watcher receives for a
+/// composed presence, from the user's bare address.
+pub fn presence_stanza(composed: &ComposedPresence, to: &str) -> String {
+    let mut s = String::from("<presence");
+    attr(&mut s, "from", composed.user.as_str());
+    attr(&mut s, "to", to);
+    if composed.availability == Availability::Unavailable {
+        s.push_str(" type='unavailable'/>");
+        return s;
+    }
+    s.push('>');
+    if let Some(show) = &composed.show {
+        text_element(&mut s, "show", show.as_str());
+    }
+    if let Some(status) = &composed.status {
+        text_element(&mut s, "status", status);
+    }
+    s.push_str("</presence>");
+    s
+}
+
+impl RosterProcessor {
+    fn owns(&self, bare: &str) -> bool {
+        self.owned
+            .contains(&partition_for_key(bare.as_bytes(), self.partitions))
+    }
+
+    /// Reads the newly assigned partitions from the start up to the group's
+    /// committed positions; the consumer resumes after those.
+    async fn rebuild(
+        &mut self,
+        tps: &[TopicPartition],
+        committed: &[Option<i64>],
+    ) -> Result<(), BusError> {
+        self.owned = tps.iter().map(|tp| tp.partition).collect();
+        self.rosters = Rosters::default();
+        self.policies = Policies::default();
+        self.own_items.clear();
+        let ends: BTreeMap<i32, i64> = tps
+            .iter()
+            .zip(committed)
+            .filter_map(|(tp, c)| c.filter(|c| *c > 0).map(|c| (tp.partition, c)))
+            .collect();
+        if ends.is_empty() {
+            return Ok(());
+        }
+        let mut reader = self
+            .bus
+            .consumer(ConsumerConfig {
+                start: StartFrom::Earliest,
+                ..ConsumerConfig::new(
+                    format!("switchboard-roster-rebuild-{}", Uuid::now_v7().simple()),
+                    &[&self.roster_topic],
+                )
+            })
+            .await?;
+        let mut positions: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+        let caught_up =
+            |positions: &BTreeMap<i32, i64>| ends.iter().all(|(p, end)| positions[p] >= *end);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while !caught_up(&positions) && tokio::time::Instant::now() < deadline {
+            if let Polled::Records(records) = reader.poll(Duration::from_millis(200)).await? {
+                for r in &records {
+                    let Some(end) = ends.get(&r.partition) else {
+                        continue;
+                    };
+                    if r.offset >= *end {
+                        continue;
+                    }
+                    positions.insert(r.partition, r.offset + 1);
+                    if let Some(envelope) = decode(r) {
+                        self.rosters.apply(&envelope);
+                        self.policies.apply(&envelope);
+                    }
+                }
+            }
+        }
+        if !caught_up(&positions) {
+            tracing::error!("roster rebuild did not reach the committed positions within 120 s");
+        }
+        let _ = reader.close().await;
+        tracing::info!(users = self.rosters.users().count(), "roster state rebuilt");
+        Ok(())
+    }
+
+    fn on_table(&mut self, envelope: &Envelope, live: bool) {
+        if let Event::ComposedPresence(composed) = &envelope.event {
+            let user = composed.user.as_str().to_owned();
+            self.composed.insert(user.clone(), composed.clone());
+            if live && self.owns(&user) {
+                self.fan_out(&user);
+            }
+            return;
+        }
+        if let Some(full) = self.directory.apply(envelope)
+            && live
+        {
+            let bare = bare_of(&full).to_owned();
+            if self.owns(&bare) {
+                self.on_available(&bare, &full);
+            }
+        }
+    }
+
+    /// RFC 6121 §4.2.1-§4.2.2: a session's initial presence gets the
+    /// presence of every contact the user sees, and the subscription
+    /// requests still waiting for an answer (§3.1.3).
+    fn on_available(&mut self, bare: &str, full: &str) {
+        let Some(roster) = self.rosters.get(bare) else {
+            return;
+        };
+        let sharing = self.limits.borrow().availability_sharing;
+        let mut stanzas = Vec::new();
+        if sharing {
+            for contact in roster.watched() {
+                if let Some(c) = self.composed.get(contact)
+                    && c.availability != Availability::Unavailable
+                {
+                    stanzas.push(presence_stanza(c, full));
+                }
+            }
+        }
+        for (from, status) in &roster.pending_in {
+            stanzas.push(subscription_stanza(
+                from,
+                full,
+                "subscribe",
+                status.as_deref(),
+            ));
+        }
+        if let Some(session) = self.directory.session(full).cloned() {
+            for stanza in stanzas {
+                self.deliver(&session.node, session.session_id, full, stanza);
+            }
+        }
+    }
+
+    /// RFC 6121 §4.2.2 and §4.4.2: a user's composed presence goes to every
+    /// watcher's available sessions; what each sees follows the user's
+    /// policy (a blocked watcher sees unavailable).
+    fn fan_out(&mut self, user: &str) {
+        let Some(composed) = self.composed.get(user).cloned() else {
+            return;
+        };
+        let Some(roster) = self.rosters.get(user) else {
+            return;
+        };
+        let limits = self.limits.borrow().clone();
+        let policy = self.policies.get(&composed.user);
+        let mut out = Vec::new();
+        for watcher in roster.watchers() {
+            let shown = policy.visible(&limits, &composed, &BareJid::new(watcher), true);
+            for (full, session) in self.directory.sessions_of(watcher) {
+                if session.available {
+                    out.push((
+                        session.node.clone(),
+                        session.session_id,
+                        full.to_owned(),
+                        presence_stanza(&shown, full),
+                    ));
+                }
+            }
+        }
+        for (node, session_id, full, stanza) in out {
+            self.deliver(&node, session_id, &full, stanza);
+        }
+    }
+
+    fn on_roster(&mut self, envelope: &Envelope) {
+        if matches!(
+            envelope.event,
+            Event::RosterItemSet(_) | Event::RosterItemRemoved(_)
+        ) && self.own_items.remove(&envelope.id)
+        {
+            return;
+        }
+        let limits = self.limits.borrow().clone();
+        let policies = &self.policies;
+        let verdict = |owner: &str, watcher: &str| match policies
+            .get(&BareJid::new(owner))
+            .decide(&limits, &BareJid::new(watcher))
+        {
+            Decision::Approve => Verdict::Allow,
+            Decision::Ask => Verdict::Ask,
+            Decision::Deny => Verdict::Block,
+        };
+        let policy = Policy {
+            max_contacts: limits.max_contacts as usize,
+            max_watchers: limits.max_watchers as usize,
+            verdict: &verdict,
+        };
+        let effects = decide(&self.rosters, envelope, &policy);
+        self.rosters.apply(envelope);
+        self.policies.apply(envelope);
+        for effect in effects {
+            self.effect(envelope, effect);
+        }
+    }
+
+    fn effect(&mut self, cause: &Envelope, effect: Effect) {
+        match effect {
+            Effect::SetItem {
+                owner,
+                contact,
+                item,
+            } => {
+                self.rosters.set_item(&owner, &contact, item.clone());
+                let event = item_set_event(&owner, &contact, &item);
+                self.emit_item(cause, &owner, event.into());
+                let mut payload = String::new();
+                item_xml(&mut payload, &contact, Some(&item));
+                self.push(&owner, &payload);
+            }
+            Effect::RemoveItem { owner, contact } => {
+                self.rosters.remove_item(&owner, &contact);
+                self.emit_item(cause, &owner, item_removed_event(&owner, &contact).into());
+                let mut payload = String::new();
+                item_xml(&mut payload, &contact, None);
+                self.push(&owner, &payload);
+            }
+            Effect::Emit { key, event } => {
+                let envelope =
+                    Envelope::caused_by(cause, self.config.node.clone(), key.clone(), event);
+                self.queue(&self.roster_topic.clone(), &key, &envelope);
+            }
+            Effect::Notify {
+                to,
+                from,
+                kind,
+                status,
+            } => {
+                self.to_available(&to, |full| {
+                    subscription_stanza(&from, full, kind.as_str(), status.as_deref())
+                });
+            }
+            Effect::SendPresence { of, to } => {
+                if let Some(composed) = self.composed.get(&of).cloned()
+                    && composed.availability != Availability::Unavailable
+                    && self.limits.borrow().availability_sharing
+                {
+                    self.to_available(&to, |full| presence_stanza(&composed, full));
+                }
+            }
+            Effect::SendUnavailable { of, to } => {
+                self.to_available(&to, |full| {
+                    let mut s = String::from("<presence");
+                    attr(&mut s, "from", &of);
+                    attr(&mut s, "to", full);
+                    s.push_str(" type='unavailable'/>");
+                    s
+                });
+            }
+            Effect::RefuseRequest {
+                to,
+                contact,
+                condition,
+            } => {
+                self.to_available(&to, |full| {
+                    let mut s = String::from("<presence type='error'");
+                    attr(&mut s, "from", &contact);
+                    attr(&mut s, "to", full);
+                    s.push_str(&format!(
+                        "><error type='wait'><{condition} xmlns='{NS_STANZAS}'/></error></presence>"
+                    ));
+                    s
+                });
+            }
+            Effect::Answer(asker, answer) => self.answer(&asker, answer),
+        }
+    }
+
+    /// RFC 6120 §8.2.3: the iq result or error for a client's request.
+    fn answer(&mut self, asker: &Asker, answer: Answer) {
+        let mut s = String::from("<iq");
+        attr(&mut s, "to", &asker.device);
+        attr(&mut s, "id", &asker.iq_id);
+        match answer {
+            Answer::Result(payload) if payload.is_empty() => s.push_str(" type='result'/>"),
+            Answer::Result(payload) => {
+                s.push_str(" type='result'>");
+                s.push_str(&payload);
+                s.push_str("</iq>");
+            }
+            Answer::Error(kind, condition) => s.push_str(&format!(
+                " type='error'><error type='{kind}'><{condition} xmlns='{NS_STANZAS}'/></error></iq>"
+            )),
+        }
+        self.deliver(&asker.node, asker.session_id, &asker.device, s);
+    }
+
+    /// RFC 6121 §2.1.6: a roster push to every session of the owner.
+    fn push(&mut self, owner: &str, item: &str) {
+        let version = self
+            .rosters
+            .get(owner)
+            .map(|r| r.version())
+            .unwrap_or_default();
+        let targets: Vec<(String, Uuid, String)> = self
+            .directory
+            .sessions_of(owner)
+            .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
+            .collect();
+        for (node, session_id, full) in targets {
+            self.pushes += 1;
+            let mut s = String::from("<iq type='set'");
+            attr(&mut s, "to", &full);
+            attr(&mut s, "id", &format!("push-{}", self.pushes));
+            s.push_str(&format!(
+                "><query xmlns='jabber:iq:roster' ver='{}'>{item}</query></iq>",
+                escape(&version)
+            ));
+            self.deliver(&node, session_id, &full, s);
+        }
+    }
+
+    fn to_available(&mut self, bare: &str, stanza: impl Fn(&str) -> String) {
+        let targets: Vec<(String, Uuid, String)> = self
+            .directory
+            .sessions_of(bare)
+            .filter(|(_, s)| s.available)
+            .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
+            .collect();
+        for (node, session_id, full) in targets {
+            let s = stanza(&full);
+            self.deliver(&node, session_id, &full, s);
+        }
+    }
+
+    fn deliver(&mut self, node: &str, session_id: Uuid, to: &str, stanza: String) {
+        let delivery = StanzaDelivery {
+            session_id,
+            to: to.to_owned(),
+            protocol: Protocol::Xmpp,
+            stanza,
+            message_id: None,
+            sender: None,
+        };
+        let envelope = Envelope::new(self.config.node.clone(), node, delivery);
+        let topic = self.deliveries_topic.clone();
+        self.queue(&topic, node, &envelope);
+    }
+
+    fn emit_item(&mut self, cause: &Envelope, owner: &str, event: Event) {
+        let envelope = Envelope::caused_by(cause, self.config.node.clone(), owner, event);
+        self.own_items.insert(envelope.id);
+        let topic = self.roster_topic.clone();
+        self.queue(&topic, owner, &envelope);
+    }
+
+    fn queue(&mut self, topic: &str, key: &str, envelope: &Envelope) {
+        match envelope.to_json_vec() {
+            Ok(bytes) => self.outbox.push((topic.to_owned(), key.to_owned(), bytes)),
+            Err(e) => tracing::error!(error = %e, "encoding an event"),
+        }
+    }
+
+    /// Produces everything queued, in order per key, before positions are
+    /// committed. A record that fails is retried; one that keeps failing
+    /// stops the processor with the inputs uncommitted, so they repeat at
+    /// the next start instead of being lost.
+    async fn flush(&mut self) -> Result<(), BusError> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        let outbox = std::mem::take(&mut self.outbox);
+        let bus = &self.bus;
+        let results = futures::future::join_all(
+            outbox
+                .iter()
+                .map(|(topic, key, value)| bus.produce(topic, key.as_bytes(), Some(value))),
+        )
+        .await;
+        for ((topic, key, value), result) in outbox.iter().zip(results) {
+            let mut result = result.map(|_| ());
+            let mut attempt = 0;
+            while let Err(e) = &result {
+                attempt += 1;
+                if attempt > 5 || !e.is_retriable() {
+                    tracing::error!(error = %e, topic, "roster output not stored");
+                    return result;
+                }
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                result = bus
+                    .produce(topic, key.as_bytes(), Some(value))
+                    .await
+                    .map(|_| ());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn subscription_stanza(from: &str, to: &str, kind: &str, status: Option<&str>) -> String {
+    let mut s = String::from("<presence");
+    attr(&mut s, "from", from);
+    attr(&mut s, "to", to);
+    attr(&mut s, "type", kind);
+    match status {
+        Some(status) => {
+            s.push('>');
+            text_element(&mut s, "status", status);
+            s.push_str("</presence>");
+        }
+        None => s.push_str("/>"),
+    }
+    s
+}

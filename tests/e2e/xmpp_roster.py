@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""Roster, subscription and presence checks for Switchboard's end-to-end tests.
+
+Run with the interpreter of ``infra/scripts/python-env.sh`` (it has slixmpp).
+Like ``xmpp_messaging.py`` (whose client, login and output helpers this
+reuses): one JSON line on stdout, exit 0 when the outcome is the expected one,
+1 when not, 2 on a usage error; bounded by ``--timeout``.
+
+Commands
+--------
+handshake
+    Logs in --a and --b (each fetches its roster, RFC 6121 §2.1.3, then sends
+    initial presence). A adds B with a roster set (name "Buddy", group
+    "Team", §2.3), then sends <presence type='subscribe'/> to B (§3.1). With
+    the server's default policy (auto-authorize, reciprocal add) both rosters
+    must end with the other as subscription='both'. Then each must see the
+    other available; B changes to <show>away</show> with a status text and A
+    must see that change; finally A leaves and B must see A unavailable.
+      {"ok": true, "a_item": {"subscription": "both", "name": "Buddy",
+       "groups": ["Team"]}, "b_item": {"subscription": "both", ...},
+       "a_sees_b": true, "b_sees_a": true, "a_sees_b_away": true,
+       "b_sees_a_leave": true}
+    On failure "error" names the first step that failed ("stage").
+
+roster
+    Logs in --a, fetches the roster and prints its items:
+      {"ok": true, "items": {"bob@example.com": {"subscription": "both",
+       "name": "Buddy", "groups": ["Team"], "ask": null}}, "version": "..."}
+    With --remove JID, removes that item afterwards (§2.5) and reports
+    "removed" (the item is gone from the roster after the push) and
+    "remove_error" (the condition of an error answer, if any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from xmpp_messaging import (  # noqa: E402 - after the path set-up
+    CLOSE_MARGIN, MECHANISMS, Client, LoginError, close_all, emit, install_backstop)
+
+log = logging.getLogger("xmpp_roster")
+
+
+class RosterClient(Client):
+    """A client that also records every presence stanza it gets."""
+
+    def __init__(self, who: str, jid: str, password: str, args: argparse.Namespace) -> None:
+        super().__init__(who, jid, password, args)
+        self.presences: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        # The server answers subscriptions by policy; the client must not.
+        self.xmpp.auto_authorize = None
+        self.xmpp.auto_subscribe = False
+        self.xmpp.add_event_handler("presence", self._on_presence)
+        self.xmpp.add_event_handler("roster_update", lambda _e: self.changed.set())
+
+    def _on_presence(self, pres: Any) -> None:
+        seen = {"from": str(pres["from"]), "type": pres["type"],
+                "show": pres["show"] or None, "status": pres["status"] or None}
+        log.info("%s got presence %s", self.who, seen)
+        self.presences.append(seen)
+        self.changed.set()
+
+    async def start_with_roster(self, deadline: float) -> None:
+        """Logs in, fetches the roster, then sends initial presence."""
+        send_presence = self.xmpp.send_presence
+        self.xmpp.send_presence = lambda *a, **k: None  # held until the roster is in
+        try:
+            await super().start(deadline)
+        finally:
+            self.xmpp.send_presence = send_presence
+        await self.xmpp.get_roster(timeout=max(1.0, deadline - time.monotonic()))
+        self.xmpp.send_presence()
+
+    def item(self, jid: str) -> dict[str, Any] | None:
+        roster = self.xmpp.client_roster
+        if jid not in roster.keys():
+            return None
+        entry = roster[jid]
+        if entry["subscription"] == "remove":
+            return None
+        return {"subscription": entry["subscription"], "name": entry["name"] or None,
+                "groups": sorted(entry["groups"]), "ask": entry["pending_out"] or None}
+
+    async def until(self, check: Callable[[], Any], deadline: float) -> Any:
+        """Waits until `check()` is truthy (re-checked on every change)."""
+        while True:
+            value = check()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return value
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+
+    def saw(self, bare: str, kind: str, show: str | None = None,
+            status: str | None = None) -> bool:
+        for p in self.presences:
+            if p["from"].split("/")[0] != bare:
+                continue
+            if kind == "unavailable" and p["type"] == "unavailable":
+                return True
+            if kind == "available" and p["type"] in ("available", "chat", "away", "xa", "dnd", "") \
+                    and (show is None or p["show"] == show) \
+                    and (status is None or p["status"] == status):
+                return True
+        return False
+
+
+async def run_handshake(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"ok": False}
+    a = RosterClient("a", args.a, args.a_password, args)
+    b = RosterClient("b", args.b, args.b_password, args)
+    a_bare, b_bare = args.a, args.b
+    step_deadline = lambda: min(args.deadline - CLOSE_MARGIN, time.monotonic() + args.step)  # noqa: E731
+    try:
+        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, LoginError):
+                result.update(outcome.fields())
+                return result
+            if isinstance(outcome, BaseException):
+                raise outcome
+        result.update({"a_jid": a.jid, "b_jid": b.jid})
+
+        await a.xmpp.update_roster(b_bare, name="Buddy", groups=["Team"],
+                                   timeout=max(1.0, step_deadline() - time.monotonic()))
+        a.xmpp.send_presence_subscription(pto=b_bare, ptype="subscribe")
+
+        both = lambda c, jid: (c.item(jid) or {}).get("subscription") == "both"  # noqa: E731
+        await a.until(lambda: both(a, b_bare), step_deadline())
+        await b.until(lambda: both(b, a_bare), step_deadline())
+        result["a_item"], result["b_item"] = a.item(b_bare), b.item(a_bare)
+        if not (both(a, b_bare) and both(b, a_bare)):
+            result.update({"error": "no-mutual-subscription", "stage": "handshake"})
+            return result
+        if result["a_item"]["name"] != "Buddy" or result["a_item"]["groups"] != ["Team"]:
+            result.update({"error": "item-lost-name-or-group", "stage": "handshake"})
+            return result
+
+        result["a_sees_b"] = await a.until(lambda: a.saw(b_bare, "available"), step_deadline())
+        result["b_sees_a"] = await b.until(lambda: b.saw(a_bare, "available"), step_deadline())
+        if not (result["a_sees_b"] and result["b_sees_a"]):
+            result.update({"error": "presence-not-seen", "stage": "initial-presence"})
+            return result
+
+        b.xmpp.send_presence(pshow="away", pstatus="in a meeting")
+        result["a_sees_b_away"] = await a.until(
+            lambda: a.saw(b_bare, "available", show="away", status="in a meeting"),
+            step_deadline())
+        if not result["a_sees_b_away"]:
+            result.update({"error": "presence-change-not-seen", "stage": "change"})
+            return result
+
+        await a.close()
+        result["b_sees_a_leave"] = await b.until(lambda: b.saw(a_bare, "unavailable"),
+                                                 step_deadline())
+        if not result["b_sees_a_leave"]:
+            result.update({"error": "unavailable-not-seen", "stage": "leave"})
+            return result
+        result["ok"] = True
+        return result
+    finally:
+        result["a_presences"] = a.presences[-10:]
+        result["b_presences"] = b.presences[-10:]
+        await close_all([a, b])
+
+
+async def run_roster(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"ok": False}
+    a = RosterClient("a", args.a, args.a_password, args)
+    try:
+        await a.start_with_roster(args.deadline - CLOSE_MARGIN - 2)
+        items = {jid: a.item(jid) for jid in a.xmpp.client_roster.keys()}
+        result["items"] = {k: v for k, v in items.items() if v is not None}
+        result["version"] = a.xmpp.client_roster.version or None
+        if args.remove:
+            import slixmpp
+
+            try:
+                await a.xmpp.del_roster_item(args.remove)
+            except slixmpp.exceptions.IqError as e:
+                result["remove_error"] = e.iq["error"]["condition"] or "unknown"
+            result["removed"] = bool(await a.until(lambda: a.item(args.remove) is None,
+                                                   args.deadline - CLOSE_MARGIN))
+        result["ok"] = True
+        return result
+    except LoginError as e:
+        result.update(e.fields())
+        return result
+    finally:
+        await close_all([a])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--cafile", required=True)
+        p.add_argument("--mechanism", choices=MECHANISMS, default="SCRAM-SHA-256")
+        p.add_argument("--timeout", type=float, default=argparse.SUPPRESS)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+        p.add_argument("--a", required=True, metavar="JID")
+        p.add_argument("--a-password", required=True)
+
+    hs = sub.add_parser("handshake")
+    common(hs)
+    hs.add_argument("--b", required=True, metavar="JID")
+    hs.add_argument("--b-password", required=True)
+    hs.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
+    ro = sub.add_parser("roster")
+    common(ro)
+    ro.add_argument("--remove", metavar="JID")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
+                        stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.deadline = time.monotonic() + args.timeout
+    install_backstop(args.timeout, args.command)
+    runner = {"handshake": run_handshake, "roster": run_roster}[args.command]
+
+    async def bounded() -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(runner(args), timeout=max(1.0, args.timeout - 0.5))
+        except asyncio.TimeoutError:
+            return {"ok": False, "error": "timeout", "stage": args.command}
+
+    try:
+        result = asyncio.run(bounded())
+    except Exception as e:  # noqa: BLE001 - report, don't traceback
+        log.debug("internal error", exc_info=True)
+        result = {"ok": False, "error": "internal", "detail": f"{type(e).__name__}: {e}"}
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    emit(result)
+    return 0 if result.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,8 +15,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use switchboard_infra::config::XmppSettings;
 use switchboard_schemas::events::{
     AuthMechanism, DevicePresence, LoginFailureReason, MessageKind, MessageSubmitted, Protocol,
-    ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed, SessionLoginSucceeded,
-    SessionResourceBound, Show,
+    RosterQueried, RosterUpdateRequested, ScramMechanism, SessionEndReason, SessionEnded,
+    SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved,
+    SubscriptionCancelled, SubscriptionDenied, SubscriptionRequested,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +43,11 @@ const NS_DISCO_INFO: &str = "http://jabber.org/protocol/disco#info";
 const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 const NS_VERSION: &str = "jabber:iq:version";
 const NS_LAST: &str = "jabber:iq:last";
+const NS_ROSTER: &str = "jabber:iq:roster";
+/// Most groups one roster item may name.
+const MAX_ROSTER_GROUPS: usize = 64;
+/// Longest roster item name or group name, in bytes.
+const MAX_ROSTER_TEXT: usize = 1024;
 /// Queries the server answers about itself.
 const SERVER_QUERIES: [&str; 4] = [NS_DISCO_INFO, NS_DISCO_ITEMS, NS_VERSION, NS_LAST];
 /// How long a client may take to negotiate before its connection is closed.
@@ -571,9 +577,12 @@ impl Conn {
             }
         }
         if self.user.is_some() {
+            // RFC 6121 §2.6.1 roster versioning and §3.4.1 pre-approval.
             f.push_str(
                 "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
-                 <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>",
+                 <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+                 <ver xmlns='urn:xmpp:features:rosterver'/>\
+                 <sub xmlns='urn:xmpp:features:pre-approval'/>",
             );
         }
         f.push_str("</stream:features>");
@@ -969,6 +978,7 @@ impl Conn {
             "get" | "set" => {
                 let child_ns = e.elements().next().map(|c| c.namespace.clone());
                 match child_ns.as_deref() {
+                    Some(NS_ROSTER) => return self.roster(&e, &id, &kind).await,
                     // RFC 3921 §3: legacy session establishment, a no-op.
                     Some(NS_SESSION) if to_server => self.result(&id),
                     // XEP-0199 §4: client-to-server ping.
@@ -1064,15 +1074,126 @@ impl Conn {
         Step::Continue
     }
 
-    /// RFC 6121 §4.2: presence without `to` is broadcast presence, an input
-    /// of the user's composed presence.
-    async fn presence(&mut self, e: Element) -> Step {
+    /// RFC 6121 §2.1.3 (get), §2.3 and §2.5 (set): roster requests become
+    /// events; the roster processor answers the session.
+    async fn roster(&mut self, e: &Element, id: &str, kind: &str) -> Step {
         let Some(bound) = &self.bound else {
             return Step::Continue;
         };
-        if e.attr("to").is_some() || e.attr("type").is_some_and(|t| t != "unavailable") {
-            // Directed presence and subscriptions are routed by the presence
-            // processor, which is not part of this gateway yet.
+        // §2.1.5: only the user's own roster, addressed to the account.
+        if let Some(to) = e.attr("to")
+            && !super::jid::Jid::parse(to).is_ok_and(|j| {
+                j.bare() == bound.jid.bare() && matches!(j, super::jid::Jid::Bare(_))
+            })
+        {
+            self.stanza_error(e, "auth", "forbidden");
+            return Step::Continue;
+        }
+        let Some(query) = e.child("query", NS_ROSTER) else {
+            self.stanza_error(e, "modify", "bad-request");
+            return Step::Continue;
+        };
+        let user = bound.jid.bare().to_string();
+        let event: switchboard_schemas::Event = if kind == "get" {
+            RosterQueried {
+                user: bound.jid.bare().into(),
+                device: (&bound.jid).into(),
+                session_id: bound.session_id,
+                iq_id: id.to_owned(),
+                version: query.attr("ver").map(str::to_owned),
+            }
+            .into()
+        } else {
+            match roster_item(query) {
+                Ok((contact, name, groups, remove)) => RosterUpdateRequested {
+                    user: bound.jid.bare().into(),
+                    device: (&bound.jid).into(),
+                    session_id: bound.session_id,
+                    iq_id: id.to_owned(),
+                    contact: (&contact).into(),
+                    name,
+                    groups,
+                    remove,
+                }
+                .into(),
+                Err(condition) => {
+                    self.stanza_error(e, "modify", condition);
+                    return Step::Continue;
+                }
+            }
+        };
+        if let Err(err) = self.ctx.events.emit(&user, event).await {
+            tracing::error!(error = %err, "roster request not stored");
+            self.stanza_error(e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    /// RFC 6121 §3: subscription requests and answers become events keyed
+    /// by the acting user; the roster processor runs the state machine.
+    async fn subscription(&mut self, e: &Element, kind: &str) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let Some(to) = e
+            .attr("to")
+            .and_then(|to| super::jid::Jid::parse(to).ok())
+            .map(|j| j.bare().clone())
+        else {
+            self.stanza_error(e, "modify", "jid-malformed");
+            return Step::Continue;
+        };
+        if &to == bound.jid.bare() {
+            // §3.1.1 addresses another entity; nothing to do for oneself.
+            return Step::Continue;
+        }
+        let status = e
+            .child("status", &e.namespace)
+            .map(|c| c.text())
+            .filter(|t| !t.is_empty());
+        let (from, to) = (bound.jid.bare().into(), (&to).into());
+        let event: switchboard_schemas::Event = match kind {
+            "subscribe" => SubscriptionRequested { from, to, status }.into(),
+            "subscribed" => SubscriptionApproved { from, to, status }.into(),
+            "unsubscribe" => SubscriptionCancelled { from, to, status }.into(),
+            _ => SubscriptionDenied { from, to, status }.into(),
+        };
+        if let Err(err) = self
+            .ctx
+            .events
+            .emit(&bound.jid.bare().to_string(), event)
+            .await
+        {
+            tracing::error!(error = %err, "subscription not stored");
+            self.stanza_error(e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    /// RFC 6121 §4.2: presence without `to` is broadcast presence, an input
+    /// of the user's composed presence.
+    async fn presence(&mut self, e: Element) -> Step {
+        if self.bound.is_none() {
+            return Step::Continue;
+        }
+        match e.attr("type") {
+            Some(kind @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")) => {
+                let kind = kind.to_owned();
+                return self.subscription(&e, &kind).await;
+            }
+            // §4.3: probes are the server's business; errors need no answer.
+            Some("probe" | "error") => return Step::Continue,
+            Some("unavailable") | None => {}
+            Some(_) => {
+                self.stanza_error(&e, "modify", "bad-request");
+                return Step::Continue;
+            }
+        }
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        if e.attr("to").is_some() {
+            // §4.6 directed presence is not routed yet.
             self.stanza_error(&e, "cancel", "feature-not-implemented");
             return Step::Continue;
         }

@@ -299,3 +299,49 @@ impl Outcome {
         self.json.get(key).and_then(serde_json::Value::as_bool) == Some(true)
     }
 }
+
+impl Deployment {
+    /// Runs `tests/e2e/<script> --timeout <timeout> <command> --host
+    /// 127.0.0.1 --port <c2s> --cafile <cert> <args>` with the venv python
+    /// and returns its last JSON line.
+    pub fn client(
+        &self,
+        python: &Path,
+        script: &str,
+        command: &str,
+        timeout: u64,
+        args: &[&str],
+    ) -> Outcome {
+        let mut cmd = Command::new(python);
+        cmd.arg("-u")
+            .arg(repo_root().join("tests/e2e").join(script))
+            .args(["--timeout", &timeout.to_string(), command])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.c2s.port().to_string(),
+            ])
+            .arg("--cafile")
+            .arg(self.cert())
+            .args(args)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env_remove("PYTHONPATH")
+            .env_remove("PYTHONHOME");
+        let (code, out, err) = run_with_limit(cmd, Duration::from_secs(timeout + 20));
+        let line = out
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        let err_lines: Vec<&str> = err.lines().collect();
+        let err_tail = err_lines[err_lines.len().saturating_sub(15)..].join("\n");
+        Outcome {
+            json: serde_json::from_str(line).unwrap_or(serde_json::Value::Null),
+            code,
+            report: format!(
+                "client {script} {command} {args:?}\n  exit: {code:?}\n  json: {line}\n  stderr (tail):\n{err_tail}"
+            ),
+        }
+    }
+}

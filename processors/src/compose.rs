@@ -495,8 +495,9 @@ pub struct Throttle<T> {
 
 #[derive(Debug, Clone)]
 struct Slot<T> {
-    last_sent_at: Duration,
-    last_sent: T,
+    /// `None`: nothing sent through this throttle yet.
+    last_sent_at: Option<Duration>,
+    last_sent: Option<T>,
     pending: Option<T>,
 }
 
@@ -522,32 +523,29 @@ impl<T: Clone + PartialEq> Throttle<T> {
     }
 
     /// Offers a new state at time `now` (any monotonic clock as a duration
-    /// since its origin). Returns it when it may go out now.
+    /// since its origin). Returns it when it may go out now; a state equal
+    /// to the last one sent cancels whatever was pending and sends nothing.
     pub fn offer(&mut self, user: &BareJid, state: T, now: Duration) -> Option<T> {
-        match self.users.get_mut(user) {
-            None => {
-                self.users.insert(
-                    user.clone(),
-                    Slot {
-                        last_sent_at: now,
-                        last_sent: state.clone(),
-                        pending: None,
-                    },
-                );
-                Some(state)
-            }
-            Some(slot) => {
-                if now.saturating_sub(slot.last_sent_at) >= self.min_interval
-                    && slot.pending.is_none()
-                {
-                    slot.last_sent_at = now;
-                    slot.last_sent = state.clone();
-                    Some(state)
-                } else {
-                    slot.pending = (slot.last_sent != state).then_some(state);
-                    None
-                }
-            }
+        let min_interval = self.min_interval;
+        let slot = self.users.entry(user.clone()).or_insert_with(|| Slot {
+            last_sent_at: None,
+            last_sent: None,
+            pending: None,
+        });
+        if slot.last_sent.as_ref() == Some(&state) {
+            slot.pending = None;
+            return None;
+        }
+        let quiet = slot
+            .last_sent_at
+            .is_none_or(|at| now.saturating_sub(at) >= min_interval);
+        if quiet && slot.pending.is_none() {
+            slot.last_sent_at = Some(now);
+            slot.last_sent = Some(state.clone());
+            Some(state)
+        } else {
+            slot.pending = Some(state);
+            None
         }
     }
 
@@ -556,11 +554,12 @@ impl<T: Clone + PartialEq> Throttle<T> {
     pub fn due(&mut self, now: Duration) -> Vec<(BareJid, T)> {
         let mut out = Vec::new();
         for (user, slot) in &mut self.users {
-            if now.saturating_sub(slot.last_sent_at) >= self.min_interval
-                && let Some(state) = slot.pending.take()
-            {
-                slot.last_sent_at = now;
-                slot.last_sent = state.clone();
+            let quiet = slot
+                .last_sent_at
+                .is_none_or(|at| now.saturating_sub(at) >= self.min_interval);
+            if quiet && let Some(state) = slot.pending.take() {
+                slot.last_sent_at = Some(now);
+                slot.last_sent = Some(state.clone());
                 out.push((user.clone(), state));
             }
         }
@@ -572,7 +571,10 @@ impl<T: Clone + PartialEq> Throttle<T> {
         self.users
             .values()
             .filter(|s| s.pending.is_some())
-            .map(|s| s.last_sent_at + self.min_interval)
+            .map(|s| {
+                s.last_sent_at
+                    .map_or(Duration::ZERO, |at| at + self.min_interval)
+            })
             .min()
     }
 
@@ -581,17 +583,23 @@ impl<T: Clone + PartialEq> Throttle<T> {
         self.users.retain(|user, _| keep(user));
     }
 
-    /// Records `state` as already sent at `now` without offering it (the
-    /// last composed state read back from the log).
-    pub fn seed(&mut self, user: &BareJid, state: T, now: Duration) {
+    /// Records `state` as the last one sent, at no particular time (the
+    /// last composed state read back from the log): the next different
+    /// state goes out at once.
+    pub fn seed(&mut self, user: &BareJid, state: T) {
         self.users.insert(
             user.clone(),
             Slot {
-                last_sent_at: now.saturating_sub(self.min_interval),
-                last_sent: state,
+                last_sent_at: None,
+                last_sent: Some(state),
                 pending: None,
             },
         );
+    }
+
+    /// Whether the throttle knows `user`.
+    pub fn knows(&self, user: &BareJid) -> bool {
+        self.users.contains_key(user)
     }
 }
 
@@ -1013,12 +1021,19 @@ mod tests {
         assert_eq!(t.offer(&user, 4, ms(1100)), None);
         assert_eq!(t.offer(&user, 3, ms(1200)), None);
         assert!(t.due(ms(5000)).is_empty());
-        // After a quiet interval a change passes at once.
+        // After a quiet interval a change passes at once; the same state
+        // again sends nothing.
         assert_eq!(t.offer(&user, 5, ms(5000)), Some(5));
+        assert_eq!(t.offer(&user, 5, ms(9000)), None);
+        // A seeded state counts as sent.
+        t.seed(&user, 7);
+        assert_eq!(t.offer(&user, 7, ms(9001)), None);
+        assert_eq!(t.offer(&user, 8, ms(9002)), Some(8));
         // Zero interval: everything passes.
         let mut t = Throttle::new(Duration::ZERO);
         assert_eq!(t.offer(&user, 1, ms(0)), Some(1));
         assert_eq!(t.offer(&user, 2, ms(0)), Some(2));
+        assert_eq!(t.offer(&user, 1, ms(0)), Some(1));
     }
 
     #[test]

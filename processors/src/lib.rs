@@ -7,6 +7,7 @@
 
 pub mod compose;
 pub mod policy;
+pub mod presence;
 pub mod roster;
 pub mod router;
 pub mod runtime;

@@ -23,7 +23,9 @@ string_enum! {
 
 /// An entry of a blocked or allowed list: one user, or every user of a
 /// domain.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyItem {
     /// One user by bare address.

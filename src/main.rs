@@ -2,6 +2,7 @@
 
 mod admin;
 mod bus_cmd;
+mod projections_cmd;
 mod serve;
 mod user_cmd;
 
@@ -41,6 +42,18 @@ enum Command {
     /// Manage users (through a running server's admin socket when there is one).
     #[command(subcommand)]
     User(user_cmd::UserCommand),
+    /// Drop one projection (rosters, sessions, archive, files, compliance)
+    /// and rebuild it from the log.
+    Replay {
+        /// The projection to rebuild.
+        projection: String,
+    },
+    /// The compliance log.
+    #[command(subcommand)]
+    Compliance(projections_cmd::ComplianceCommand),
+    /// Run projections without the rest of the server.
+    #[command(subcommand)]
+    Projections(projections_cmd::ProjectionsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +97,9 @@ fn main() -> ExitCode {
             }
             Command::Bus(cmd) => bus_cmd::run(&config, cmd).await,
             Command::User(cmd) => user_cmd::run(&config, cmd).await,
+            Command::Replay { projection } => projections_cmd::replay(&config, &projection).await,
+            Command::Compliance(cmd) => projections_cmd::compliance(&config, cmd).await,
+            Command::Projections(cmd) => projections_cmd::projections(&config, cmd).await,
         }
     });
     match result {

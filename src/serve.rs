@@ -42,6 +42,10 @@ impl Role {
     fn runs_processors(self) -> bool {
         matches!(self, Role::All | Role::Processors)
     }
+
+    fn runs_projections(self) -> bool {
+        matches!(self, Role::All | Role::Projections)
+    }
 }
 
 /// Interval of node heartbeats.
@@ -50,6 +54,8 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct AppState {
     ready: Arc<AtomicBool>,
+    /// Not ready while a projection catches up (SPEC.md §12).
+    projections: Arc<switchboard_projections::Status>,
 }
 
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
@@ -74,12 +80,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
 
     let ready = Arc::new(AtomicBool::new(false));
+    let projection_status = switchboard_projections::Status::new(if role.runs_projections() {
+        &switchboard_projections::ProjectionKind::ALL
+    } else {
+        &[]
+    });
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AppState {
             ready: ready.clone(),
+            projections: projection_status.clone(),
         });
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -213,6 +225,19 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             }
         }));
     }
+    if role.runs_projections() {
+        let db = switchboard_projections::open_database(&config)
+            .await
+            .context("opening the projections database")?;
+        tracing::info!(backend = db.backend(), "projections database ready");
+        tasks.extend(switchboard_projections::spawn_all(
+            &bus,
+            &db,
+            &Arc::new(switchboard_projections::runner_config(&config)),
+            &projection_status,
+            &shutdown_rx,
+        ));
+    }
     ready.store(true, Ordering::Release);
     tracing::info!("switchboard is serving");
 
@@ -230,10 +255,12 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+    if !state.ready.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned())
+    } else if !state.projections.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, state.projections.report())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        (StatusCode::OK, "ready\n".to_owned())
     }
 }
 

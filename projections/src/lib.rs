@@ -118,3 +118,62 @@ impl FromStr for ProjectionKind {
             .ok_or_else(|| ProjectionError::UnknownProjection(s.to_owned()))
     }
 }
+
+/// The projections database a configuration names: PostgreSQL at
+/// `database.url`, else SQLite at `data_dir/switchboard.db`.
+pub async fn open_database(
+    config: &switchboard_infra::config::Config,
+) -> Result<Database, ProjectionError> {
+    Database::open(
+        &config.database.url,
+        &config.data_path(std::path::Path::new(SQLITE_FILE)),
+    )
+    .await
+}
+
+/// The SQLite file of the embedded default, relative to `data_dir`.
+pub const SQLITE_FILE: &str = "switchboard.db";
+
+/// Runner settings from a configuration.
+pub fn runner_config(config: &switchboard_infra::config::Config) -> RunnerConfig {
+    RunnerConfig {
+        local_domains: config
+            .domains
+            .iter()
+            .map(|d| d.to_ascii_lowercase())
+            .collect(),
+        profile: Profile::from(&config.compliance),
+        ..RunnerConfig::new(config.bus.topic_prefix.clone())
+    }
+}
+
+/// Starts a runner for every projection in `status`; each stops when
+/// `shutdown` turns true.
+pub fn spawn_all(
+    bus: &std::sync::Arc<dyn switchboard_infra::bus::Bus>,
+    db: &Database,
+    config: &std::sync::Arc<RunnerConfig>,
+    status: &Status,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    status
+        .all()
+        .iter()
+        .map(|slot| {
+            let task = runner::run(
+                bus.clone(),
+                db.clone(),
+                slot.kind(),
+                config.clone(),
+                slot.clone(),
+                shutdown.clone(),
+            );
+            let kind = slot.kind();
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(projection = %kind, error = %e, "projection stopped");
+                }
+            })
+        })
+        .collect()
+}

@@ -107,6 +107,10 @@ struct Router {
     /// `message.stored_offline` produced but not read back yet: (recipient,
     /// sender, id). Counted against the limits until read back.
     pending_stored: BTreeSet<(String, String, String)>,
+    /// Sessions a gateway handed a message back from (gone or stuck) whose
+    /// end was not read yet: not chosen again meanwhile, so a message does
+    /// not circle between the store and a dead session.
+    gone: BTreeSet<uuid::Uuid>,
     owned: BTreeSet<i32>,
     messages_topic: String,
     deliveries_topic: String,
@@ -168,6 +172,7 @@ pub async fn run(
         directory: SessionDirectory::default(),
         offline: OfflineStore::default(),
         pending_stored: BTreeSet::new(),
+        gone: BTreeSet::new(),
         owned: BTreeSet::new(),
         messages_topic,
         partitions,
@@ -237,6 +242,9 @@ fn decode(record: &Record) -> Option<Envelope> {
         }
     }
 }
+
+/// Most sessions remembered as gone before their end is read.
+const MAX_GONE: usize = 10_000;
 
 /// Chat and normal messages are never dropped once routed: their deliveries
 /// name the sender so a gateway can hand them back.
@@ -383,7 +391,7 @@ impl Router {
     fn available_session(&self, bare: &str) -> Option<String> {
         self.directory
             .sessions_of(bare)
-            .filter(|(_, s)| s.available && s.priority >= 0)
+            .filter(|(_, s)| s.available && s.priority >= 0 && !self.gone.contains(&s.session_id))
             .max_by_key(|(_, s)| s.priority)
             .map(|(full, _)| full.to_owned())
     }
@@ -391,6 +399,9 @@ impl Router {
     fn on_table(&mut self, records: &[Record]) {
         for r in records {
             let Some(envelope) = decode(r) else { continue };
+            if let Event::SessionEnded(ended) = &envelope.event {
+                self.gone.remove(&ended.session_id);
+            }
             if let Some(full) = self.directory.apply(&envelope) {
                 // XEP-0160 §3: stored messages go out at available presence.
                 let bare = bare_of(&full).to_owned();
@@ -531,11 +542,17 @@ impl Router {
     fn on_undelivered(&mut self, u: &MessageUndelivered) {
         let bare = bare_of(&u.to).to_owned();
         if u.reason != UndeliveredReason::NoSession {
+            if let Some(id) = u.session_id {
+                if self.gone.len() >= MAX_GONE {
+                    self.gone.clear();
+                }
+                self.gone.insert(id);
+            }
             let other = self
                 .directory
                 .sessions_of(&bare)
                 .filter(|(_, s)| {
-                    s.available && s.priority >= 0 && Some(s.session_id) != u.session_id
+                    s.available && s.priority >= 0 && !self.gone.contains(&s.session_id)
                 })
                 .max_by_key(|(_, s)| s.priority)
                 .map(|(full, s)| Target {

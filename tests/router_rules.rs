@@ -1,0 +1,574 @@
+//! The router's rules on the embedded bus (SPEC.md §7, issue 4 "Router" and
+//! "Sessions"): the router runtime (`switchboard_processors::runtime`) runs
+//! in-process against a fresh embedded log; the tests write the events
+//! gateways would write and read what the router decides.
+//!
+//! - duplicate suppression: a `message.submitted` seen again (same sender
+//!   and id) is not delivered twice, also by a router started afterwards
+//!   (the memory comes from the log);
+//! - gateway node failover: a node that stops heartbeating has its sessions
+//!   ended once (session.ended node_down + presence.device unavailable),
+//!   by the owning instance only, not again after a restart; messages then go
+//!   to offline storage; a restarted node's old sessions end too;
+//! - a message handed back by a gateway (`message.undelivered`) goes to
+//!   another available session, else to offline storage;
+//! - offline limits at exactly the boundary (per user, per node), and
+//!   storage suppressed: the sender gets an error stanza;
+//! - IM forking and stickiness (event time, not wall clock).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use switchboard_infra::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+use switchboard_infra::bus::{Bus, Consumer, ConsumerConfig, Polled, TopicConfig};
+use switchboard_processors::runtime::{RouterConfig, run};
+use switchboard_schemas::events::{
+    BounceReason, DevicePresence, MessageKind, MessageSubmitted, MessageUndelivered, NodeHeartbeat,
+    Protocol, SessionEndReason, SessionResourceBound, UndeliveredReason,
+};
+use switchboard_schemas::topics::{Topic, full_name};
+use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+const PREFIX: &str = "rt";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    bus: Arc<dyn Bus>,
+    reader: Box<dyn Consumer>,
+    /// Everything the reader has seen on messages, deliveries, sessions and
+    /// presence.
+    seen: Vec<Envelope>,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("router stops")
+            .expect("router task");
+    }
+}
+
+fn config() -> RouterConfig {
+    RouterConfig::new(PREFIX, NodeId::new("proc1"), vec!["example.com".to_owned()])
+}
+
+fn stanza(from: &str, to: &str, id: &str, kind: &str) -> String {
+    format!(
+        "<message xmlns='jabber:client' from='{from}' to='{to}' type='{kind}' id='{id}'><body>{id}</body></message>"
+    )
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bus: Arc<dyn Bus> = Arc::new(
+            EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("bus.sqlite")))
+                .await
+                .unwrap(),
+        );
+        bus.create_topics(&TopicConfig::catalogue(PREFIX))
+            .await
+            .unwrap();
+        let topics: Vec<String> = [
+            Topic::Messages,
+            Topic::Deliveries,
+            Topic::Sessions,
+            Topic::Presence,
+        ]
+        .into_iter()
+        .map(|t| full_name(PREFIX, t))
+        .collect();
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let reader = bus
+            .consumer(ConsumerConfig::new("test-reader", &refs))
+            .await
+            .unwrap();
+        Self {
+            _dir: dir,
+            bus,
+            reader,
+            seen: Vec::new(),
+        }
+    }
+
+    fn start(&self, config: RouterConfig) -> Running {
+        let (stop, rx) = watch::channel(false);
+        let bus = self.bus.clone();
+        let task = tokio::spawn(async move {
+            run(bus, config, rx).await.expect("router runs");
+        });
+        Running { stop, task }
+    }
+
+    async fn produce(&self, envelope: &Envelope) {
+        let topic = full_name(PREFIX, envelope.topic().expect("catalogued"));
+        self.bus
+            .produce(
+                &topic,
+                envelope.subject.as_bytes(),
+                Some(&envelope.to_json_vec().unwrap()),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// A session of `full` on gateway `node`, with available presence.
+    async fn bind(&self, full: &str, node: &str, priority: i8) -> Uuid {
+        let id = Uuid::now_v7();
+        let bare = full.split_once('/').unwrap().0;
+        self.produce(&Envelope::new(
+            NodeId::new(node),
+            bare,
+            SessionResourceBound {
+                session_id: id,
+                full_jid: FullJid::new(full),
+                protocol: Protocol::Xmpp,
+                contact: None,
+                priority,
+                client: Default::default(),
+            },
+        ))
+        .await;
+        self.produce(&Envelope::new(
+            NodeId::new(node),
+            bare,
+            DevicePresence {
+                user: BareJid::new(bare),
+                device: full.to_owned(),
+                protocol: Protocol::Xmpp,
+                available: true,
+                show: None,
+                status: None,
+                priority,
+            },
+        ))
+        .await;
+        id
+    }
+
+    async fn heartbeat(&self, node: &str, started_at: DateTime<Utc>) {
+        self.produce(&Envelope::new(
+            NodeId::new(node),
+            node,
+            NodeHeartbeat {
+                node: NodeId::new(node),
+                started_at,
+                interval_secs: 1,
+                sessions: Default::default(),
+            },
+        ))
+        .await;
+    }
+
+    fn submitted(from: &str, to: &str, id: &str, kind: MessageKind) -> Envelope {
+        Envelope::new(
+            NodeId::new("gw1"),
+            from.split_once('/').unwrap().0,
+            MessageSubmitted {
+                message_id: id.to_owned(),
+                from: FullJid::new(from),
+                to: to.to_owned(),
+                stanza: stanza(from, to, id, kind.as_str()),
+                kind,
+                body: Some(id.to_owned()),
+                thread: None,
+                subject: None,
+            },
+        )
+    }
+
+    async fn submit(&self, from: &str, to: &str, id: &str) {
+        self.produce(&Self::submitted(from, to, id, MessageKind::Chat))
+            .await;
+    }
+
+    async fn read_for(&mut self, d: Duration) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if let Polled::Records(records) =
+                self.reader.poll(Duration::from_millis(50)).await.unwrap()
+            {
+                for r in records {
+                    if let Some(v) = r.value.as_deref() {
+                        self.seen.push(Envelope::from_json_slice(v).unwrap());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads until `done` holds of everything seen (or fails after 20 s).
+    async fn wait(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !done(self) {
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; seen:\n{}",
+                self.dump()
+            );
+            self.read_for(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.seen
+            .iter()
+            .map(|e| format!("{} {} {:?}", e.event.event_type(), e.subject, e.event))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Deliveries of message `id` to `to` (a full address).
+    fn deliveries(&self, id: &str, to: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::StanzaDelivery(d)
+                    if d.message_id.as_deref() == Some(id) && d.to == to
+                        && !d.stanza.contains("type='error'"))
+            })
+            .count()
+    }
+
+    /// Error stanzas with `condition` delivered to `to` for message `id`.
+    fn errors(&self, id: &str, to: &str, condition: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::StanzaDelivery(d)
+                    if d.message_id.as_deref() == Some(id) && d.to == to
+                        && d.stanza.contains("type='error'")
+                        && d.stanza.contains(&format!("<{condition} ")))
+            })
+            .count()
+    }
+
+    fn stored(&self, id: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| matches!(&e.event, Event::MessageStoredOffline(s) if s.message_id == id))
+            .count()
+    }
+
+    fn bounced(&self, id: &str, reason: &BounceReason) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::MessageBounced(b)
+                    if b.message_id == id && b.reason == *reason)
+            })
+            .count()
+    }
+
+    fn ended(&self, session: Uuid) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::SessionEnded(s)
+                    if s.session_id == session && s.reason == SessionEndReason::NodeDown)
+            })
+            .count()
+    }
+
+    fn unavailable(&self, full: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::DevicePresence(p) if p.device == full && !p.available)
+            })
+            .count()
+    }
+}
+
+const ALICE: &str = "alice@example.com/a";
+const BOB: &str = "bob@example.com";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_seen_again_is_not_delivered_twice() {
+    let mut h = Harness::new().await;
+    let bob_phone = format!("{BOB}/phone");
+    h.bind(ALICE, "gw1", 0).await;
+    h.bind(&bob_phone, "gw1", 0).await;
+    let router = h.start(config());
+    h.submit(ALICE, BOB, "m1").await;
+    // The same id again (a client resend or a redelivery), and another
+    // sender's "m1", which is another message.
+    h.submit(ALICE, BOB, "m1").await;
+    h.bind("dave@example.com/d", "gw1", 0).await;
+    h.submit("dave@example.com/d", BOB, "m1").await;
+    h.submit(ALICE, BOB, "m2").await;
+    h.wait("m2 delivered", |h| h.deliveries("m2", &bob_phone) == 1)
+        .await;
+    h.read_for(Duration::from_millis(500)).await;
+    let from_alice = h
+        .seen
+        .iter()
+        .filter(|e| {
+            matches!(&e.event, Event::StanzaDelivery(d)
+                if d.message_id.as_deref() == Some("m1") && d.stanza.contains(ALICE))
+        })
+        .count();
+    assert_eq!(from_alice, 1, "{}", h.dump());
+    assert_eq!(h.deliveries("m1", &bob_phone), 2, "alice's and dave's m1");
+    router.stop().await;
+
+    // A new router instance (state rebuilt from the log) sees alice's m1
+    // once more: still suppressed; m3 goes through.
+    h.submit(ALICE, BOB, "m1").await;
+    h.submit(ALICE, BOB, "m3").await;
+    let router = h.start(config());
+    h.wait("m3 delivered", |h| h.deliveries("m3", &bob_phone) == 1)
+        .await;
+    h.read_for(Duration::from_millis(500)).await;
+    assert_eq!(h.deliveries("m1", &bob_phone), 2, "{}", h.dump());
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_silent_gateway_node_end_once() {
+    let mut h = Harness::new().await;
+    let now = Utc::now();
+    h.heartbeat("gw-a", now).await;
+    h.heartbeat("gw-b", now).await;
+    h.bind(ALICE, "gw-b", 0).await;
+    // Users spread over partitions, so both router instances own some.
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}@example.com/r")).collect();
+    let mut ids = Vec::new();
+    for u in &users {
+        ids.push(h.bind(u, "gw-a", 0).await);
+    }
+    let config = RouterConfig {
+        node_timeout: Duration::from_secs(2),
+        ..config()
+    };
+    let one = h.start(config.clone());
+    let two = h.start(RouterConfig {
+        node: NodeId::new("proc2"),
+        ..config.clone()
+    });
+    // gw-b keeps beating, gw-a is silent.
+    let beat = {
+        let bus = h.bus.clone();
+        tokio::spawn(async move {
+            loop {
+                let e = Envelope::new(
+                    NodeId::new("gw-b"),
+                    "gw-b",
+                    NodeHeartbeat {
+                        node: NodeId::new("gw-b"),
+                        started_at: now,
+                        interval_secs: 1,
+                        sessions: Default::default(),
+                    },
+                );
+                let _ = bus
+                    .produce(
+                        &full_name(PREFIX, Topic::Sessions),
+                        b"gw-b",
+                        Some(&e.to_json_vec().unwrap()),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    h.wait("every gw-a session ended", |h| {
+        ids.iter().all(|id| h.ended(*id) >= 1) && users.iter().all(|u| h.unavailable(u) >= 1)
+    })
+    .await;
+    // Messages for them now go to offline storage.
+    h.submit(ALICE, "u0@example.com", "late").await;
+    h.wait("late stored", |h| h.stored("late") == 1).await;
+    // Nothing twice, from either instance; alice (gw-b) untouched.
+    h.read_for(Duration::from_secs(3)).await;
+    for (id, u) in ids.iter().zip(&users) {
+        assert_eq!(h.ended(*id), 1, "{u}\n{}", h.dump());
+        assert_eq!(h.unavailable(u), 1, "{u}");
+    }
+    assert_eq!(h.unavailable(ALICE), 0);
+    one.stop().await;
+    two.stop().await;
+    // After a restart (state from the log): nothing again.
+    let three = h.start(config.clone());
+    h.read_for(Duration::from_secs(4)).await;
+    for id in &ids {
+        assert_eq!(h.ended(*id), 1);
+    }
+    // gw-b restarts under the same id (its heartbeat has a later start):
+    // alice's session, bound before, ends; a session bound after does not.
+    beat.abort();
+    let restarted = Utc::now();
+    h.heartbeat("gw-b", restarted).await;
+    let carol = h.bind("carol@example.com/c", "gw-b", 0).await;
+    h.wait("alice's old session ended", |h| {
+        h.seen.iter().any(|e| {
+            matches!(&e.event, Event::SessionEnded(s)
+                if s.full_jid.as_ref().map(FullJid::as_str) == Some(ALICE)
+                    && s.reason == SessionEndReason::NodeDown)
+        })
+    })
+    .await;
+    h.heartbeat("gw-b", restarted).await;
+    h.read_for(Duration::from_millis(1500)).await;
+    assert_eq!(h.ended(carol), 0);
+    three.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_back_goes_to_another_session_or_offline() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    let laptop = format!("{BOB}/laptop");
+    let phone_id = h.bind(&phone, "gw1", 5).await;
+    let laptop_id = h.bind(&laptop, "gw1", 1).await;
+    let router = h.start(config());
+    let back = |id: &str, to: &str, session| {
+        Envelope::new(
+            NodeId::new("gw1"),
+            BOB,
+            MessageUndelivered {
+                message_id: id.to_owned(),
+                from: FullJid::new(ALICE),
+                to: to.to_owned(),
+                reason: UndeliveredReason::SessionGone,
+                session_id: Some(session),
+                stanza: stanza(ALICE, to, id, "chat"),
+            },
+        )
+    };
+    // The phone's session is gone: the laptop gets it.
+    h.produce(&back("h1", &phone, phone_id)).await;
+    h.wait("h1 to the laptop", |h| h.deliveries("h1", &laptop) == 1)
+        .await;
+    assert_eq!(h.deliveries("h1", &phone), 0);
+    assert_eq!(h.stored("h1"), 0);
+    // The laptop's is gone too, and the phone's end was read: stored.
+    h.produce(&Envelope::new(
+        NodeId::new("gw1"),
+        BOB,
+        switchboard_schemas::events::SessionEnded {
+            session_id: phone_id,
+            user: BareJid::new(BOB),
+            full_jid: Some(FullJid::new(&phone)),
+            protocol: Protocol::Xmpp,
+            reason: SessionEndReason::ConnectionLost,
+            text: None,
+        },
+    ))
+    .await;
+    h.read_for(Duration::from_millis(300)).await;
+    h.produce(&back("h2", &laptop, laptop_id)).await;
+    h.wait("h2 stored", |h| h.stored("h2") == 1).await;
+    assert_eq!(h.deliveries("h2", &laptop), 0);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_limits_at_the_boundary_and_suppression() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let router = h.start(RouterConfig {
+        offline_max_per_user: 3,
+        offline_max_per_node: 5,
+        ..config()
+    });
+    // Per user: the 3rd is stored, the 4th refused (service-unavailable).
+    for id in ["c1", "c2", "c3", "c4"] {
+        h.submit(ALICE, "carol@example.com", id).await;
+    }
+    h.wait("c4 refused", |h| {
+        h.bounced("c4", &BounceReason::OfflineLimit) == 1
+    })
+    .await;
+    for id in ["c1", "c2", "c3"] {
+        assert_eq!(h.stored(id), 1, "{id}");
+    }
+    assert_eq!(h.stored("c4"), 0);
+    assert_eq!(
+        h.errors("c4", ALICE, "service-unavailable"),
+        1,
+        "{}",
+        h.dump()
+    );
+    // Per node: 3 stored so far; 2 more fit (5 in all), the 6th does not.
+    for (id, to) in [
+        ("d1", "dave@example.com"),
+        ("e1", "erin@example.com"),
+        ("f1", "frank@example.com"),
+    ] {
+        h.submit(ALICE, to, id).await;
+    }
+    h.wait("f1 refused", |h| {
+        h.bounced("f1", &BounceReason::OfflineLimit) == 1
+    })
+    .await;
+    assert_eq!(h.stored("d1") + h.stored("e1"), 2);
+    assert_eq!(h.stored("f1"), 0);
+    assert_eq!(
+        h.errors("f1", ALICE, "resource-constraint"),
+        1,
+        "{}",
+        h.dump()
+    );
+    router.stop().await;
+
+    // Storage suppressed: nothing stored, the sender is told.
+    let router = h.start(RouterConfig {
+        offline_enabled: false,
+        ..config()
+    });
+    h.submit(ALICE, "gina@example.com", "g1").await;
+    h.wait("g1 refused", |h| {
+        h.bounced("g1", &BounceReason::RecipientUnavailable) == 1
+    })
+    .await;
+    assert_eq!(h.stored("g1"), 0);
+    assert_eq!(h.errors("g1", ALICE, "service-unavailable"), 1);
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_forks_until_a_client_replies_then_sticks() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    let laptop = format!("{BOB}/laptop");
+    h.bind(&phone, "gw1", 0).await;
+    h.bind(&laptop, "gw1", 0).await;
+    let router = h.start(config());
+    h.submit(ALICE, BOB, "f1").await;
+    h.wait("f1 forked", |h| {
+        h.deliveries("f1", &phone) == 1 && h.deliveries("f1", &laptop) == 1
+    })
+    .await;
+    // bob answers from the laptop.
+    h.submit(&laptop, "alice@example.com", "r1").await;
+    h.wait("r1 delivered", |h| h.deliveries("r1", ALICE) == 1)
+        .await;
+    h.submit(ALICE, BOB, "f2").await;
+    h.wait("f2 to the laptop", |h| h.deliveries("f2", &laptop) == 1)
+        .await;
+    // Eleven minutes of silence (event time): forked again.
+    let mut later = Harness::submitted(ALICE, BOB, "f3", MessageKind::Chat);
+    later.occurred_at += chrono::Duration::minutes(11);
+    h.produce(&later).await;
+    h.wait("f3 forked", |h| {
+        h.deliveries("f3", &phone) == 1 && h.deliveries("f3", &laptop) == 1
+    })
+    .await;
+    h.read_for(Duration::from_millis(300)).await;
+    assert_eq!(h.deliveries("f2", &phone), 0, "{}", h.dump());
+    router.stop().await;
+}

@@ -90,6 +90,22 @@ pub enum Request {
     },
     /// List users.
     UserList,
+    /// Change a live setting (`switchboard config set`).
+    SettingSet {
+        /// The setting key.
+        key: String,
+        /// The new value, already checked by the command.
+        value: serde_json::Value,
+        /// Who asks.
+        by: String,
+    },
+    /// Read a live setting.
+    SettingGet {
+        /// The setting key.
+        key: String,
+    },
+    /// Read every live setting.
+    SettingList,
 }
 
 /// A user as listed.
@@ -117,6 +133,11 @@ pub enum Response {
         /// In address order.
         users: Vec<UserSummary>,
     },
+    /// Live settings and their values.
+    Settings {
+        /// By key.
+        settings: std::collections::BTreeMap<String, serde_json::Value>,
+    },
     /// Refused or failed.
     Error {
         /// Why.
@@ -132,6 +153,9 @@ pub struct Admin {
     admin_topic: String,
     users_topic: String,
     directory: Arc<RwLock<UserDirectory>>,
+    prefix: String,
+    /// The live settings this process follows (none in a one-off command).
+    settings: Option<switchboard_processors::settings::SettingsHandle>,
 }
 
 impl Admin {
@@ -158,7 +182,20 @@ impl Admin {
             admin_topic: full_name(&config.bus.topic_prefix, Topic::Admin),
             users_topic: full_name(&config.bus.topic_prefix, Topic::Users),
             directory,
+            prefix: config.bus.topic_prefix.clone(),
+            settings: None,
         }
+    }
+
+    /// Answers settings requests from `settings` (kept current by a
+    /// follower) instead of reading the topic each time.
+    #[must_use]
+    pub fn with_settings(
+        mut self,
+        settings: switchboard_processors::settings::SettingsHandle,
+    ) -> Self {
+        self.settings = Some(settings);
+        self
     }
 
     /// Executes one request; refusals come back as [`Response::Error`].
@@ -172,6 +209,18 @@ impl Admin {
     }
 
     async fn try_execute(&self, request: Request) -> anyhow::Result<Response> {
+        if let Request::SettingSet { .. } | Request::SettingGet { .. } | Request::SettingList =
+            request
+        {
+            return crate::config_cmd::execute(
+                &*self.bus,
+                &self.prefix,
+                self.node.clone(),
+                self.settings.as_ref(),
+                request,
+            )
+            .await;
+        }
         let mut directory = self.directory.write().await;
         let (user, audit, state): (String, Event, Option<UserState>) = match request {
             Request::UserList => {
@@ -258,6 +307,9 @@ impl Admin {
                     by: Some(by),
                 };
                 (user, audit.into(), None)
+            }
+            Request::SettingSet { .. } | Request::SettingGet { .. } | Request::SettingList => {
+                bail!("settings requests are answered above")
             }
         };
         let message = format!("{}: {}", audit.event_type(), user);

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bus_cmd;
+mod config_cmd;
 mod projections_cmd;
 mod serve;
 mod user_cmd;
@@ -60,6 +61,20 @@ enum Command {
 enum ConfigCommand {
     /// Validate the configuration and print it with every default filled in.
     Check,
+    /// Change a live setting; it takes effect without a restart.
+    Set {
+        /// The setting key, e.g. im.offline.max_per_user (see `config list`).
+        key: String,
+        /// The new value: true/false (on/off) or an integer.
+        value: String,
+    },
+    /// Print a live setting.
+    Get {
+        /// The setting key.
+        key: String,
+    },
+    /// Print every live setting with its value.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +110,11 @@ fn main() -> ExitCode {
                 print!("{}", toml::to_string_pretty(&config)?);
                 Ok(())
             }
+            Command::Config(ConfigCommand::Set { key, value }) => {
+                config_cmd::set(&config, &key, &value).await
+            }
+            Command::Config(ConfigCommand::Get { key }) => config_cmd::get(&config, &key).await,
+            Command::Config(ConfigCommand::List) => config_cmd::list(&config).await,
             Command::Bus(cmd) => bus_cmd::run(&config, cmd).await,
             Command::User(cmd) => user_cmd::run(&config, cmd).await,
             Command::Replay { projection } => projections_cmd::replay(&config, &projection).await,
@@ -106,7 +126,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // Bad input (an unknown setting or value) is a usage error.
+            if e.downcast_ref::<switchboard_processors::settings::SettingError>()
+                .is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -122,11 +122,20 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     )
     .await
     .context("loading the user directory")?;
-    let admin = Arc::new(crate::admin::Admin::with_directory(
+    // Live settings (`switchboard config set`): every component reads them
+    // from this handle, so a change takes effect without a restart.
+    let live_settings = switchboard_processors::settings::follow(
         bus.clone(),
-        &config,
-        directory.clone(),
-    ));
+        &config.bus.topic_prefix,
+        Duration::from_secs(60),
+        shutdown_rx.clone(),
+    )
+    .await
+    .context("loading the live settings")?;
+    let admin = Arc::new(
+        crate::admin::Admin::with_directory(bus.clone(), &config, directory.clone())
+            .with_settings(live_settings.clone()),
+    );
     let socket = crate::admin::socket_path(&config);
     let admin_socket = {
         let socket = socket.clone();
@@ -222,6 +231,20 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             if let Err(e) = router.await {
                 tracing::error!(error = %e, "router stopped");
+            }
+        }));
+        let composer = switchboard_processors::presence::run(
+            bus.clone(),
+            switchboard_processors::presence::PresenceConfig::new(
+                config.bus.topic_prefix.clone(),
+                NodeId::new(config.node_id.clone()),
+            ),
+            live_settings.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = composer.await {
+                tracing::error!(error = %e, "presence composer stopped");
             }
         }));
     }

@@ -119,6 +119,7 @@ pub async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        Response::Settings { .. } => bail!("unexpected answer to a user request"),
         Response::Error { message } => bail!("{message}"),
     }
     Ok(())

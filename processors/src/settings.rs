@@ -322,6 +322,25 @@ pub fn fixed(settings: LiveSettings) -> SettingsHandle {
     watch::channel(settings).1
 }
 
+/// The authorization limits of `settings`, kept current by a task that
+/// ends when `settings`' sender goes away.
+pub fn policy_limits(mut settings: SettingsHandle) -> watch::Receiver<PolicyLimits> {
+    let (tx, rx) = watch::channel(settings.borrow_and_update().policy());
+    tokio::spawn(async move {
+        while settings.changed().await.is_ok() {
+            let limits = settings.borrow_and_update().policy();
+            tx.send_if_modified(|current| {
+                let changed = *current != limits;
+                if changed {
+                    *current = limits;
+                }
+                changed
+            });
+        }
+    });
+    rx
+}
+
 fn fold_records(settings: &mut LiveSettings, records: &[Record]) {
     for r in records {
         settings.apply_record(&r.key, r.value.as_deref());

@@ -14,6 +14,7 @@ pub mod message;
 pub mod pidf;
 pub mod publish;
 pub mod registrar;
+pub mod server;
 pub mod subscribe;
 pub mod transaction;
 

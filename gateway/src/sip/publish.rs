@@ -89,6 +89,11 @@ impl Publications {
         Ok((old, p))
     }
 
+    /// The live publication of `aor` tagged `etag`.
+    pub fn get(&self, aor: &str, etag: &str) -> Option<&Publication> {
+        self.by_etag.get(etag).filter(|p| p.aor == aor)
+    }
+
     /// Removes the publication tagged `etag` (Expires 0).
     pub fn remove(&mut self, aor: &str, etag: &str) -> Result<Publication, UnknownEtag> {
         match self.by_etag.get(etag) {

@@ -213,14 +213,14 @@ impl Rosters {
             Event::RosterItemRemoved(removed) => {
                 self.remove_item(removed.user.as_str(), removed.contact.as_str());
             }
-            Event::SubscriptionRequested(e) => {
-                if direction(subject, &e.from, &e.to) == Some(Direction::Inbound) {
-                    self.users
-                        .entry(subject.to_owned())
-                        .or_default()
-                        .pending_in
-                        .insert(e.from.as_str().to_owned(), e.status.clone());
-                }
+            Event::SubscriptionRequested(e)
+                if direction(subject, &e.from, &e.to) == Some(Direction::Inbound) =>
+            {
+                self.users
+                    .entry(subject.to_owned())
+                    .or_default()
+                    .pending_in
+                    .insert(e.from.as_str().to_owned(), e.status.clone());
             }
             Event::SubscriptionApproved(SubscriptionApproved { from, to, .. })
             | Event::SubscriptionDenied(SubscriptionDenied { from, to, .. }) => {

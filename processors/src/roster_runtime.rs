@@ -26,7 +26,10 @@ use switchboard_infra::bus::{
     Bus, BusError, ConsumerConfig, Polled, Record, StartFrom, TopicPartition, partition_for_key,
     positions_after,
 };
-use switchboard_schemas::events::{Availability, ComposedPresence, Protocol, StanzaDelivery};
+use switchboard_schemas::events::{
+    Availability, BlocklistChangeRequested, ComposedPresence, PolicyBlocked, PolicyItem,
+    PolicyUnblocked, Protocol, StanzaDelivery,
+};
 use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, NodeId};
 use tokio::sync::watch;
@@ -59,11 +62,14 @@ struct RosterProcessor {
     composed: BTreeMap<String, ComposedPresence>,
     rosters: Rosters,
     policies: Policies,
+    /// XEP-0054 vCards of owned users.
+    vcards: BTreeMap<String, String>,
     owned: BTreeSet<i32>,
     partitions: i32,
     roster_topic: String,
     deliveries_topic: String,
-    /// Ids of item events written by this instance and not read back yet.
+    /// Ids of state events (items, block list) written by this instance
+    /// and applied at once, not read back yet.
     own_items: HashSet<Uuid>,
     /// Records to produce (topic, key, value) before committing.
     outbox: Vec<(String, String, Vec<u8>)>,
@@ -120,6 +126,7 @@ pub async fn run(
         composed: BTreeMap::new(),
         rosters: Rosters::default(),
         policies: Policies::default(),
+        vcards: BTreeMap::new(),
         owned: BTreeSet::new(),
         partitions,
         roster_topic,
@@ -226,6 +233,7 @@ impl RosterProcessor {
         self.owned = tps.iter().map(|tp| tp.partition).collect();
         self.rosters = Rosters::default();
         self.policies = Policies::default();
+        self.vcards.clear();
         self.own_items.clear();
         let ends: BTreeMap<i32, i64> = tps
             .iter()
@@ -260,8 +268,7 @@ impl RosterProcessor {
                     }
                     positions.insert(r.partition, r.offset + 1);
                     if let Some(envelope) = decode(r) {
-                        self.rosters.apply(&envelope);
-                        self.policies.apply(&envelope);
+                        self.fold(&envelope);
                     }
                 }
             }
@@ -357,13 +364,66 @@ impl RosterProcessor {
         }
     }
 
+    /// Folds an event of an owned partition into the state.
+    fn fold(&mut self, envelope: &Envelope) {
+        self.rosters.apply(envelope);
+        self.policies.apply(envelope);
+        if let Event::VcardSet(v) = &envelope.event {
+            self.vcards
+                .insert(v.user.as_str().to_owned(), v.vcard.clone());
+        }
+    }
+
     fn on_roster(&mut self, envelope: &Envelope) {
         if matches!(
             envelope.event,
-            Event::RosterItemSet(_) | Event::RosterItemRemoved(_)
+            Event::RosterItemSet(_)
+                | Event::RosterItemRemoved(_)
+                | Event::PolicyBlocked(_)
+                | Event::PolicyUnblocked(_)
         ) && self.own_items.remove(&envelope.id)
         {
             return;
+        }
+        match &envelope.event {
+            Event::VcardQueried(q) => {
+                // XEP-0054 §3.1: no vCard is an empty one.
+                let vcard = self
+                    .vcards
+                    .get(q.owner.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| "<vCard xmlns='vcard-temp'/>".to_owned());
+                let asker = Asker {
+                    node: envelope.node.as_str().to_owned(),
+                    session_id: q.session_id,
+                    device: q.device.as_str().to_owned(),
+                    iq_id: q.iq_id.clone(),
+                };
+                self.answer(&asker, Answer::Result(vcard));
+                return;
+            }
+            Event::BlocklistQueried(q) => {
+                let mut payload = String::from("<blocklist xmlns='urn:xmpp:blocking'>");
+                for item in self.policies.get(&q.user).blocked() {
+                    payload.push_str("<item");
+                    attr(&mut payload, "jid", policy_jid(item));
+                    payload.push_str("/>");
+                }
+                payload.push_str("</blocklist>");
+                let asker = Asker {
+                    node: envelope.node.as_str().to_owned(),
+                    session_id: q.session_id,
+                    device: q.device.as_str().to_owned(),
+                    iq_id: q.iq_id.clone(),
+                };
+                self.answer(&asker, Answer::Result(payload));
+                return;
+            }
+            Event::BlocklistChangeRequested(c) => {
+                self.change_blocklist(envelope, c);
+                return;
+            }
+            _ => {}
         }
         let limits = self.limits.borrow().clone();
         let policies = &self.policies;
@@ -381,8 +441,7 @@ impl RosterProcessor {
             verdict: &verdict,
         };
         let effects = decide(&self.rosters, envelope, &policy);
-        self.rosters.apply(envelope);
-        self.policies.apply(envelope);
+        self.fold(envelope);
         for effect in effects {
             self.effect(envelope, effect);
         }
@@ -420,7 +479,7 @@ impl RosterProcessor {
                 kind,
                 status,
             } => {
-                self.to_available(&to, |full| {
+                self.send_to_available(&to, |full| {
                     subscription_stanza(&from, full, kind.as_str(), status.as_deref())
                 });
             }
@@ -429,11 +488,11 @@ impl RosterProcessor {
                     && composed.availability != Availability::Unavailable
                     && self.limits.borrow().availability_sharing
                 {
-                    self.to_available(&to, |full| presence_stanza(&composed, full));
+                    self.send_to_available(&to, |full| presence_stanza(&composed, full));
                 }
             }
             Effect::SendUnavailable { of, to } => {
-                self.to_available(&to, |full| {
+                self.send_to_available(&to, |full| {
                     let mut s = String::from("<presence");
                     attr(&mut s, "from", &of);
                     attr(&mut s, "to", full);
@@ -446,7 +505,7 @@ impl RosterProcessor {
                 contact,
                 condition,
             } => {
-                self.to_available(&to, |full| {
+                self.send_to_available(&to, |full| {
                     let mut s = String::from("<presence type='error'");
                     attr(&mut s, "from", &contact);
                     attr(&mut s, "to", full);
@@ -457,6 +516,93 @@ impl RosterProcessor {
                 });
             }
             Effect::Answer(asker, answer) => self.answer(&asker, answer),
+        }
+    }
+
+    /// XEP-0191 §3.3-§3.5: blocks or unblocks, answers the asking session,
+    /// pushes the change to the user's sessions; a newly blocked user gets
+    /// unavailable presence, a newly unblocked one the current presence.
+    fn change_blocklist(&mut self, cause: &Envelope, c: &BlocklistChangeRequested) {
+        let policy = self.policies.get(&c.user).clone();
+        let items: Vec<PolicyItem> = if c.block {
+            c.items
+                .iter()
+                .filter(|i| !policy.blocked().contains(*i))
+                .cloned()
+                .collect()
+        } else if c.items.is_empty() {
+            policy.blocked().iter().cloned().collect()
+        } else {
+            c.items
+                .iter()
+                .filter(|i| policy.blocked().contains(*i))
+                .cloned()
+                .collect()
+        };
+        let user = c.user.as_str().to_owned();
+        for item in &items {
+            let event: Event = if c.block {
+                PolicyBlocked {
+                    user: c.user.clone(),
+                    item: item.clone(),
+                }
+                .into()
+            } else {
+                PolicyUnblocked {
+                    user: c.user.clone(),
+                    item: item.clone(),
+                }
+                .into()
+            };
+            let envelope =
+                Envelope::caused_by(cause, self.config.node.clone(), user.clone(), event);
+            self.policies.apply(&envelope);
+            self.own_items.insert(envelope.id);
+            let topic = self.roster_topic.clone();
+            self.queue(&topic, &user, &envelope);
+        }
+        let asker = Asker {
+            node: cause.node.as_str().to_owned(),
+            session_id: c.session_id,
+            device: c.device.as_str().to_owned(),
+            iq_id: c.iq_id.clone(),
+        };
+        self.answer(&asker, Answer::Result(String::new()));
+        if items.is_empty() {
+            return;
+        }
+        let element = if c.block { "block" } else { "unblock" };
+        let mut payload = format!("<{element} xmlns='urn:xmpp:blocking'>");
+        for item in &items {
+            payload.push_str("<item");
+            attr(&mut payload, "jid", policy_jid(item));
+            payload.push_str("/>");
+        }
+        payload.push_str(&format!("</{element}>"));
+        let targets: Vec<(String, Uuid, String)> = self
+            .directory
+            .sessions_of(&user)
+            .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
+            .collect();
+        for (node, session_id, full) in targets {
+            self.pushes += 1;
+            let mut s = String::from("<iq type='set'");
+            attr(&mut s, "to", &full);
+            attr(&mut s, "id", &format!("push-{}", self.pushes));
+            s.push('>');
+            s.push_str(&payload);
+            s.push_str("</iq>");
+            self.deliver(&node, session_id, &full, s);
+        }
+        if c.block {
+            for item in &items {
+                if let PolicyItem::User(blocked) = item {
+                    let (of, to) = (user.clone(), blocked.as_str().to_owned());
+                    self.effect(cause, Effect::SendUnavailable { of, to });
+                }
+            }
+        } else {
+            self.fan_out(&user);
         }
     }
 
@@ -504,7 +650,7 @@ impl RosterProcessor {
         }
     }
 
-    fn to_available(&mut self, bare: &str, stanza: impl Fn(&str) -> String) {
+    fn send_to_available(&mut self, bare: &str, stanza: impl Fn(&str) -> String) {
         let targets: Vec<(String, Uuid, String)> = self
             .directory
             .sessions_of(bare)
@@ -578,6 +724,14 @@ impl RosterProcessor {
             }
         }
         Ok(())
+    }
+}
+
+/// The JID an XEP-0191 item names: a user's bare JID or a domain.
+fn policy_jid(item: &PolicyItem) -> &str {
+    match item {
+        PolicyItem::User(user) => user.as_str(),
+        PolicyItem::Domain(domain) => domain,
     }
 }
 

@@ -22,6 +22,17 @@ handshake
        "b_sees_a_leave": true}
     On failure "error" names the first step that failed ("stage").
 
+extras
+    Logs in --a and --b (with the subscription of ``handshake`` in place).
+    vcard-temp (XEP-0054): A publishes a vCard with FN "Alice <test>"; A and B
+    each fetch A's vCard and must get that FN; a fetch of a user who never
+    set one gives an empty vCard. Blocking (XEP-0191): A blocks B; A's block
+    list is then exactly [B] and B sees A unavailable; A unblocks everything;
+    the list is empty and B sees A available again.
+      {"ok": true, "vcard_self": "Alice <test>", "vcard_other": "Alice <test>",
+       "vcard_empty": true, "blocklist": ["bob@example.com"],
+       "b_sees_block": true, "blocklist_after": [], "b_sees_unblock": true}
+
 roster
     Logs in --a, fetches the roster and prints its items:
       {"ok": true, "items": {"bob@example.com": {"subscription": "both",
@@ -181,6 +192,73 @@ async def run_handshake(args: argparse.Namespace) -> dict[str, Any]:
         await close_all([a, b])
 
 
+async def run_extras(args: argparse.Namespace) -> dict[str, Any]:
+    import slixmpp
+
+    result: dict[str, Any] = {"ok": False}
+    a = RosterClient("a", args.a, args.a_password, args)
+    b = RosterClient("b", args.b, args.b_password, args)
+    for c in (a, b):
+        c.xmpp.register_plugin("xep_0054")
+        c.xmpp.register_plugin("xep_0191")
+    step = lambda: max(1.0, min(args.deadline - CLOSE_MARGIN, time.monotonic() + args.step)  # noqa: E731
+                       - time.monotonic())
+    fn_of = lambda iq: iq["vcard_temp"]["FN"] or None  # noqa: E731
+    try:
+        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, LoginError):
+                result.update(outcome.fields())
+                return result
+            if isinstance(outcome, BaseException):
+                raise outcome
+        vcard = a.xmpp.plugin["xep_0054"].make_vcard()
+        vcard["FN"] = "Alice <test>"
+        await a.xmpp.plugin["xep_0054"].publish_vcard(vcard, timeout=step())
+        result["vcard_self"] = fn_of(await a.xmpp.plugin["xep_0054"].get_vcard(
+            args.a, cached=False, local=False, timeout=step()))
+        result["vcard_other"] = fn_of(await b.xmpp.plugin["xep_0054"].get_vcard(
+            args.a, cached=False, local=False, timeout=step()))
+        empty = await a.xmpp.plugin["xep_0054"].get_vcard(
+            args.nobody, cached=False, local=False, timeout=step())
+        result["vcard_empty"] = fn_of(empty) is None
+        if result["vcard_self"] != "Alice <test>" or result["vcard_other"] != "Alice <test>" \
+                or not result["vcard_empty"]:
+            result.update({"error": "vcard-mismatch", "stage": "vcard"})
+            return result
+
+        await b.until(lambda: b.saw(args.a, "available"), time.monotonic() + step())
+        b.presences.clear()
+        await a.xmpp.plugin["xep_0191"].block(args.b, timeout=step())
+        listed = await a.xmpp.plugin["xep_0191"].get_blocked(timeout=step())
+        result["blocklist"] = sorted(str(j) for j in listed["blocklist"]["items"])
+        result["b_sees_block"] = await b.until(lambda: b.saw(args.a, "unavailable"),
+                                               time.monotonic() + step())
+        b.presences.clear()
+        await a.xmpp.plugin["xep_0191"].unblock(None, timeout=step())
+        listed = await a.xmpp.plugin["xep_0191"].get_blocked(timeout=step())
+        result["blocklist_after"] = sorted(str(j) for j in listed["blocklist"]["items"])
+        result["b_sees_unblock"] = await b.until(lambda: b.saw(args.a, "available"),
+                                                 time.monotonic() + step())
+        result["ok"] = (result["blocklist"] == [args.b] and result["b_sees_block"]
+                        and result["blocklist_after"] == [] and result["b_sees_unblock"])
+        if not result["ok"]:
+            result.update({"error": "blocking-mismatch", "stage": "blocking"})
+        return result
+    except slixmpp.exceptions.IqError as e:
+        result.update({"error": "iq-error:" + (e.iq["error"]["condition"] or "unknown"),
+                       "stage": "iq"})
+        return result
+    except slixmpp.exceptions.IqTimeout:
+        result.update({"error": "iq-timeout", "stage": "iq"})
+        return result
+    finally:
+        result["b_presences"] = b.presences[-10:]
+        await close_all([a, b])
+
+
 async def run_roster(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False}
     a = RosterClient("a", args.a, args.a_password, args)
@@ -230,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--b", required=True, metavar="JID")
     hs.add_argument("--b-password", required=True)
     hs.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
+    ex = sub.add_parser("extras")
+    common(ex)
+    ex.add_argument("--b", required=True, metavar="JID")
+    ex.add_argument("--b-password", required=True)
+    ex.add_argument("--nobody", default="nobody@example.com", metavar="JID")
+    ex.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
     ro = sub.add_parser("roster")
     common(ro)
     ro.add_argument("--remove", metavar="JID")
@@ -243,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.deadline = time.monotonic() + args.timeout
     install_backstop(args.timeout, args.command)
-    runner = {"handshake": run_handshake, "roster": run_roster}[args.command]
+    runner = {"handshake": run_handshake, "extras": run_extras, "roster": run_roster}[args.command]
 
     async def bounded() -> dict[str, Any]:
         try:

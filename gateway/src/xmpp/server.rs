@@ -14,16 +14,18 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use switchboard_infra::config::XmppSettings;
 use switchboard_schemas::events::{
-    AuthMechanism, DevicePresence, LoginFailureReason, MessageKind, MessageSubmitted, Protocol,
-    RosterQueried, RosterUpdateRequested, ScramMechanism, SessionEndReason, SessionEnded,
-    SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved,
-    SubscriptionCancelled, SubscriptionDenied, SubscriptionRequested,
+    AuthMechanism, BlocklistChangeRequested, BlocklistQueried, DevicePresence, LoginFailureReason,
+    MessageKind, MessageSubmitted, PolicyItem, Protocol, RosterQueried, RosterUpdateRequested,
+    ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed, SessionLoginSucceeded,
+    SessionResourceBound, Show, SubscriptionApproved, SubscriptionCancelled, SubscriptionDenied,
+    SubscriptionRequested, VcardQueried, VcardSet,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{RwLock, mpsc, watch};
 use uuid::Uuid;
 
+use super::csi::QuietQueue;
 use super::jid::{BareJid, FullJid};
 use super::stream::{Element, Limits, StreamError, StreamEvent, StreamParser, stream_error_xml};
 use crate::emit::EventSink;
@@ -44,6 +46,11 @@ const NS_DISCO_ITEMS: &str = "http://jabber.org/protocol/disco#items";
 const NS_VERSION: &str = "jabber:iq:version";
 const NS_LAST: &str = "jabber:iq:last";
 const NS_ROSTER: &str = "jabber:iq:roster";
+const NS_VCARD: &str = "vcard-temp";
+const NS_BLOCKING: &str = "urn:xmpp:blocking";
+const NS_CSI: &str = "urn:xmpp:csi:0";
+/// Most items one block or unblock request may carry.
+const MAX_BLOCK_ITEMS: usize = 1000;
 /// Most groups one roster item may name.
 const MAX_ROSTER_GROUPS: usize = 64;
 /// Longest roster item name or group name, in bytes.
@@ -287,6 +294,8 @@ struct Conn {
     out: String,
     last_activity: tokio::time::Instant,
     ping_sent: Option<tokio::time::Instant>,
+    /// XEP-0352 quiet mode.
+    quiet: QuietQueue,
 }
 
 /// What the connection's timer is for.
@@ -330,6 +339,7 @@ impl Conn {
             out: String::new(),
             last_activity: tokio::time::Instant::now(),
             ping_sent: None,
+            quiet: QuietQueue::default(),
         }
     }
 
@@ -441,7 +451,9 @@ impl Conn {
                     if let Some(b) = self.bound.as_mut() {
                         b.deliveries = deliveries;
                     }
-                    self.out.push_str(&stanza);
+                    for s in self.quiet.offer(stanza) {
+                        self.out.push_str(&s);
+                    }
                     continue;
                 }
                 () = kicked => {
@@ -582,7 +594,8 @@ impl Conn {
                 "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
                  <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
                  <ver xmlns='urn:xmpp:features:rosterver'/>\
-                 <sub xmlns='urn:xmpp:features:pre-approval'/>",
+                 <sub xmlns='urn:xmpp:features:pre-approval'/>\
+                 <csi xmlns='urn:xmpp:csi:0'/>",
             );
         }
         f.push_str("</stream:features>");
@@ -626,10 +639,27 @@ impl Conn {
                 self.queue_stream_error("not-authorized", None);
                 Step::Close(SessionEndReason::Other("not_authorized".to_owned()))
             }
-            (_, "iq") => self.iq(e).await,
+            (_, "iq") => {
+                // SPEC.md §7: an iq from a quiet client releases its queue.
+                for s in self.quiet.release() {
+                    self.out.push_str(&s);
+                }
+                self.iq(e).await
+            }
             _ if self.bound.is_none() => {
                 self.queue_stream_error("not-authorized", Some("bind a resource first"));
                 Step::Close(SessionEndReason::Other("not_authorized".to_owned()))
+            }
+            // XEP-0352 §3: client state indication nonzas.
+            (NS_CSI, "inactive") => {
+                self.quiet.set_inactive();
+                Step::Continue
+            }
+            (NS_CSI, "active") => {
+                for s in self.quiet.set_active() {
+                    self.out.push_str(&s);
+                }
+                Step::Continue
             }
             (_, "presence") => self.presence(e).await,
             (_, "message") => self.message(e).await,
@@ -979,6 +1009,12 @@ impl Conn {
                 let child_ns = e.elements().next().map(|c| c.namespace.clone());
                 match child_ns.as_deref() {
                     Some(NS_ROSTER) => return self.roster(&e, &id, &kind).await,
+                    Some(NS_VCARD) => return self.vcard(&e, &id, &kind).await,
+                    Some(NS_BLOCKING)
+                        if to_server || e.attr("to").is_some_and(|t| self.is_own_bare(t)) =>
+                    {
+                        return self.blocking(&e, &id, &kind).await;
+                    }
                     // RFC 3921 §3: legacy session establishment, a no-op.
                     Some(NS_SESSION) if to_server => self.result(&id),
                     // XEP-0199 §4: client-to-server ping.
@@ -1124,6 +1160,133 @@ impl Conn {
         };
         if let Err(err) = self.ctx.events.emit(&user, event).await {
             tracing::error!(error = %err, "roster request not stored");
+            self.stanza_error(e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    fn is_own_bare(&self, to: &str) -> bool {
+        self.bound.as_ref().is_some_and(|b| {
+            super::jid::Jid::parse(to)
+                .is_ok_and(|j| matches!(&j, super::jid::Jid::Bare(bare) if bare == b.jid.bare()))
+        })
+    }
+
+    /// XEP-0054: a vCard set is stored as an event and acknowledged once
+    /// durable (§3.2); a get goes to the processor holding the owner's
+    /// vCard (§3.1 one's own, §3.3 another user's).
+    async fn vcard(&mut self, e: &Element, id: &str, kind: &str) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let (Some(vcard), Some(me)) = (e.child("vCard", NS_VCARD), Some(bound.jid.clone())) else {
+            self.stanza_error(e, "modify", "bad-request");
+            return Step::Continue;
+        };
+        let owner = match e.attr("to").map(super::jid::Jid::parse) {
+            None => me.bare().clone(),
+            Some(Ok(super::jid::Jid::Bare(bare))) => bare,
+            Some(Ok(super::jid::Jid::Full(_))) => {
+                // vCards belong to accounts, not to sessions.
+                self.stanza_error(e, "cancel", "service-unavailable");
+                return Step::Continue;
+            }
+            Some(Err(_)) => {
+                self.stanza_error(e, "modify", "jid-malformed");
+                return Step::Continue;
+            }
+        };
+        let event: switchboard_schemas::Event = if kind == "set" {
+            if &owner != me.bare() {
+                // §3.2: only one's own vCard.
+                self.stanza_error(e, "auth", "forbidden");
+                return Step::Continue;
+            }
+            VcardSet {
+                user: me.bare().into(),
+                vcard: vcard.to_xml(),
+            }
+            .into()
+        } else {
+            if !self.ctx.domains.iter().any(|d| d == owner.domain()) {
+                self.stanza_error(e, "cancel", "remote-server-not-found");
+                return Step::Continue;
+            }
+            VcardQueried {
+                owner: (&owner).into(),
+                device: (&me).into(),
+                session_id: bound.session_id,
+                iq_id: id.to_owned(),
+            }
+            .into()
+        };
+        match self.ctx.events.emit(&owner.to_string(), event).await {
+            Ok(_) if kind == "set" => self.result(id),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "vcard request not stored");
+                self.stanza_error(e, "wait", "internal-server-error");
+            }
+        }
+        Step::Continue
+    }
+
+    /// XEP-0191: block list get (§3.2), block (§3.3) and unblock (§3.4,
+    /// §3.5); the processor holding the user's policy answers.
+    async fn blocking(&mut self, e: &Element, id: &str, kind: &str) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let user = bound.jid.bare().to_string();
+        let (device, session_id) = ((&bound.jid).into(), bound.session_id);
+        let event: switchboard_schemas::Event = match (kind, e.elements().next()) {
+            ("get", Some(c)) if c.name == "blocklist" => BlocklistQueried {
+                user: bound.jid.bare().into(),
+                device,
+                session_id,
+                iq_id: id.to_owned(),
+            }
+            .into(),
+            ("set", Some(c)) if c.name == "block" || c.name == "unblock" => {
+                let block = c.name == "block";
+                let mut items = Vec::new();
+                for item in c.elements().filter(|i| i.name == "item") {
+                    match item.attr("jid").map(super::jid::Jid::parse) {
+                        Some(Ok(jid)) => items.push(if jid.bare().local().is_none() {
+                            PolicyItem::Domain(jid.bare().domain().to_owned())
+                        } else {
+                            PolicyItem::User(jid.bare().into())
+                        }),
+                        _ => {
+                            self.stanza_error(e, "modify", "jid-malformed");
+                            return Step::Continue;
+                        }
+                    }
+                }
+                // §3.3: a block names at least one address.
+                if (block && items.is_empty()) || items.len() > MAX_BLOCK_ITEMS {
+                    self.stanza_error(e, "modify", "bad-request");
+                    return Step::Continue;
+                }
+                items.sort();
+                items.dedup();
+                BlocklistChangeRequested {
+                    user: bound.jid.bare().into(),
+                    device,
+                    session_id,
+                    iq_id: id.to_owned(),
+                    block,
+                    items,
+                }
+                .into()
+            }
+            _ => {
+                self.stanza_error(e, "modify", "bad-request");
+                return Step::Continue;
+            }
+        };
+        if let Err(err) = self.ctx.events.emit(&user, event).await {
+            tracing::error!(error = %err, "blocking request not stored");
             self.stanza_error(e, "wait", "internal-server-error");
         }
         Step::Continue
@@ -1284,7 +1447,16 @@ impl Conn {
                     "<query xmlns='http://jabber.org/protocol/disco#info'>\
                      <identity category='server' type='im' name='Switchboard'/>",
                 );
-                for feature in [NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, NS_VERSION, NS_LAST] {
+                for feature in [
+                    NS_DISCO_INFO,
+                    NS_DISCO_ITEMS,
+                    NS_PING,
+                    NS_VERSION,
+                    NS_LAST,
+                    NS_ROSTER,
+                    NS_VCARD,
+                    NS_BLOCKING,
+                ] {
                     q.push_str(&format!("<feature var='{feature}'/>"));
                 }
                 q.push_str("</query>");
@@ -1496,11 +1668,12 @@ impl RecentDeliveries {
     }
 }
 
+/// What a roster set asks for.
+type RosterItemRequest = (BareJid, Option<String>, Vec<String>, bool);
+
 /// RFC 6121 §2.3.2 and §2.5.2: the one `<item/>` of a roster set, as
 /// (contact, name, groups, remove), or the stanza error condition.
-fn roster_item(
-    query: &Element,
-) -> Result<(BareJid, Option<String>, Vec<String>, bool), &'static str> {
+fn roster_item(query: &Element) -> Result<RosterItemRequest, &'static str> {
     let mut items = query.elements().filter(|c| c.name == "item");
     let (Some(item), None) = (items.next(), items.next()) else {
         return Err("bad-request");

@@ -144,6 +144,14 @@ event_catalogue! {
     RosterQueried => "roster.queried" v 1 on Roster,
     /// A client asked to add, change or remove a roster item.
     RosterUpdateRequested => "roster.update_requested" v 1 on Roster,
+    /// A user set their vCard.
+    VcardSet => "roster.vcard_set" v 1 on Roster,
+    /// A client asked for a user's vCard.
+    VcardQueried => "roster.vcard_queried" v 1 on Roster,
+    /// A client asked for its block list.
+    BlocklistQueried => "roster.blocklist_queried" v 1 on Roster,
+    /// A client asked to block or unblock addresses.
+    BlocklistChangeRequested => "roster.blocklist_change_requested" v 1 on Roster,
     /// A user blocked a watcher or a whole domain.
     PolicyBlocked => "roster.blocked" v 1 on Roster,
     /// A user unblocked a watcher or a domain.

@@ -97,6 +97,61 @@ pub struct RosterUpdateRequested {
     pub remove: bool,
 }
 
+/// A user set their vCard (XEP-0054 §3.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VcardSet {
+    /// The user.
+    pub user: BareJid,
+    /// The `<vCard xmlns='vcard-temp'>` element as XML (size-limited by the
+    /// gateway).
+    pub vcard: String,
+}
+
+/// A client asked for a user's vCard (XEP-0054 §3.1, §3.3); keyed by the
+/// owner of the vCard so the processor holding it answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VcardQueried {
+    /// Whose vCard.
+    pub owner: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+}
+
+/// A client asked for its block list (XEP-0191 §3.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BlocklistQueried {
+    /// The user.
+    pub user: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+}
+
+/// A client asked to block or unblock addresses (XEP-0191 §3.3, §3.4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BlocklistChangeRequested {
+    /// The user.
+    pub user: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+    /// Block (true) or unblock (false).
+    pub block: bool,
+    /// Users or domains; an empty unblock unblocks everything (§3.5).
+    #[serde(default)]
+    pub items: Vec<super::PolicyItem>,
+}
+
 macro_rules! subscription_event {
     ($(#[doc = $doc:literal])+ $name:ident) => {
         $(#[doc = $doc])+

@@ -300,6 +300,49 @@ pub fn examples() -> Vec<Envelope> {
         ),
         envelope(
             ALICE,
+            VcardSet {
+                user: bare(ALICE),
+                vcard: "<vCard xmlns='vcard-temp'><FN>Alice Liddell</FN></vCard>".to_owned(),
+            }
+            .into(),
+        ),
+        envelope(
+            BOB,
+            VcardQueried {
+                owner: bare(BOB),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "vc-1".to_owned(),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            BlocklistQueried {
+                user: bare(ALICE),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "bl-1".to_owned(),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
+            BlocklistChangeRequested {
+                user: bare(ALICE),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "bl-2".to_owned(),
+                block: true,
+                items: vec![
+                    PolicyItem::User(bare("mallory@example.net")),
+                    PolicyItem::Domain("spam.example".to_owned()),
+                ],
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
             RosterItemRemoved {
                 user: bare(ALICE),
                 contact: bare("carol@example.com"),

@@ -232,14 +232,17 @@ async def run_extras(args: argparse.Namespace) -> dict[str, Any]:
         await b.until(lambda: b.saw(args.a, "available"), time.monotonic() + step())
         b.presences.clear()
         await a.xmpp.plugin["xep_0191"].block(args.b, timeout=step())
-        listed = await a.xmpp.plugin["xep_0191"].get_blocked(timeout=step())
-        result["blocklist"] = sorted(str(j) for j in listed["blocklist"]["items"])
+        listed = await a.xmpp.plugin["xep_0191"].get_blocked_jids(timeout=step())
+        result["blocklist"] = sorted(str(j) for j in listed)
         result["b_sees_block"] = await b.until(lambda: b.saw(args.a, "unavailable"),
                                                time.monotonic() + step())
         b.presences.clear()
-        await a.xmpp.plugin["xep_0191"].unblock(None, timeout=step())
-        listed = await a.xmpp.plugin["xep_0191"].get_blocked(timeout=step())
-        result["blocklist_after"] = sorted(str(j) for j in listed["blocklist"]["items"])
+        # XEP-0191 §3.5: an empty <unblock/> unblocks everything.
+        everything = a.xmpp.make_iq_set()
+        everything.enable("unblock")
+        await everything.send(timeout=step())
+        listed = await a.xmpp.plugin["xep_0191"].get_blocked_jids(timeout=step())
+        result["blocklist_after"] = sorted(str(j) for j in listed)
         result["b_sees_unblock"] = await b.until(lambda: b.saw(args.a, "available"),
                                                  time.monotonic() + step())
         result["ok"] = (result["blocklist"] == [args.b] and result["b_sees_block"]

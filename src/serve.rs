@@ -247,6 +247,22 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "presence composer stopped");
             }
         }));
+        // Authorization limits, following the live settings.
+        let limits = switchboard_processors::settings::policy_limits(live_settings.clone());
+        let rosters = switchboard_processors::roster_runtime::run(
+            bus.clone(),
+            switchboard_processors::roster_runtime::RosterConfig {
+                prefix: config.bus.topic_prefix.clone(),
+                node: NodeId::new(config.node_id.clone()),
+            },
+            limits,
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = rosters.await {
+                tracing::error!(error = %e, "roster processor stopped");
+            }
+        }));
     }
     if role.runs_projections() {
         let db = switchboard_projections::open_database(&config)

@@ -9,6 +9,7 @@ pub mod compose;
 pub mod policy;
 pub mod presence;
 pub mod roster;
+pub mod roster_runtime;
 pub mod router;
 pub mod runtime;
 pub mod settings;

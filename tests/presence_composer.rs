@@ -44,17 +44,20 @@ impl Running {
 }
 
 fn start(bus: &Arc<dyn Bus>, throttle_ms: u64) -> Running {
+    start_with(
+        bus,
+        throttle_ms,
+        PresenceConfig::new(PREFIX, NodeId::new("node1")),
+    )
+}
+
+fn start_with(bus: &Arc<dyn Bus>, throttle_ms: u64, config: PresenceConfig) -> Running {
     let (shutdown, rx) = watch::channel(false);
     let settings = settings::fixed(LiveSettings {
         presence_throttle_ms: throttle_ms,
         ..LiveSettings::default()
     });
-    let task = tokio::spawn(presence::run(
-        bus.clone(),
-        PresenceConfig::new(PREFIX, NodeId::new("node1")),
-        settings,
-        rx,
-    ));
+    let task = tokio::spawn(presence::run(bus.clone(), config, settings, rx));
     Running { shutdown, task }
 }
 
@@ -308,7 +311,15 @@ async fn restart_rebuilds_the_same_state_and_publishes_nothing_twice() {
     };
     assert_eq!(first, 0);
     member.close().await.expect("close");
-    let composer = start(&bus, 0);
+    // One record per poll, so every intermediate state would show.
+    let composer = start_with(
+        &bus,
+        0,
+        PresenceConfig {
+            max_batch: 1,
+            ..PresenceConfig::new(PREFIX, NodeId::new("node1"))
+        },
+    );
     assert_still(&bus, 3).await;
     // And it is live.
     manual(&bus, ManualState::Dnd).await;

@@ -40,8 +40,11 @@
 //!
 //! # Order across topics
 //!
-//! Device presence arrives on `presence`, session ends on `sessions`; the
-//! topics have no order between them. A session end leaves a tombstone
+//! Within one topic the log order is the order of events (they are keyed
+//! by the user), so the fold takes them as they come: clocks of different
+//! nodes are never compared there. Device presence arrives on `presence`,
+//! session ends on `sessions`, and the topics have no order between them,
+//! so only there the fold compares `occurred_at`. A session end leaves a tombstone
 //! (time of the end per device); a device presence that occurred before the
 //! tombstone is stale and ignored, and a later bind of the same address
 //! lifts the tombstone. A session end for a session other than the one last
@@ -160,11 +163,6 @@ impl UserPresence {
                     return Applied::default();
                 }
                 if d.available {
-                    // An older presence of the same device read late does not
-                    // replace a newer one.
-                    if self.devices.get(&d.device).is_some_and(|old| old.at > at) {
-                        return Applied::default();
-                    }
                     self.devices.insert(
                         d.device.clone(),
                         Device {
@@ -174,15 +172,12 @@ impl UserPresence {
                             at,
                         },
                     );
-                } else if self.devices.get(&d.device).is_none_or(|old| old.at <= at) {
+                } else {
                     self.devices.remove(&d.device);
                 }
             }
             Event::SessionResourceBound(b) => {
                 let full = b.full_jid.as_str().to_owned();
-                if self.bound.get(&full).is_some_and(|old| old.at > at) {
-                    return Applied::default();
-                }
                 for name in std::iter::once(&full).chain(b.contact.as_ref()) {
                     if self.ended.get(name).is_some_and(|end| *end < at) {
                         self.ended.remove(name);
@@ -228,9 +223,6 @@ impl UserPresence {
                 }
             }
             Event::ManualStatusSet(m) => {
-                if self.manual.as_ref().is_some_and(|old| old.set_at > at) {
-                    return Applied::default();
-                }
                 self.manual = Some(Manual {
                     state: m.state.clone(),
                     text: m.text.clone(),
@@ -239,10 +231,7 @@ impl UserPresence {
             }
             // Sign-out clears are the fold's own doing (see the module
             // documentation); reading the record back changes nothing.
-            Event::ManualStatusCleared(c)
-                if c.reason != ManualStatusClearReason::SignedOut
-                    && self.manual.as_ref().is_some_and(|m| m.set_at <= at) =>
-            {
+            Event::ManualStatusCleared(c) if c.reason != ManualStatusClearReason::SignedOut => {
                 self.manual = None;
             }
             Event::PhoneLineState(l) => {

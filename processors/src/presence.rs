@@ -63,6 +63,8 @@ pub struct PresenceConfig {
     pub node: NodeId,
     /// How long a rebuild may read before the composer gives up.
     pub rebuild_limit: Duration,
+    /// Most `presence` records taken per poll (and so per commit).
+    pub max_batch: usize,
 }
 
 impl PresenceConfig {
@@ -72,6 +74,7 @@ impl PresenceConfig {
             prefix: prefix.into(),
             node,
             rebuild_limit: Duration::from_secs(120),
+            max_batch: ConsumerConfig::new("", &[]).max_batch,
         }
     }
 }
@@ -135,10 +138,10 @@ pub async fn run(
         ))
         .await?;
     let mut group = bus
-        .consumer(ConsumerConfig::new(
-            format!("{}.presence", config.prefix),
-            &[&presence_topic],
-        ))
+        .consumer(ConsumerConfig {
+            max_batch: config.max_batch,
+            ..ConsumerConfig::new(format!("{}.presence", config.prefix), &[&presence_topic])
+        })
         .await?;
     let interval = settings.borrow_and_update().presence_throttle();
     let mut c = Composition {

@@ -16,6 +16,9 @@
 //!    and removing bob empties it (RFC 6121 §2.5) and bob's item for alice
 //!    drops to `none`;
 //! d. removing an item that is not there is answered `item-not-found`.
+//!
+//! Run twice: on the embedded default, and as gateway, processors and
+//! projections processes on Kafka and PostgreSQL.
 
 mod support;
 
@@ -30,8 +33,16 @@ fn item<'a>(o: &'a Outcome, jid: &str) -> Option<&'a serde_json::Value> {
 
 #[test]
 fn rosters_subscriptions_and_presence_with_slixmpp() {
+    scenario(&Deployment::new());
+}
+
+#[test]
+fn rosters_subscriptions_and_presence_on_kafka_and_postgres() {
+    scenario(&Deployment::distributed());
+}
+
+fn scenario(dep: &Deployment) {
     let python = python();
-    let dep = Deployment::new();
     let server = dep
         .start()
         .unwrap_or_else(|e| panic!("{e}\n{}", dep.log_tail()));
@@ -86,7 +97,7 @@ fn rosters_subscriptions_and_presence_with_slixmpp() {
         }
         dep.client(&python, "xmpp_roster.py", "roster", 25, &args)
     };
-    let o = roster(&dep, ALICE, None);
+    let o = roster(dep, ALICE, None);
     assert!(o.bool("ok"), "b. roster: {}", ctx(&o));
     let bob = item(&o, BOB.0).unwrap_or_else(|| panic!("b. bob missing: {}", ctx(&o)));
     assert_eq!(bob["subscription"], "both", "b. {}", ctx(&o));
@@ -103,7 +114,7 @@ fn rosters_subscriptions_and_presence_with_slixmpp() {
     let _server = dep
         .start()
         .unwrap_or_else(|e| panic!("restart: {e}\n{}", dep.log_tail()));
-    let o = roster(&dep, ALICE, Some(BOB.0));
+    let o = roster(dep, ALICE, Some(BOB.0));
     assert!(o.bool("ok"), "c. roster after restart: {}", ctx(&o));
     assert_eq!(
         item(&o, BOB.0).map(|b| b["subscription"].clone()),
@@ -112,7 +123,7 @@ fn rosters_subscriptions_and_presence_with_slixmpp() {
         ctx(&o)
     );
     assert!(o.bool("removed"), "c. remove: {}", ctx(&o));
-    let o = roster(&dep, BOB, None);
+    let o = roster(dep, BOB, None);
     assert_eq!(
         item(&o, ALICE.0).map(|a| a["subscription"].clone()),
         Some("none".into()),
@@ -121,7 +132,7 @@ fn rosters_subscriptions_and_presence_with_slixmpp() {
     );
 
     // d.
-    let o = roster(&dep, ALICE, Some("nobody@example.com"));
+    let o = roster(dep, ALICE, Some("nobody@example.com"));
     assert_eq!(
         o.str("remove_error"),
         Some("item-not-found"),

@@ -95,7 +95,9 @@ pub fn readyz(addr: &str) -> bool {
 }
 
 /// One deployment: a data directory, a log file and fixed ports, kept
-/// across restarts.
+/// across restarts. Either the embedded default (one process) or
+/// [`Deployment::distributed`]: gateway, processors and projections as
+/// separate processes on Kafka and PostgreSQL.
 pub struct Deployment {
     _dir: tempfile::TempDir,
     pub data: PathBuf,
@@ -103,23 +105,45 @@ pub struct Deployment {
     pub http: String,
     pub c2s: SocketAddr,
     pub c2s_tls: SocketAddr,
+    /// Set for the Kafka + PostgreSQL topology.
+    pub distributed: Option<Distributed>,
 }
 
-/// The running server; killed if the test panics before stopping it.
-pub struct Server(Child);
+/// The shared services and the non-gateway processes of a distributed
+/// deployment.
+pub struct Distributed {
+    /// Kafka bootstrap servers.
+    pub kafka: String,
+    /// The deployment's topic prefix (unique per test).
+    pub prefix: String,
+    /// The projections' PostgreSQL url (a schema of its own per test).
+    pub database_url: String,
+    /// (role, data directory, HTTP address) of the other processes.
+    others: Vec<(&'static str, PathBuf, String)>,
+}
+
+/// The running processes; killed if the test panics before stopping them.
+pub struct Server(Vec<Child>);
 
 impl Server {
-    /// How the server ended, if it did.
+    /// How the first process that ended did, if one did.
     pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
-        self.0.try_wait()
+        for child in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+        }
+        Ok(None)
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        for child in &mut self.0 {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -141,11 +165,63 @@ impl Deployment {
             c2s: addr(),
             c2s_tls: addr(),
             _dir: dir,
+            distributed: None,
         }
     }
 
-    /// `switchboard` with this deployment's environment only.
+    /// Gateway, processors and projections as three `switchboard serve
+    /// --role` processes on the test Kafka (`SWITCHBOARD_TEST_KAFKA`, default
+    /// 127.0.0.1:9092) and PostgreSQL (`SWITCHBOARD_TEST_POSTGRES`, default
+    /// the `switchboard_test` database of `infra/scripts/postgres.sh`), with a
+    /// topic prefix and a database schema of their own.
+    pub fn distributed() -> Self {
+        let mut dep = Self::new();
+        let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
+            "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
+        });
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        let schema = format!("e2e_{unique}");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let admin = sqlx::PgPool::connect(&base)
+                    .await
+                    .expect("PostgreSQL (infra/scripts/postgres.sh start)");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+            });
+        let root = dep.data.parent().unwrap().to_owned();
+        dep.distributed = Some(Distributed {
+            kafka: std::env::var("SWITCHBOARD_TEST_KAFKA")
+                .unwrap_or_else(|_| "127.0.0.1:9092".to_owned()),
+            prefix: format!("e2e{}", &unique[unique.len() - 12..]),
+            database_url: format!("{base}?options[search_path]={schema}"),
+            others: ["processors", "projections"]
+                .into_iter()
+                .map(|role| {
+                    (
+                        role,
+                        root.join(format!("data-{role}")),
+                        format!("127.0.0.1:{}", free_port()),
+                    )
+                })
+                .collect(),
+        });
+        dep
+    }
+
+    /// `switchboard` with this deployment's environment only (the gateway
+    /// node's, for a distributed deployment).
     pub fn command(&self) -> Command {
+        self.command_for("gateway", &self.data, &self.http)
+    }
+
+    fn command_for(&self, role: &str, data: &Path, http: &str) -> Command {
         // SWITCHBOARD_TEST_LOG: the server's log filter (default info).
         let filter = std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "info".into());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
@@ -154,16 +230,28 @@ impl Deployment {
                 cmd.env_remove(k);
             }
         }
+        let (c2s, c2s_tls) = if role == "gateway" {
+            (self.c2s.to_string(), self.c2s_tls.to_string())
+        } else {
+            ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned())
+        };
         cmd.env("SWITCHBOARD_LOG", filter)
             .env("NO_COLOR", "1")
-            .env("SWITCHBOARD__DATA_DIR", &self.data)
+            .env("SWITCHBOARD__DATA_DIR", data)
             .env("SWITCHBOARD__DOMAINS", format!("[\"{DOMAIN}\"]"))
-            .env("SWITCHBOARD__HTTP__LISTEN", &self.http)
-            .env("SWITCHBOARD__XMPP__C2S_LISTEN", self.c2s.to_string())
-            .env(
-                "SWITCHBOARD__XMPP__C2S_TLS_LISTEN",
-                self.c2s_tls.to_string(),
-            );
+            .env("SWITCHBOARD__HTTP__LISTEN", http)
+            .env("SWITCHBOARD__XMPP__C2S_LISTEN", c2s)
+            .env("SWITCHBOARD__XMPP__C2S_TLS_LISTEN", c2s_tls)
+            .env("SWITCHBOARD__SIP__UDP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD__SIP__TCP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD__SIP__TLS_LISTEN", "127.0.0.1:0");
+        if let Some(d) = &self.distributed {
+            cmd.env("SWITCHBOARD__NODE_ID", role)
+                .env("SWITCHBOARD__BUS__BACKEND", "kafka")
+                .env("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", &d.kafka)
+                .env("SWITCHBOARD__BUS__TOPIC_PREFIX", &d.prefix)
+                .env("SWITCHBOARD__DATABASE__URL", &d.database_url);
+        }
         cmd
     }
 
@@ -184,8 +272,9 @@ impl Deployment {
         )
     }
 
-    /// `switchboard serve`, appending to the log; waits until /readyz is
-    /// 200 and both XMPP ports accept.
+    /// `switchboard serve` (one process per role when distributed, all
+    /// appending to the log); waits until every /readyz is 200 and both XMPP
+    /// ports accept.
     pub fn start(&self) -> Result<Server, String> {
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -193,25 +282,43 @@ impl Deployment {
             .open(&self.log)
             .unwrap();
         writeln!(log, "===== switchboard serve (test: starting) =====").unwrap();
-        let child = self
-            .command()
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut server = Server(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut ready = false;
+        let mut processes = vec![(self.command(), self.http.clone())];
+        if let Some(d) = &self.distributed {
+            processes[0].0.args(["serve", "--role", "gateway"]);
+            for (role, data, http) in &d.others {
+                let mut cmd = self.command_for(role, data, http);
+                cmd.args(["serve", "--role", role]);
+                processes.push((cmd, http.clone()));
+            }
+        } else {
+            processes[0].0.arg("serve");
+        }
+        let mut https = Vec::new();
+        let mut children = Vec::new();
+        for (mut cmd, http) in processes {
+            children.push(
+                cmd.stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log.try_clone().unwrap())
+                    .spawn()
+                    .unwrap(),
+            );
+            https.push(http);
+        }
+        let mut server = Server(children);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut ready = vec![false; https.len()];
         loop {
-            if let Some(status) = server.0.try_wait().unwrap() {
+            if let Some(status) = server.try_wait().unwrap() {
                 return Err(format!("switchboard serve exited early: {status}"));
             }
-            if !ready {
-                ready = readyz(&self.http);
+            for (r, http) in ready.iter_mut().zip(&https) {
+                if !*r {
+                    *r = readyz(http);
+                }
             }
-            if ready
+            let all_ready = ready.iter().all(|r| *r);
+            if all_ready
                 && [self.c2s, self.c2s_tls]
                     .iter()
                     .all(|a| TcpStream::connect_timeout(a, Duration::from_secs(1)).is_ok())
@@ -220,8 +327,8 @@ impl Deployment {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "server not ready within 60 s (readyz: {ready}, c2s {} / c2s_tls {} \
-                     not accepting)",
+                    "server not ready within 90 s (readyz per process: {ready:?}, c2s {} / \
+                     c2s_tls {} not accepting)",
                     self.c2s, self.c2s_tls
                 ));
             }
@@ -229,28 +336,33 @@ impl Deployment {
         }
     }
 
-    /// SIGTERM, then a clean exit within 20 s.
+    /// SIGTERM to every process, then a clean exit within 20 s.
     pub fn stop(&self, mut server: Server) -> Result<(), String> {
-        let pid = server.0.id().to_string();
-        if !Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-        {
-            return Err("kill -TERM failed".to_owned());
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match server.0.try_wait().unwrap() {
-                Some(exit) if exit.success() => return Ok(()),
-                Some(exit) => return Err(format!("exit status {exit} after SIGTERM")),
-                None if Instant::now() > deadline => {
-                    return Err("still running 20 s after SIGTERM".to_owned());
-                }
-                None => std::thread::sleep(Duration::from_millis(50)),
+        for child in &server.0 {
+            let pid = child.id().to_string();
+            if !Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+            {
+                return Err(format!("kill -TERM {pid} failed"));
             }
         }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for child in &mut server.0 {
+            loop {
+                match child.try_wait().unwrap() {
+                    Some(exit) if exit.success() => break,
+                    Some(exit) => return Err(format!("exit status {exit} after SIGTERM")),
+                    None if Instant::now() > deadline => {
+                        return Err("still running 20 s after SIGTERM".to_owned());
+                    }
+                    None => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `switchboard user add <jid> --password-stdin`; panics if it fails.

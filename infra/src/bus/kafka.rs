@@ -293,11 +293,24 @@ impl Bus for KafkaBus {
         tokio::task::spawn_blocking(move || {
             (0..partitions)
                 .map(|p| {
-                    producer
-                        .client()
-                        .fetch_watermarks(&name, p, Duration::from_secs(10))
-                        .map(|(_, high)| high)
-                        .map_err(BusError::from)
+                    // Right after a topic is created its partitions may have
+                    // no leader for a moment: retriable, so wait it out.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+                    loop {
+                        match producer
+                            .client()
+                            .fetch_watermarks(&name, p, Duration::from_secs(10))
+                        {
+                            Ok((_, high)) => return Ok(high),
+                            Err(e)
+                                if e.rdkafka_error_code().is_some_and(is_retriable)
+                                    && std::time::Instant::now() < deadline =>
+                            {
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            Err(e) => return Err(BusError::from(e)),
+                        }
+                    }
                 })
                 .collect()
         })

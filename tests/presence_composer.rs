@@ -344,3 +344,34 @@ async fn throttle_coalesces_a_burst_into_its_newest_state() {
     assert_still(&bus, 2).await;
     composer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_manual_status_is_cleared() {
+    let (_fixture, bus) = open().await;
+    let composer = start(&bus, 0);
+    bind(&bus, "laptop", Uuid::now_v7()).await;
+    device(&bus, "laptop", None, "working").await;
+    wait_composed(&bus, 1).await;
+    let expired: ManualStatusSet = serde_json::from_value(serde_json::json!({
+        "user": ALICE,
+        "state": "dnd",
+        "text": "until 2001",
+        "expires_at": "2001-01-01T00:00:00Z",
+    }))
+    .expect("payload");
+    produce(&bus, Topic::Presence, ALICE, expired).await;
+    let out = wait_composed(&bus, 3).await;
+    assert_eq!(out[1].availability, Availability::Dnd);
+    assert_eq!(out[2].availability, Availability::Available);
+    let cleared: Vec<_> = read_all(&bus, Topic::Presence)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::ManualStatusCleared(c) => Some(c.reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cleared, [ManualStatusClearReason::Expired]);
+    assert_still(&bus, 3).await;
+    composer.stop().await;
+}

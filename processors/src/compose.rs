@@ -87,6 +87,8 @@ pub struct Manual {
     pub text: Option<String>,
     /// When it was set.
     pub set_at: DateTime<Utc>,
+    /// When it expires by itself.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// An available device.
@@ -227,6 +229,7 @@ impl UserPresence {
                     state: m.state.clone(),
                     text: m.text.clone(),
                     set_at: at,
+                    expires_at: m.expires_at,
                 });
             }
             // Sign-out clears are the fold's own doing (see the module
@@ -450,6 +453,23 @@ impl Composer {
     /// Every user with state.
     pub fn users(&self) -> impl Iterator<Item = &BareJid> {
         self.users.keys()
+    }
+
+    /// Users whose manual status has expired at `now`, with when that
+    /// status was set. Composition does not look at the clock: the composer
+    /// publishes `presence.manual_status_cleared` (reason `expired`) for
+    /// these, and the fold clears the status when it reads that back, in
+    /// log order with the user's own changes.
+    pub fn expired(&self, now: DateTime<Utc>) -> Vec<(BareJid, DateTime<Utc>)> {
+        self.users
+            .iter()
+            .filter_map(|(user, p)| {
+                let m = p.manual.as_ref()?;
+                m.expires_at
+                    .is_some_and(|e| e <= now)
+                    .then(|| (user.clone(), m.set_at))
+            })
+            .collect()
     }
 
     /// Keeps only the users for which `keep` is true.
@@ -893,6 +913,40 @@ mod tests {
             },
         ));
         assert!(user.manual().is_some());
+    }
+
+    #[test]
+    fn expired_manual_statuses_are_listed_and_cleared_by_their_event() {
+        let mut composer = Composer::default();
+        composer.apply(&device(1, "laptop", true, None, 0));
+        composer.apply(&env(
+            2,
+            ManualStatusSet {
+                user: alice(),
+                state: ManualState::Dnd,
+                text: None,
+                expires_at: Some(at(1000)),
+            },
+        ));
+        assert!(composer.expired(at(999)).is_empty());
+        assert_eq!(composer.expired(at(1000)), vec![(alice(), at(2))]);
+        // Still composed until the clear is read back.
+        assert_eq!(composer.compose(&alice()).availability, Availability::Dnd);
+        composer.apply(&env(
+            1001,
+            ManualStatusCleared {
+                user: alice(),
+                reason: ManualStatusClearReason::Expired,
+            },
+        ));
+        assert!(composer.expired(at(5000)).is_empty());
+        assert_eq!(
+            composer.compose(&alice()).availability,
+            Availability::Available
+        );
+        // Without an expiry nothing expires.
+        composer.apply(&manual(1002, ManualState::Away));
+        assert!(composer.expired(at(i64::from(i32::MAX))).is_empty());
     }
 
     #[test]

@@ -54,6 +54,9 @@ use tokio::time::Instant;
 use crate::compose::{Composer, Throttle};
 use crate::settings::SettingsHandle;
 
+/// How often expired manual statuses are looked for.
+const EXPIRY_CHECK: Duration = Duration::from_secs(1);
+
 /// Settings of the composer.
 #[derive(Clone, Debug)]
 pub struct PresenceConfig {
@@ -113,6 +116,9 @@ struct Composition {
     applied: BTreeMap<(Input, i32), i64>,
     /// (topic, key, value) decided but not produced yet.
     outbox: Vec<(String, String, Vec<u8>)>,
+    /// Expired manual statuses whose clear was published, by when the
+    /// status was set (not published again while it is read back).
+    expiring: BTreeMap<BareJid, chrono::DateTime<chrono::Utc>>,
     origin: Instant,
 }
 
@@ -157,8 +163,11 @@ pub async fn run(
         throttle: Throttle::new(interval),
         applied: BTreeMap::new(),
         outbox: Vec::new(),
+        expiring: BTreeMap::new(),
         origin: Instant::now(),
     };
+    let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let due = c.throttle.next_due().map(|d| c.origin + d);
         tokio::select! {
@@ -194,6 +203,12 @@ pub async fn run(
                 Ok(_) => {}
                 Err(e) => break Err(e),
             },
+            _ = expiry.tick() => {
+                c.expire_manual_statuses();
+                if let Err(e) = c.flush().await {
+                    break Err(e);
+                }
+            }
             () = sleep_until(due) => {
                 c.release_due();
                 if let Err(e) = c.flush().await {
@@ -272,6 +287,26 @@ impl Composition {
         let now = self.now();
         for user in touched {
             self.offer(&user, now);
+        }
+    }
+
+    /// Publishes `presence.manual_status_cleared` (reason `expired`) for
+    /// manual statuses past their `expires_at`.
+    fn expire_manual_statuses(&mut self) {
+        let expired = self.composer.expired(chrono::Utc::now());
+        self.expiring
+            .retain(|user, set_at| expired.iter().any(|(u, s)| u == user && s == set_at));
+        for (user, set_at) in expired {
+            if self.expiring.get(&user) == Some(&set_at) {
+                continue;
+            }
+            let cleared = ManualStatusCleared {
+                user: user.clone(),
+                reason: ManualStatusClearReason::Expired,
+            };
+            let out = Envelope::new(self.config.node.clone(), user.as_str(), cleared);
+            self.queue(self.presence_topic.clone(), &out);
+            self.expiring.insert(user, set_at);
         }
     }
 
@@ -359,6 +394,7 @@ impl Composition {
         self.composer.retain(keep);
         self.published.retain(|user, _| keep(user));
         self.throttle.retain(keep);
+        self.expiring.retain(|user, _| keep(user));
         self.applied.retain(|(_, p), _| owned.contains(p));
         if fresh.is_empty() {
             return Ok(());

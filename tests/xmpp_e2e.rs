@@ -6,6 +6,9 @@
 //! password, PLAIN before TLS, malformed XML, an oversized stanza. The server
 //! must still serve a fresh login after all of them, and stop on SIGTERM.
 //!
+//! Run twice: on the embedded default, and as gateway, processors and
+//! projections processes on Kafka and PostgreSQL (`Deployment::distributed`).
+//!
 //! Every case runs and is reported (with the client's JSON line) before the
 //! test fails, so one run shows everything that is missing. On failure the
 //! tail of the server's log is printed too.
@@ -166,8 +169,18 @@ fn login_problems(o: &Outcome, jid: &str, mechanism: &str) -> Vec<String> {
 
 #[test]
 fn xmpp_clients_log_in_and_abuse_is_refused() {
+    scenario(Deployment::new());
+}
+
+/// The same cases with gateway, processors and projections as separate
+/// processes on Kafka and PostgreSQL.
+#[test]
+fn xmpp_clients_log_in_and_abuse_is_refused_on_kafka_and_postgres() {
+    scenario(Deployment::distributed());
+}
+
+fn scenario(dep: Deployment) {
     let python = python();
-    let dep = Deployment::new();
     let server = dep
         .start()
         .unwrap_or_else(|e| panic!("{e}\n{}", dep.log_tail()));

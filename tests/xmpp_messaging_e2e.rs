@@ -13,6 +13,9 @@
 //!    carol before the restart is delivered after it (without the one
 //!    delivered in b coming back).
 //!
+//! Run twice: on the embedded default, and as gateway, processors and
+//! projections processes on Kafka and PostgreSQL (`Deployment::distributed`).
+//!
 //! Every case runs and is reported (with the client's JSON line) before the
 //! test fails; on failure the tail of the server's log is printed too
 //! (`SWITCHBOARD_TEST_LOG` sets its filter, default `info`). Progress goes to
@@ -287,8 +290,18 @@ impl Harness<'_> {
 
 #[test]
 fn xmpp_messages_are_routed_and_offline_messages_delivered() {
+    scenario(Deployment::new());
+}
+
+/// The same cases with gateway, processors and projections as separate
+/// processes on Kafka and PostgreSQL.
+#[test]
+fn xmpp_messages_are_routed_on_kafka_and_postgres() {
+    scenario(Deployment::distributed());
+}
+
+fn scenario(dep: Deployment) {
     let python = python();
-    let dep = Deployment::new();
     let server = dep
         .start()
         .unwrap_or_else(|e| panic!("{e}\n{}", dep.log_tail()));

@@ -198,6 +198,29 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "deliveries consumer stopped");
             }
         }));
+        // SIP on 5060 (UDP, TCP) and 5061 (TLS), SPEC.md §5.
+        let sip = Arc::new(switchboard_gateway::sip::server::SipContext::new(
+            c2s.domains.clone(),
+            config.sip.clone(),
+            directory.clone(),
+            c2s.events.clone(),
+            switchboard_gateway::ratelimit::LoginLimiter::new(
+                config.auth.max_failures_per_address,
+                config.auth.max_failures_per_account,
+                Duration::from_secs(config.auth.failure_window_secs),
+            ),
+            c2s.secret,
+        ));
+        let sip_topics = switchboard_gateway::sip::server::BusTopics {
+            bus: bus.clone(),
+            deliveries: full_name(&config.bus.topic_prefix, Topic::Deliveries),
+            presence_state: full_name(&config.bus.topic_prefix, Topic::PresenceState),
+            node: config.node_id.clone(),
+        };
+        tasks.extend(
+            switchboard_gateway::sip::server::spawn(sip, c2s.tls.clone(), sip_topics, &shutdown_rx)
+                .await?,
+        );
         tasks.push(tokio::spawn(switchboard_gateway::heartbeat::run(
             bus.clone(),
             full_name(&config.bus.topic_prefix, Topic::Sessions),

@@ -21,6 +21,9 @@ fn switchboard(data: &std::path::Path) -> tokio::process::Command {
     cmd.env("SWITCHBOARD_LOG", "warn")
         .env("SWITCHBOARD__XMPP__C2S_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD__XMPP__C2S_TLS_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__UDP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__TCP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__TLS_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD__DATA_DIR", data)
         .env("SWITCHBOARD__DOMAINS", "[\"example.com\"]");
     cmd

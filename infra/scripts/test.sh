@@ -28,6 +28,8 @@ for service in "${services[@]}"; do
 done
 # Independent client peers (slixmpp) for the end-to-end suites.
 infra/scripts/python-env.sh >/dev/null
+# SIPp for the SIP end-to-end suites.
+infra/scripts/sipp.sh >/dev/null
 export SWITCHBOARD_TEST_KAFKA="${SWITCHBOARD_TEST_KAFKA:-$(infra/scripts/kafka.sh url)}"
 export SWITCHBOARD_TEST_POSTGRES="$(infra/scripts/postgres.sh url)"
 

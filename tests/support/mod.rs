@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod sip;
 pub mod xmpp;
 
 use std::sync::Arc;

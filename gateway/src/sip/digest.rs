@@ -55,9 +55,12 @@ pub fn ha1(algorithm: &DigestAlgorithm, username: &str, realm: &str, password: &
     )
 }
 
-/// The algorithms offered, strongest first (RFC 8760 §2.4: a challenge per
-/// algorithm, in order of preference).
-pub const OFFERED: [DigestAlgorithm; 2] = [DigestAlgorithm::Sha256, DigestAlgorithm::Md5];
+/// The algorithms offered, one challenge each (RFC 8760 §2.4). MD5 comes
+/// first: RFC 3261-era clients (and SIPp) answer only the first challenge
+/// and fail on one they do not know, while RFC 8760 clients choose the
+/// first they support, so SHA-256 first would lock the older ones out. Both
+/// secrets are stored for every user.
+pub const OFFERED: [DigestAlgorithm; 2] = [DigestAlgorithm::Md5, DigestAlgorithm::Sha256];
 
 /// Issues and checks nonces.
 #[derive(Clone)]

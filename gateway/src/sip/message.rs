@@ -358,6 +358,12 @@ impl Request {
         values(&self.headers, name).next()
     }
 
+    /// Every header line's value, unsplit (for headers whose values contain
+    /// commas, such as `Authorization`, RFC 3261 §7.3.1).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        values(&self.headers, name).collect()
+    }
+
     /// Every value of a header, comma-separated lists split (RFC 3261 §7.3.1).
     pub fn header_list(&self, name: &str) -> Vec<String> {
         values(&self.headers, name).flat_map(split_list).collect()

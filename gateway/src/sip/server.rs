@@ -453,12 +453,7 @@ async fn connection<S>(
                     tokio::spawn(async move { ctx.handle(&bytes, flow).await });
                 }
                 Err(e) => {
-                    let code = if matches!(e, ParseError::TooLarge(_)) {
-                        413
-                    } else {
-                        400
-                    };
-                    if let Some(answer) = message::salvage_response(&buf, code, &e.to_string()) {
+                    if let Some(answer) = message::salvage_response(&buf, 400, &e.to_string()) {
                         let _ = tx.send(answer).await;
                     }
                     break 'read;
@@ -522,7 +517,6 @@ impl SipContext {
                 // anything else is dropped.
                 let code = match e {
                     ParseError::UnknownMethod(_) => 501,
-                    ParseError::TooLarge(_) => 413,
                     _ => 400,
                 };
                 tracing::debug!(peer = %flow.peer, error = %e, "sip message refused");
@@ -632,8 +626,8 @@ impl SipContext {
         {
             return forbidden("too many failed attempts");
         }
-        for value in req.header_list("Authorization") {
-            let Ok(creds) = digest::parse_authorization(&value) else {
+        for value in req.header_values("Authorization") {
+            let Ok(creds) = digest::parse_authorization(value) else {
                 return Authenticated::Answered(message::response(
                     req,
                     400,
@@ -1352,8 +1346,13 @@ impl SipContext {
         let (branch, bytes) = self
             .notify_request(&sub, cseq, &format!("active;expires={left}"))
             .await;
-        self.send_request(&sub.flow, branch, bytes, Some(sub.key.clone()))
-            .await;
+        self.send_request(
+            &target_flow(&sub.remote_target, &sub.flow),
+            branch,
+            bytes,
+            Some(sub.key.clone()),
+        )
+        .await;
     }
 
     /// The final NOTIFY of a subscription (RFC 6665 §4.2.2,
@@ -1363,7 +1362,13 @@ impl SipContext {
         let (branch, bytes) = self
             .notify_request(&sub, cseq, &format!("terminated;reason={reason}"))
             .await;
-        self.send_request(&sub.flow, branch, bytes, None).await;
+        self.send_request(
+            &target_flow(&sub.remote_target, &sub.flow),
+            branch,
+            bytes,
+            None,
+        )
+        .await;
     }
 
     /// A response to a request this node sent: stops retransmission; a
@@ -1477,7 +1482,13 @@ impl SipContext {
             call_id = call_id,
         );
         let bytes = message::finish(head, Some(("text/plain;charset=UTF-8", body.as_bytes())));
-        self.send_request(&binding.flow, branch, bytes, None).await;
+        self.send_request(
+            &target_flow(&binding.contact, &binding.flow),
+            branch,
+            bytes,
+            None,
+        )
+        .await;
         true
     }
 
@@ -1488,6 +1499,28 @@ impl SipContext {
         if let Some(user) = changed {
             self.lock().subscriptions.changed(&user);
         }
+    }
+}
+
+/// Where a request to a remote target goes (RFC 3261 §8.1.2, §18.1.1):
+/// over TCP and TLS the connection the client opened (servers do not
+/// connect to clients here); over UDP the target URI's address when it is
+/// an IP literal, else the address the client's requests came from.
+fn target_flow(target: &str, flow: &Flow) -> Flow {
+    if flow.transport != Transport::Udp {
+        return flow.clone();
+    }
+    let Ok(uri) = rsip::Uri::try_from(target) else {
+        return flow.clone();
+    };
+    let rsip::Host::IpAddr(ip) = uri.host_with_port.host else {
+        return flow.clone();
+    };
+    let port = uri.host_with_port.port.map(|p| *p.value()).unwrap_or(5060);
+    Flow {
+        transport: Transport::Udp,
+        peer: SocketAddr::new(ip, port),
+        conn: 0,
     }
 }
 
@@ -1733,6 +1766,29 @@ pub async fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_requests_go_to_the_target_address() {
+        let flow = Flow {
+            transport: Transport::Udp,
+            peer: "192.0.2.1:5099".parse().unwrap(),
+            conn: 0,
+        };
+        assert_eq!(
+            target_flow("sip:bob@127.0.0.1:40915;transport=UDP", &flow).peer,
+            "127.0.0.1:40915".parse().unwrap()
+        );
+        assert_eq!(
+            target_flow("sip:bob@10.0.0.7", &flow).peer,
+            "10.0.0.7:5060".parse().unwrap()
+        );
+        assert_eq!(target_flow("sip:bob@phone.example.com", &flow), flow);
+        let tcp = Flow {
+            transport: Transport::Tcp,
+            ..flow
+        };
+        assert_eq!(target_flow("sip:bob@127.0.0.1:40915", &tcp), tcp);
+    }
 
     #[test]
     fn message_stanzas_become_sip_bodies() {

@@ -1,0 +1,396 @@
+//! SIP end to end: `switchboard serve` (embedded log) on a fresh data
+//! directory, users made with `switchboard user add`, SIPp (Debian
+//! `sip-tester`, via `infra/scripts/sipp.sh`) running `tests/sip/*.xml`, and
+//! a raw UDP client where the exact bytes matter:
+//!
+//! a. digest REGISTER (RFC 3261 §22): 401 challenge, then 200 with the
+//!    binding, over UDP and over TCP; a wrong password gets 403;
+//! b. PUBLISH (RFC 3903): SIP-ETag issued, refreshed and modified with
+//!    SIP-If-Match, 412 on an unknown tag, Expires 0 removes;
+//! c. SUBSCRIBE to presence (RFC 6665, RFC 3856): 200, the immediate NOTIFY
+//!    (active, PIDF), and on Expires 0 the final NOTIFY (terminated);
+//! d. MESSAGE (RFC 3428) in: 202;
+//! e. MESSAGE between two SIP users through the router: the registered
+//!    device receives it (RFC 7572 §5 translation of the delivery);
+//! f. a MESSAGE retransmitted over UDP (the same bytes, the same branch) is
+//!    answered twice from its transaction and stored once;
+//! g. malformed requests get 400 (and garbage nothing) while a parallel
+//!    SIPp client keeps being served;
+//! h. the log holds what happened: session.resource_bound (protocol sip,
+//!    with the contact), presence.device from the publication (away, note),
+//!    message.submitted once per message.
+//!
+//! Every case runs and is reported before the test fails; the server's log
+//! tail is printed on failure.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use support::sip::{SipDeployment, run_scenario};
+use switchboard_gateway::sip::digest;
+use switchboard_schemas::Event;
+use switchboard_schemas::events::{DigestAlgorithm, Protocol, Show};
+
+const ALICE: (&str, &str) = ("alice@example.com", "alice secret");
+const BOB: (&str, &str) = ("bob@example.com", "bob: secret, too");
+
+fn local(user: &str) -> &str {
+    user.split('@').next().unwrap()
+}
+
+/// A raw UDP SIP client.
+struct Raw {
+    socket: UdpSocket,
+    server: SocketAddr,
+}
+
+impl Raw {
+    fn new(server: SocketAddr) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Self { socket, server }
+    }
+
+    fn port(&self) -> u16 {
+        self.socket.local_addr().unwrap().port()
+    }
+
+    fn send(&self, bytes: &[u8]) {
+        self.socket
+            .send_to(bytes, self.server)
+            .expect("sending a datagram");
+    }
+
+    /// The next datagram as text, if one comes within the timeout.
+    fn recv(&self) -> Option<String> {
+        let mut buf = vec![0u8; 65_536];
+        let (n, _) = self.socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    message.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn param<'a>(challenge: &'a str, name: &str) -> Option<&'a str> {
+    let start = challenge.find(&format!("{name}=\""))? + name.len() + 2;
+    let end = challenge[start..].find('"')? + start;
+    Some(&challenge[start..end])
+}
+
+fn message_request(port: u16, branch: &str, authorization: Option<&str>, text: &str) -> String {
+    format!(
+        "MESSAGE sip:bob@example.com SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@example.com>;tag=retrans1\r\n\
+         To: <sip:bob@example.com>\r\n\
+         Call-ID: retrans-{branch}@127.0.0.1\r\n\
+         CSeq: {} MESSAGE\r\n\
+         {}\
+         Content-Type: text/plain\r\n\
+         Content-Length: {}\r\n\r\n{text}",
+        if authorization.is_some() { 2 } else { 1 },
+        authorization
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default(),
+        text.len()
+    )
+}
+
+/// Case f: the same authenticated MESSAGE datagram twice.
+fn retransmitted_message(server: SocketAddr, text: &str) -> Result<(), String> {
+    let raw = Raw::new(server);
+    raw.send(message_request(raw.port(), "z9hG4bKretrans0", None, text).as_bytes());
+    let challenge = raw.recv().ok_or("no answer to the first MESSAGE")?;
+    if !challenge.starts_with("SIP/2.0 401") {
+        return Err(format!("expected 401, got:\n{challenge}"));
+    }
+    let www = challenge
+        .lines()
+        .filter_map(|l| l.strip_prefix("WWW-Authenticate: "))
+        .find(|c| c.contains("algorithm=SHA-256"))
+        .ok_or("no SHA-256 challenge")?;
+    let nonce = param(www, "nonce").ok_or("no nonce")?;
+    let realm = param(www, "realm").ok_or("no realm")?;
+    let creds = digest::Credentials {
+        username: local(ALICE.0).to_owned(),
+        realm: realm.to_owned(),
+        nonce: nonce.to_owned(),
+        uri: "sip:bob@example.com".to_owned(),
+        response: String::new(),
+        algorithm: Some(DigestAlgorithm::Sha256),
+        cnonce: Some("c0ffee".to_owned()),
+        nc: Some("00000001".to_owned()),
+        qop: Some("auth".to_owned()),
+    };
+    let ha1 = digest::ha1(&DigestAlgorithm::Sha256, local(ALICE.0), realm, ALICE.1);
+    let response = digest::expected_response(&creds, "MESSAGE", &ha1);
+    let authorization = format!(
+        "Digest username=\"alice\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"sip:bob@example.com\", \
+         response=\"{response}\", algorithm=SHA-256, cnonce=\"c0ffee\", nc=00000001, qop=auth"
+    );
+    let request = message_request(raw.port(), "z9hG4bKretrans1", Some(&authorization), text);
+    raw.send(request.as_bytes());
+    let first = raw.recv().ok_or("no answer to the authenticated MESSAGE")?;
+    // The retransmission, after the answer (Completed state).
+    raw.send(request.as_bytes());
+    let second = raw.recv().ok_or("no answer to the retransmission")?;
+    for answer in [&first, &second] {
+        if !answer.starts_with("SIP/2.0 202") {
+            return Err(format!("expected 202, got:\n{answer}"));
+        }
+    }
+    if header(&first, "To") != header(&second, "To") {
+        return Err("the retransmission was answered by a new transaction (other To tag)".into());
+    }
+    Ok(())
+}
+
+/// Case g: malformed requests next to a working SIPp client.
+fn malformed_requests(d: &SipDeployment) -> Result<(), String> {
+    let sip = d.sip;
+    let parallel = std::thread::spawn(move || {
+        run_scenario(sip, "options.xml", &["-m", "300", "-r", "100", "-l", "20"])
+    });
+    let raw = Raw::new(d.sip);
+    let port = raw.port();
+    let base = |i: usize, extra: &str| {
+        format!(
+            "OPTIONS sip:example.com SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKbad{i};rport\r\n\
+             From: <sip:probe@example.com>;tag=bad{i}\r\n\
+             To: <sip:example.com>\r\n\
+             Call-ID: bad-{i}@127.0.0.1\r\n\
+             CSeq: 1 OPTIONS\r\n\
+             {extra}\r\n"
+        )
+    };
+    let cases = [
+        base(1, "Content-Length: 12\r\n"), // announces more than it has
+        base(2, "Content-Length: x\r\n"),
+        base(3, "Broken header line without colon\r\n"),
+        base(4, &format!("Subject: {}\r\n", "s".repeat(40_000))), // over the 32 KiB limit
+        base(5, &"X-Filler: y\r\n".repeat(200)),                  // too many headers
+    ];
+    let mut failures = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        raw.send(case.as_bytes());
+        match raw.recv() {
+            Some(answer) if answer.starts_with("SIP/2.0 400") => {}
+            Some(answer) => failures.push(format!("case {}: {answer}", i + 1)),
+            None => failures.push(format!("case {}: no answer", i + 1)),
+        }
+    }
+    // Garbage cannot be answered: nothing comes back, and nothing breaks.
+    raw.send(b"\x00\x01\x02 not sip at all\r\n\r\n");
+    raw.socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    if let Some(answer) = raw.recv() {
+        failures.push(format!("garbage was answered: {answer}"));
+    }
+    let run = parallel.join().unwrap();
+    if !run.ok() {
+        failures.push(format!("the parallel client failed:\n{}", run.report()));
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+#[test]
+fn sip_end_to_end() {
+    let d = SipDeployment::new();
+    for (user, password) in [ALICE, BOB] {
+        d.add_user(user, password);
+    }
+    let server = d
+        .start()
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.base.log_tail()));
+    let mut failures: Vec<String> = Vec::new();
+    let mut check = |name: &str, result: Result<(), String>| {
+        eprintln!(
+            "-- {name}: {}",
+            if result.is_ok() { "ok" } else { "FAILED" }
+        );
+        if let Err(e) = result {
+            failures.push(format!("{name}: {e}"));
+        }
+    };
+    let sipp = |scenario: &str, args: &[&str]| {
+        let run = run_scenario(d.sip, scenario, args);
+        if run.ok() { Ok(()) } else { Err(run.report()) }
+    };
+    let alice = ["-key", "user", "alice", "-au", "alice", "-ap", ALICE.1];
+
+    check(
+        "a. register over udp",
+        sipp("register.xml", &[&alice[..], &["-m", "1"]].concat()),
+    );
+    check(
+        "a. register over tcp",
+        sipp(
+            "register.xml",
+            &[&alice[..], &["-m", "1", "-t", "t1"]].concat(),
+        ),
+    );
+    check(
+        "a. register with a wrong password",
+        sipp(
+            "register_bad.xml",
+            &[
+                "-key", "user", "alice", "-au", "alice", "-ap", "wrong", "-m", "1",
+            ],
+        ),
+    );
+    check(
+        "b. publish etag lifecycle",
+        sipp("publish.xml", &[&alice[..], &["-m", "1"]].concat()),
+    );
+    check(
+        "c. subscribe with the initial notify",
+        sipp(
+            "subscribe.xml",
+            &[&alice[..], &["-key", "presentity", "bob", "-m", "1"]].concat(),
+        ),
+    );
+    check(
+        "d. message in",
+        sipp(
+            "message.xml",
+            &[
+                &alice[..],
+                &["-key", "to", "bob", "-key", "text", "hello-bob", "-m", "1"],
+            ]
+            .concat(),
+        ),
+    );
+    // e. bob's device listens on one port and registers that contact from
+    // another; alice's message reaches it through the router.
+    let sip = d.sip;
+    let device_port = support::sip::free_sip_port();
+    let bob_device = std::thread::spawn(move || {
+        support::sip::run_scenario_at(
+            sip,
+            "receive_message.xml",
+            device_port,
+            &["-key", "text", "routed-to-bob", "-m", "1"],
+        )
+    });
+    let port = device_port.to_string();
+    let registered = sipp(
+        "register_contact.xml",
+        &[
+            "-key",
+            "user",
+            "bob",
+            "-au",
+            "bob",
+            "-ap",
+            BOB.1,
+            "-key",
+            "contact_port",
+            &port,
+            "-m",
+            "1",
+        ],
+    );
+    let sent = sipp(
+        "message.xml",
+        &[
+            &alice[..],
+            &[
+                "-key",
+                "to",
+                "bob",
+                "-key",
+                "text",
+                "routed-to-bob",
+                "-m",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    let received = bob_device.join().unwrap();
+    check(
+        "e. message to a registered sip device",
+        registered.and(sent).and(if received.ok() {
+            Ok(())
+        } else {
+            Err(received.report())
+        }),
+    );
+    check(
+        "f. udp retransmission",
+        retransmitted_message(d.sip, "once-only"),
+    );
+    check("g. malformed requests", malformed_requests(&d));
+
+    check("stopping the server", server.stop());
+    let sessions = d.events("sessions");
+    let bound: Vec<_> = sessions
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::SessionResourceBound(b) if b.protocol == Protocol::Sip => Some(b),
+            _ => None,
+        })
+        .collect();
+    let mut h = Vec::new();
+    if !bound
+        .iter()
+        .any(|b| b.full_jid.as_str().starts_with("alice@example.com/sip-") && b.contact.is_some())
+    {
+        h.push(format!(
+            "no sip session.resource_bound for alice: {bound:?}"
+        ));
+    }
+    let presence = d.events("presence");
+    if !presence.iter().any(|e| {
+        matches!(&e.event, Event::DevicePresence(p)
+            if p.protocol == Protocol::Sip && p.available && p.show == Some(Show::Away)
+                && p.status.as_deref() == Some("at lunch"))
+    }) {
+        h.push("no presence.device away/at lunch from the publication".to_owned());
+    }
+    let messages = d.events("messages");
+    let submitted = |text: &str| {
+        messages
+            .iter()
+            .filter(|e| matches!(&e.event, Event::MessageSubmitted(m) if m.body.as_deref().map(str::trim) == Some(text)))
+            .count()
+    };
+    for (text, expected) in [("hello-bob", 1), ("once-only", 1), ("routed-to-bob", 1)] {
+        let n = submitted(text);
+        if n != expected {
+            h.push(format!(
+                "{n} message.submitted with {text:?}, expected {expected}"
+            ));
+        }
+    }
+    check(
+        "h. events in the log",
+        if h.is_empty() {
+            Ok(())
+        } else {
+            Err(h.join("\n"))
+        },
+    );
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n\n"),
+        d.base.log_tail()
+    );
+}

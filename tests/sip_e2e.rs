@@ -8,7 +8,9 @@
 //! b. PUBLISH (RFC 3903): SIP-ETag issued, refreshed and modified with
 //!    SIP-If-Match, 412 on an unknown tag, Expires 0 removes;
 //! c. SUBSCRIBE to presence (RFC 6665, RFC 3856): 200, the immediate NOTIFY
-//!    (active, PIDF), and on Expires 0 the final NOTIFY (terminated);
+//!    (active, PIDF), and on Expires 0 the final NOTIFY (terminated); a
+//!    watcher gets a NOTIFY when the presentity's composed presence changes
+//!    (bob publishes away with a note);
 //! d. MESSAGE (RFC 3428) in: 202;
 //! e. MESSAGE between two SIP users through the router: the registered
 //!    device receives it (RFC 7572 §5 translation of the delivery);
@@ -264,6 +266,59 @@ fn sip_end_to_end() {
             "subscribe.xml",
             &[&alice[..], &["-key", "presentity", "bob", "-m", "1"]].concat(),
         ),
+    );
+    // c. a change of bob's presence reaches alice's subscription through
+    // the presence composer (presence.device → presence_state → NOTIFY).
+    let sip = d.sip;
+    let watcher = std::thread::spawn(move || {
+        run_scenario(
+            sip,
+            "watch.xml",
+            &[
+                "-key",
+                "user",
+                "alice",
+                "-au",
+                "alice",
+                "-ap",
+                ALICE.1,
+                "-key",
+                "presentity",
+                "bob",
+                "-key",
+                "note",
+                "gone-fishing",
+                "-m",
+                "1",
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let published = sipp(
+        "publish_away.xml",
+        &[
+            "-key",
+            "user",
+            "bob",
+            "-au",
+            "bob",
+            "-ap",
+            BOB.1,
+            "-key",
+            "note",
+            "gone-fishing",
+            "-m",
+            "1",
+        ],
+    );
+    let watched = watcher.join().unwrap();
+    check(
+        "c. notify on a change",
+        published.and(if watched.ok() {
+            Ok(())
+        } else {
+            Err(watched.report())
+        }),
     );
     check(
         "d. message in",

@@ -169,17 +169,17 @@ fn login_problems(o: &Outcome, jid: &str, mechanism: &str) -> Vec<String> {
 
 #[test]
 fn xmpp_clients_log_in_and_abuse_is_refused() {
-    scenario(Deployment::new());
+    scenario(&Deployment::new());
 }
 
 /// The same cases with gateway, processors and projections as separate
 /// processes on Kafka and PostgreSQL.
 #[test]
 fn xmpp_clients_log_in_and_abuse_is_refused_on_kafka_and_postgres() {
-    scenario(Deployment::distributed());
+    scenario(&Deployment::distributed());
 }
 
-fn scenario(dep: Deployment) {
+fn scenario(dep: &Deployment) {
     let python = python();
     let server = dep
         .start()
@@ -194,7 +194,7 @@ fn scenario(dep: Deployment) {
 
     let mut h = Harness {
         python,
-        dep: &dep,
+        dep,
         failures: Vec::new(),
         passed: Vec::new(),
     };

@@ -290,17 +290,17 @@ impl Harness<'_> {
 
 #[test]
 fn xmpp_messages_are_routed_and_offline_messages_delivered() {
-    scenario(Deployment::new());
+    scenario(&Deployment::new());
 }
 
 /// The same cases with gateway, processors and projections as separate
 /// processes on Kafka and PostgreSQL.
 #[test]
 fn xmpp_messages_are_routed_on_kafka_and_postgres() {
-    scenario(Deployment::distributed());
+    scenario(&Deployment::distributed());
 }
 
-fn scenario(dep: Deployment) {
+fn scenario(dep: &Deployment) {
     let python = python();
     let server = dep
         .start()
@@ -315,7 +315,7 @@ fn scenario(dep: Deployment) {
     }
     let mut h = Harness {
         python,
-        dep: &dep,
+        dep,
         failures: Vec::new(),
         passed: Vec::new(),
         started: Instant::now(),

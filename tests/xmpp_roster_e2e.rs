@@ -10,6 +10,9 @@
 //!    fetch; a user without one has an empty vCard; blocking (XEP-0191):
 //!    alice blocks bob, her list is [bob] and bob sees her unavailable;
 //!    unblocking all empties it and bob sees her available again;
+//! f. directed presence (RFC 6121 §4.6): carol, not subscribed, gets
+//!    alice's directed presence from her full JID and the unavailable
+//!    presence when alice leaves; another domain is remote-server-not-found;
 //! b. alice's roster, fetched by a new session, still has bob with the
 //!    name and group (the roster lives in the log);
 //! c. after a restart on the same data directory the roster is the same,
@@ -26,6 +29,7 @@ use support::xmpp::{Deployment, Outcome, python};
 
 const ALICE: (&str, &str) = ("alice@example.com", "alice's password");
 const BOB: (&str, &str) = ("bob@example.com", "bob: another, password");
+const CAROL: (&str, &str) = ("carol@example.com", "carol's secret");
 
 fn item<'a>(o: &'a Outcome, jid: &str) -> Option<&'a serde_json::Value> {
     o.json.get("items").and_then(|i| i.get(jid))
@@ -46,7 +50,7 @@ fn scenario(dep: &Deployment) {
     let server = dep
         .start()
         .unwrap_or_else(|e| panic!("{e}\n{}", dep.log_tail()));
-    for (jid, password) in [ALICE, BOB] {
+    for (jid, password) in [ALICE, BOB, CAROL] {
         dep.add_user(jid, password);
     }
     let ctx = |o: &Outcome| format!("{}\n{}", o.report, dep.log_tail());
@@ -88,6 +92,25 @@ fn scenario(dep: &Deployment) {
         ],
     );
     assert!(o.bool("ok"), "e. vcard and blocking: {}", ctx(&o));
+
+    // f.
+    let o = dep.client(
+        &python,
+        "xmpp_roster.py",
+        "directed",
+        40,
+        &[
+            "--a",
+            ALICE.0,
+            "--a-password",
+            ALICE.1,
+            "--b",
+            CAROL.0,
+            "--b-password",
+            CAROL.1,
+        ],
+    );
+    assert!(o.bool("ok"), "f. directed presence: {}", ctx(&o));
 
     // b.
     let roster = |dep: &Deployment, who: (&str, &str), remove: Option<&str>| {

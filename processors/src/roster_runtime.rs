@@ -64,6 +64,9 @@ struct RosterProcessor {
     policies: Policies,
     /// XEP-0054 vCards of owned users.
     vcards: BTreeMap<String, String>,
+    /// RFC 6121 §4.6.3: where each session of an owned user sent directed
+    /// available presence (in memory: directed presence is not replayed).
+    directed: BTreeMap<String, BTreeSet<String>>,
     owned: BTreeSet<i32>,
     partitions: i32,
     roster_topic: String,
@@ -127,6 +130,7 @@ pub async fn run(
         rosters: Rosters::default(),
         policies: Policies::default(),
         vcards: BTreeMap::new(),
+        directed: BTreeMap::new(),
         owned: BTreeSet::new(),
         partitions,
         roster_topic,
@@ -139,11 +143,8 @@ pub async fn run(
         tokio::select! {
             polled = table.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
-                    for r in &records {
-                        if let Some(envelope) = decode(r) {
-                            p.on_table(&envelope, live);
-                        }
-                    }
+                    let envelopes: Vec<Envelope> = records.iter().filter_map(decode).collect();
+                    p.on_table(&envelopes, live);
                     if !live {
                         let read = positions_after(&records);
                         table_ends.retain(|(tp, end)| {
@@ -281,18 +282,48 @@ impl RosterProcessor {
         Ok(())
     }
 
-    fn on_table(&mut self, envelope: &Envelope, live: bool) {
-        if let Event::ComposedPresence(composed) = &envelope.event {
-            let user = composed.user.as_str().to_owned();
-            self.composed.insert(user.clone(), composed.clone());
-            if live && self.owns(&user) {
-                self.fan_out(&user);
+    /// A batch of table records: first every state change (the records of
+    /// one batch come partition by partition, not in production order), then
+    /// what they cause, so that an action sees the sessions and presence of
+    /// the whole batch.
+    fn on_table(&mut self, envelopes: &[Envelope], live: bool) {
+        let mut available = Vec::new();
+        for envelope in envelopes {
+            if let Event::ComposedPresence(composed) = &envelope.event {
+                self.composed
+                    .insert(composed.user.as_str().to_owned(), composed.clone());
+            } else if let Some(full) = self.directory.apply(envelope) {
+                available.push(full);
             }
+        }
+        if !live {
             return;
         }
-        if let Some(full) = self.directory.apply(envelope)
-            && live
-        {
+        let mut fanned = BTreeSet::new();
+        for envelope in envelopes {
+            match &envelope.event {
+                Event::ComposedPresence(composed) => {
+                    let user = composed.user.as_str().to_owned();
+                    if self.owns(&user) && fanned.insert(user.clone()) {
+                        self.fan_out(&user);
+                    }
+                }
+                Event::DirectedPresence(d) if self.owns(bare_of(d.from.as_str())) => {
+                    self.directed_presence(d);
+                }
+                Event::SessionEnded(ended) => {
+                    if let Some(full) = &ended.full_jid
+                        && let Some(targets) = self.directed.remove(full.as_str())
+                    {
+                        for to in targets {
+                            self.presence_to(&to, &unavailable(full.as_str(), &to));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for full in available {
             let bare = bare_of(&full).to_owned();
             if self.owns(&bare) {
                 self.on_available(&bare, &full);
@@ -330,6 +361,43 @@ impl RosterProcessor {
             for stanza in stanzas {
                 self.deliver(&session.node, session.session_id, full, stanza);
             }
+        }
+    }
+
+    /// RFC 6121 §4.6.2: directed presence goes to the addressee's session
+    /// (full JID) or available sessions (bare JID); the addressees of
+    /// available presence are remembered for §4.6.3.
+    fn directed_presence(&mut self, d: &switchboard_schemas::events::DirectedPresence) {
+        let from = d.from.as_str().to_owned();
+        if d.available {
+            self.directed
+                .entry(from.clone())
+                .or_default()
+                .insert(d.to.clone());
+        } else if let Some(targets) = self.directed.get_mut(&from) {
+            targets.remove(&d.to);
+        }
+        self.presence_to(&d.to, &d.stanza);
+    }
+
+    /// Delivers `stanza` to `to`: that session for a full JID, every
+    /// available session for a bare one.
+    fn presence_to(&mut self, to: &str, stanza: &str) {
+        let targets: Vec<(String, Uuid, String)> = if to.contains('/') {
+            self.directory
+                .session(to)
+                .map(|s| (s.node.clone(), s.session_id, to.to_owned()))
+                .into_iter()
+                .collect()
+        } else {
+            self.directory
+                .sessions_of(to)
+                .filter(|(_, s)| s.available)
+                .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
+                .collect()
+        };
+        for (node, session_id, full) in targets {
+            self.deliver(&node, session_id, &full, stanza.to_owned());
         }
     }
 
@@ -459,14 +527,14 @@ impl RosterProcessor {
                 self.emit_item(cause, &owner, event.into());
                 let mut payload = String::new();
                 item_xml(&mut payload, &contact, Some(&item));
-                self.push(&owner, &payload);
+                self.push(cause, &owner, &payload);
             }
             Effect::RemoveItem { owner, contact } => {
                 self.rosters.remove_item(&owner, &contact);
                 self.emit_item(cause, &owner, item_removed_event(&owner, &contact).into());
                 let mut payload = String::new();
                 item_xml(&mut payload, &contact, None);
-                self.push(&owner, &payload);
+                self.push(cause, &owner, &payload);
             }
             Effect::Emit { key, event } => {
                 let envelope =
@@ -492,13 +560,7 @@ impl RosterProcessor {
                 }
             }
             Effect::SendUnavailable { of, to } => {
-                self.send_to_available(&to, |full| {
-                    let mut s = String::from("<presence");
-                    attr(&mut s, "from", &of);
-                    attr(&mut s, "to", full);
-                    s.push_str(" type='unavailable'/>");
-                    s
-                });
+                self.send_to_available(&to, |full| unavailable(&of, full));
             }
             Effect::RefuseRequest {
                 to,
@@ -579,21 +641,7 @@ impl RosterProcessor {
             payload.push_str("/>");
         }
         payload.push_str(&format!("</{element}>"));
-        let targets: Vec<(String, Uuid, String)> = self
-            .directory
-            .sessions_of(&user)
-            .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
-            .collect();
-        for (node, session_id, full) in targets {
-            self.pushes += 1;
-            let mut s = String::from("<iq type='set'");
-            attr(&mut s, "to", &full);
-            attr(&mut s, "id", &format!("push-{}", self.pushes));
-            s.push('>');
-            s.push_str(&payload);
-            s.push_str("</iq>");
-            self.deliver(&node, session_id, &full, s);
-        }
+        self.push_iq(cause, &user, &payload);
         if c.block {
             for item in &items {
                 if let PolicyItem::User(blocked) = item {
@@ -626,26 +674,48 @@ impl RosterProcessor {
     }
 
     /// RFC 6121 §2.1.6: a roster push to every session of the owner.
-    fn push(&mut self, owner: &str, item: &str) {
+    fn push(&mut self, cause: &Envelope, owner: &str, item: &str) {
         let version = self
             .rosters
             .get(owner)
             .map(|r| r.version())
             .unwrap_or_default();
-        let targets: Vec<(String, Uuid, String)> = self
+        let payload = format!(
+            "<query xmlns='jabber:iq:roster' ver='{}'>{item}</query>",
+            escape(&version)
+        );
+        self.push_iq(cause, owner, &payload);
+    }
+
+    /// An `<iq type='set'/>` push of `payload` to every session of `owner`,
+    /// including the one whose request caused it even when the session
+    /// table has not read its bind yet (the tables and the `roster` topic
+    /// are read by different consumers).
+    fn push_iq(&mut self, cause: &Envelope, owner: &str, payload: &str) {
+        let mut targets: Vec<(String, Uuid, String)> = self
             .directory
             .sessions_of(owner)
             .map(|(full, s)| (s.node.clone(), s.session_id, full.to_owned()))
             .collect();
+        let asker = match &cause.event {
+            Event::RosterUpdateRequested(r) => Some((r.session_id, r.device.as_str())),
+            Event::BlocklistChangeRequested(r) => Some((r.session_id, r.device.as_str())),
+            _ => None,
+        };
+        if let Some((session_id, device)) = asker
+            && bare_of(device) == owner
+            && !targets.iter().any(|(_, id, _)| *id == session_id)
+        {
+            targets.push((cause.node.as_str().to_owned(), session_id, device.to_owned()));
+        }
         for (node, session_id, full) in targets {
             self.pushes += 1;
             let mut s = String::from("<iq type='set'");
             attr(&mut s, "to", &full);
             attr(&mut s, "id", &format!("push-{}", self.pushes));
-            s.push_str(&format!(
-                "><query xmlns='jabber:iq:roster' ver='{}'>{item}</query></iq>",
-                escape(&version)
-            ));
+            s.push('>');
+            s.push_str(payload);
+            s.push_str("</iq>");
             self.deliver(&node, session_id, &full, s);
         }
     }
@@ -725,6 +795,15 @@ impl RosterProcessor {
         }
         Ok(())
     }
+}
+
+/// `<presence type='unavailable'/>` from `from` to `to`.
+fn unavailable(from: &str, to: &str) -> String {
+    let mut s = String::from("<presence");
+    attr(&mut s, "from", from);
+    attr(&mut s, "to", to);
+    s.push_str(" type='unavailable'/>");
+    s
 }
 
 /// The JID an XEP-0191 item names: a user's bare JID or a domain.

@@ -33,12 +33,21 @@ extras
        "vcard_empty": true, "blocklist": ["bob@example.com"],
        "b_sees_block": true, "blocklist_after": [], "b_sees_unblock": true}
 
+directed
+    Logs in --a and --b (no subscription between them). A sends directed
+    presence (RFC 6121 §4.6) with a status to B's bare JID; B must get it
+    from A's full JID; then A disconnects and B must get unavailable from A's
+    full JID (§4.6.3). A directed presence to another domain is answered
+    remote-server-not-found.
+      {"ok": true, "b_got_directed": true, "b_got_unavailable": true,
+       "remote": "remote-server-not-found"}
+
 roster
     Logs in --a, fetches the roster and prints its items:
       {"ok": true, "items": {"bob@example.com": {"subscription": "both",
        "name": "Buddy", "groups": ["Team"], "ask": null}}, "version": "..."}
     With --remove JID, removes that item afterwards (§2.5) and reports
-    "removed" (the item is gone from the roster after the push) and
+    "removed" (a roster push removed the item, RFC 6121 §2.5.2) and
     "remove_error" (the condition of an error answer, if any).
 """
 
@@ -72,7 +81,14 @@ class RosterClient(Client):
         self.xmpp.auto_authorize = None
         self.xmpp.auto_subscribe = False
         self.xmpp.add_event_handler("presence", self._on_presence)
-        self.xmpp.add_event_handler("roster_update", lambda _e: self.changed.set())
+        self.removed: set[str] = set()
+        self.xmpp.add_event_handler("roster_update", self._on_roster_update)
+
+    def _on_roster_update(self, iq: Any) -> None:
+        for jid, item in iq["roster"]["items"].items():
+            if item["subscription"] == "remove":
+                self.removed.add(str(jid))
+        self.changed.set()
 
     def _on_presence(self, pres: Any) -> None:
         seen = {"from": str(pres["from"]), "type": pres["type"],
@@ -262,6 +278,46 @@ async def run_extras(args: argparse.Namespace) -> dict[str, Any]:
         await close_all([a, b])
 
 
+async def run_directed(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"ok": False}
+    a = RosterClient("a", args.a, args.a_password, args)
+    b = RosterClient("b", args.b, args.b_password, args)
+    errors: list[str] = []
+    a.xmpp.add_event_handler(
+        "presence_error", lambda p: errors.append(p["error"]["condition"] or "unknown"))
+    try:
+        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, LoginError):
+                result.update(outcome.fields())
+                return result
+            if isinstance(outcome, BaseException):
+                raise outcome
+        a_full = a.jid
+        a.xmpp.send_presence(pto=args.b, pstatus="directed hello")
+        got = lambda kind, status=None: any(  # noqa: E731
+            p["from"] == a_full and (p["type"] == "unavailable") == (kind == "unavailable")
+            and (status is None or p["status"] == status) for p in b.presences)
+        result["b_got_directed"] = bool(await b.until(
+            lambda: got("available", "directed hello"), time.monotonic() + args.step))
+        a.xmpp.send_presence(pto="someone@elsewhere.example")
+        await a.until(lambda: errors, time.monotonic() + args.step)
+        result["remote"] = errors[0] if errors else None
+        await a.close()
+        result["b_got_unavailable"] = bool(await b.until(
+            lambda: got("unavailable"), time.monotonic() + args.step))
+        result["ok"] = (result["b_got_directed"] and result["b_got_unavailable"]
+                        and result["remote"] == "remote-server-not-found")
+        if not result["ok"]:
+            result.update({"error": "directed-presence", "stage": "directed"})
+        return result
+    finally:
+        result["b_presences"] = b.presences[-10:]
+        await close_all([a, b])
+
+
 async def run_roster(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False}
     a = RosterClient("a", args.a, args.a_password, args)
@@ -277,7 +333,9 @@ async def run_roster(args: argparse.Namespace) -> dict[str, Any]:
                 await a.xmpp.del_roster_item(args.remove)
             except slixmpp.exceptions.IqError as e:
                 result["remove_error"] = e.iq["error"]["condition"] or "unknown"
-            result["removed"] = bool(await a.until(lambda: a.item(args.remove) is None,
+            # A push with subscription='remove' (§2.5.2); the item may come
+            # back as 'none' when the contact's unavailable presence follows.
+            result["removed"] = bool(await a.until(lambda: args.remove in a.removed,
                                                    args.deadline - CLOSE_MARGIN))
         result["ok"] = True
         return result
@@ -317,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--b-password", required=True)
     ex.add_argument("--nobody", default="nobody@example.com", metavar="JID")
     ex.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
+    di = sub.add_parser("directed")
+    common(di)
+    di.add_argument("--b", required=True, metavar="JID")
+    di.add_argument("--b-password", required=True)
+    di.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
     ro = sub.add_parser("roster")
     common(ro)
     ro.add_argument("--remove", metavar="JID")
@@ -330,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.deadline = time.monotonic() + args.timeout
     install_backstop(args.timeout, args.command)
-    runner = {"handshake": run_handshake, "extras": run_extras, "roster": run_roster}[args.command]
+    runner = {"handshake": run_handshake, "extras": run_extras, "directed": run_directed,
+              "roster": run_roster}[args.command]
 
     async def bounded() -> dict[str, Any]:
         try:

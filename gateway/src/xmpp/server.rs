@@ -14,11 +14,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use switchboard_infra::config::XmppSettings;
 use switchboard_schemas::events::{
-    AuthMechanism, BlocklistChangeRequested, BlocklistQueried, DevicePresence, LoginFailureReason,
-    MessageKind, MessageSubmitted, PolicyItem, Protocol, RosterQueried, RosterUpdateRequested,
-    ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed, SessionLoginSucceeded,
-    SessionResourceBound, Show, SubscriptionApproved, SubscriptionCancelled, SubscriptionDenied,
-    SubscriptionRequested, VcardQueried, VcardSet,
+    AuthMechanism, BlocklistChangeRequested, BlocklistQueried, DevicePresence, DirectedPresence,
+    LoginFailureReason, MessageKind, MessageSubmitted, PolicyItem, Protocol, RosterQueried,
+    RosterUpdateRequested, ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed,
+    SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved, SubscriptionCancelled,
+    SubscriptionDenied, SubscriptionRequested, VcardQueried, VcardSet,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -1355,10 +1355,8 @@ impl Conn {
         let Some(bound) = &self.bound else {
             return Step::Continue;
         };
-        if e.attr("to").is_some() {
-            // §4.6 directed presence is not routed yet.
-            self.stanza_error(&e, "cancel", "feature-not-implemented");
-            return Step::Continue;
+        if let Some(to) = e.attr("to").map(str::to_owned) {
+            return self.directed_presence(e, &to).await;
         }
         let child_text = |name: &str| {
             e.child(name, &e.namespace)
@@ -1383,6 +1381,47 @@ impl Conn {
             .await
         {
             tracing::error!(error = %err, "presence not stored");
+            self.stanza_error(&e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    /// RFC 6121 §4.6: presence to one address becomes `presence.directed`;
+    /// the roster processor delivers it (and the unavailable presence when
+    /// the session ends, §4.6.3).
+    async fn directed_presence(&mut self, mut e: Element, to: &str) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let target = match super::jid::Jid::parse(to) {
+            Ok(j) => j,
+            Err(_) => {
+                self.stanza_error(&e, "modify", "jid-malformed");
+                return Step::Continue;
+            }
+        };
+        if !self.ctx.domains.iter().any(|d| d == target.bare().domain()) {
+            // No server-to-server connections (RFC 6120 §8.3.3.16).
+            self.stanza_error(&e, "cancel", "remote-server-not-found");
+            return Step::Continue;
+        }
+        if target.bare() == bound.jid.bare() && matches!(target, super::jid::Jid::Bare(_)) {
+            return Step::Continue;
+        }
+        e.set_attr("from", bound.jid.to_string());
+        let event = DirectedPresence {
+            from: (&bound.jid).into(),
+            to: target.to_string(),
+            available: e.attr("type") != Some("unavailable"),
+            stanza: e.to_xml(),
+        };
+        if let Err(err) = self
+            .ctx
+            .events
+            .emit(&bound.jid.bare().to_string(), event)
+            .await
+        {
+            tracing::error!(error = %err, "directed presence not stored");
             self.stanza_error(&e, "wait", "internal-server-error");
         }
         Step::Continue

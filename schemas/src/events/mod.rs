@@ -125,6 +125,8 @@ event_catalogue! {
     CalendarState => "presence.calendar" v 1 on Presence,
     /// A third-party application's presence input changed.
     ThirdPartyPresence => "presence.third_party" v 1 on Presence,
+    /// A session sent presence to one address.
+    DirectedPresence => "presence.directed" v 1 on Presence,
     /// A user's composed presence changed.
     ComposedPresence => "presence.composed" v 1 on PresenceState,
 

@@ -122,6 +122,20 @@ pub struct DevicePresence {
     pub priority: i8,
 }
 
+/// A session sent presence to one address (RFC 6121 §4.6 directed
+/// presence); keyed by the sender's bare JID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DirectedPresence {
+    /// The sending session.
+    pub from: crate::address::FullJid,
+    /// The addressee: a bare or full JID.
+    pub to: String,
+    /// Available (true) or unavailable presence.
+    pub available: bool,
+    /// The presence stanza as sent, with `from` set by the server.
+    pub stanza: String,
+}
+
 /// A user set a manual status (one at a time; replaces the previous one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ManualStatusSet {

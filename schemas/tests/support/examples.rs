@@ -275,6 +275,16 @@ pub fn examples() -> Vec<Envelope> {
         ),
         envelope(
             ALICE,
+            DirectedPresence {
+                from: full("alice@example.com/laptop"),
+                to: "carol@example.com".to_owned(),
+                available: true,
+                stanza: "<presence xmlns='jabber:client' from='alice@example.com/laptop' to='carol@example.com'><show>chat</show></presence>".to_owned(),
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
             RosterQueried {
                 user: bare(ALICE),
                 device: full("alice@example.com/laptop"),

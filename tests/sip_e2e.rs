@@ -4,7 +4,8 @@
 //! a raw UDP client where the exact bytes matter:
 //!
 //! a. digest REGISTER (RFC 3261 §22): 401 challenge, then 200 with the
-//!    binding, over UDP and over TCP; a wrong password gets 403;
+//!    binding, over UDP and over TCP; a wrong password gets 403; OPTIONS
+//!    over TLS (a rustls client checking the server's certificate);
 //! b. PUBLISH (RFC 3903): SIP-ETag issued, refreshed and modified with
 //!    SIP-If-Match, 412 on an unknown tag, Expires 0 removes;
 //! c. SUBSCRIBE to presence (RFC 6665, RFC 3856): 200, the immediate NOTIFY
@@ -18,6 +19,10 @@
 //!    answered twice from its transaction and stored once;
 //! g. malformed requests get 400 (and garbage nothing) while a parallel
 //!    SIPp client keeps being served;
+//! i. a SIP MESSAGE reaches an XMPP user (slixmpp) with the sender's SIP
+//!    device address as `from`;
+//! j. an XMPP message (slixmpp) reaches a registered SIP device as a SIP
+//!    MESSAGE (RFC 7572 §5);
 //! h. the log holds what happened: session.resource_bound (protocol sip,
 //!    with the contact), presence.device from the publication (away, note),
 //!    message.submitted once per message.
@@ -37,6 +42,8 @@ use switchboard_schemas::events::{DigestAlgorithm, Protocol, Show};
 
 const ALICE: (&str, &str) = ("alice@example.com", "alice secret");
 const BOB: (&str, &str) = ("bob@example.com", "bob: secret, too");
+const CAROL: (&str, &str) = ("carol@example.com", "carol's xmpp password");
+const DAVE: (&str, &str) = ("dave@example.com", "dave's sip password");
 
 fn local(user: &str) -> &str {
     user.split('@').next().unwrap()
@@ -88,19 +95,81 @@ fn param<'a>(challenge: &'a str, name: &str) -> Option<&'a str> {
     Some(&challenge[start..end])
 }
 
-fn message_request(port: u16, branch: &str, authorization: Option<&str>, text: &str) -> String {
+/// Case a: OPTIONS over TLS (RFC 3261 §26.2; SIPp in Debian has no TLS),
+/// verifying the server's certificate for the domain.
+fn options_over_tls(d: &SipDeployment) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(d.base.cert()).map_err(|x| e(&x))? {
+        roots.add(cert.map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|x| e(&x))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from("example.com").map_err(|x| e(&x))?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(|x| e(&x))?;
+    let mut tcp = std::net::TcpStream::connect(d.sips).map_err(|x| e(&x))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let port = 5061;
+    let request = format!(
+        "OPTIONS sip:example.com SIP/2.0\r\n\
+         Via: SIP/2.0/TLS 127.0.0.1:{port};branch=z9hG4bKtls1;rport\r\n\
+         From: <sip:probe@example.com>;tag=tls1\r\n\
+         To: <sip:example.com>\r\n\
+         Call-ID: tls-1@127.0.0.1\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).map_err(|x| e(&x))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut buf).map_err(|x| e(&x))?;
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    if answer.starts_with("SIP/2.0 200")
+        && header(&answer, "Allow").is_some_and(|a| a.contains("MESSAGE"))
+    {
+        Ok(())
+    } else {
+        Err(format!("expected 200 with Allow, got:\n{answer}"))
+    }
+}
+
+fn message_request(
+    port: u16,
+    from: &str,
+    to: &str,
+    call_id: &str,
+    cseq: u32,
+    authorization: Option<&str>,
+    text: &str,
+) -> String {
     format!(
-        "MESSAGE sip:bob@example.com SIP/2.0\r\n\
-         Via: SIP/2.0/UDP 127.0.0.1:{port};branch={branch};rport\r\n\
+        "MESSAGE sip:{to} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK{call_id}{cseq};rport\r\n\
          Max-Forwards: 70\r\n\
-         From: <sip:alice@example.com>;tag=retrans1\r\n\
-         To: <sip:bob@example.com>\r\n\
-         Call-ID: retrans-{branch}@127.0.0.1\r\n\
-         CSeq: {} MESSAGE\r\n\
+         From: <sip:{from}>;tag=raw1\r\n\
+         To: <sip:{to}>\r\n\
+         Call-ID: {call_id}@127.0.0.1\r\n\
+         CSeq: {cseq} MESSAGE\r\n\
          {}\
-         Content-Type: text/plain\r\n\
+         Content-Type: text/plain;charset=UTF-8\r\n\
          Content-Length: {}\r\n\r\n{text}",
-        if authorization.is_some() { 2 } else { 1 },
         authorization
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default(),
@@ -108,10 +177,16 @@ fn message_request(port: u16, branch: &str, authorization: Option<&str>, text: &
     )
 }
 
-/// Case f: the same authenticated MESSAGE datagram twice.
-fn retransmitted_message(server: SocketAddr, text: &str) -> Result<(), String> {
-    let raw = Raw::new(server);
-    raw.send(message_request(raw.port(), "z9hG4bKretrans0", None, text).as_bytes());
+/// Sends a MESSAGE, answers the 401 with SHA-256 digest credentials, and
+/// returns the authenticated request (sent once) and its answer.
+fn authenticated_message(
+    raw: &Raw,
+    (user, password): (&str, &str),
+    to: &str,
+    call_id: &str,
+    text: &str,
+) -> Result<(String, String), String> {
+    raw.send(message_request(raw.port(), user, to, call_id, 1, None, text).as_bytes());
     let challenge = raw.recv().ok_or("no answer to the first MESSAGE")?;
     if !challenge.starts_with("SIP/2.0 401") {
         return Err(format!("expected 401, got:\n{challenge}"));
@@ -123,26 +198,35 @@ fn retransmitted_message(server: SocketAddr, text: &str) -> Result<(), String> {
         .ok_or("no SHA-256 challenge")?;
     let nonce = param(www, "nonce").ok_or("no nonce")?;
     let realm = param(www, "realm").ok_or("no realm")?;
+    let uri = format!("sip:{to}");
     let creds = digest::Credentials {
-        username: local(ALICE.0).to_owned(),
+        username: local(user).to_owned(),
         realm: realm.to_owned(),
         nonce: nonce.to_owned(),
-        uri: "sip:bob@example.com".to_owned(),
+        uri: uri.clone(),
         response: String::new(),
         algorithm: Some(DigestAlgorithm::Sha256),
         cnonce: Some("c0ffee".to_owned()),
         nc: Some("00000001".to_owned()),
         qop: Some("auth".to_owned()),
     };
-    let ha1 = digest::ha1(&DigestAlgorithm::Sha256, local(ALICE.0), realm, ALICE.1);
+    let ha1 = digest::ha1(&DigestAlgorithm::Sha256, local(user), realm, password);
     let response = digest::expected_response(&creds, "MESSAGE", &ha1);
     let authorization = format!(
-        "Digest username=\"alice\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"sip:bob@example.com\", \
-         response=\"{response}\", algorithm=SHA-256, cnonce=\"c0ffee\", nc=00000001, qop=auth"
+        "Digest username=\"{}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+         response=\"{response}\", algorithm=SHA-256, cnonce=\"c0ffee\", nc=00000001, qop=auth",
+        local(user)
     );
-    let request = message_request(raw.port(), "z9hG4bKretrans1", Some(&authorization), text);
+    let request = message_request(raw.port(), user, to, call_id, 2, Some(&authorization), text);
     raw.send(request.as_bytes());
-    let first = raw.recv().ok_or("no answer to the authenticated MESSAGE")?;
+    let answer = raw.recv().ok_or("no answer to the authenticated MESSAGE")?;
+    Ok((request, answer))
+}
+
+/// Case f: the same authenticated MESSAGE datagram twice.
+fn retransmitted_message(server: SocketAddr, text: &str) -> Result<(), String> {
+    let raw = Raw::new(server);
+    let (request, first) = authenticated_message(&raw, ALICE, "bob@example.com", "retrans", text)?;
     // The retransmission, after the answer (Completed state).
     raw.send(request.as_bytes());
     let second = raw.recv().ok_or("no answer to the retransmission")?;
@@ -214,7 +298,7 @@ fn malformed_requests(d: &SipDeployment) -> Result<(), String> {
 #[test]
 fn sip_end_to_end() {
     let d = SipDeployment::new();
-    for (user, password) in [ALICE, BOB] {
+    for (user, password) in [ALICE, BOB, CAROL, DAVE] {
         d.add_user(user, password);
     }
     let server = d
@@ -247,6 +331,7 @@ fn sip_end_to_end() {
             &[&alice[..], &["-m", "1", "-t", "t1"]].concat(),
         ),
     );
+    check("a. options over tls", options_over_tls(&d));
     check(
         "a. register with a wrong password",
         sipp(
@@ -393,6 +478,108 @@ fn sip_end_to_end() {
     );
     check("g. malformed requests", malformed_requests(&d));
 
+    // i. SIP → XMPP: carol on slixmpp receives alice's SIP MESSAGE.
+    let python = support::xmpp::python();
+    let carol = {
+        let python = python.clone();
+        let base = &d.base;
+        std::thread::scope(|scope| {
+            let receiver = scope.spawn(|| {
+                base.client(
+                    &python,
+                    "xmpp_messaging.py",
+                    "receive",
+                    20,
+                    &[
+                        "--b",
+                        CAROL.0,
+                        "--b-password",
+                        CAROL.1,
+                        "--expect-body",
+                        "sip-to-xmpp",
+                    ],
+                )
+            });
+            std::thread::sleep(Duration::from_secs(4));
+            let raw = Raw::new(d.sip);
+            let sent = authenticated_message(&raw, ALICE, CAROL.0, "toxmpp", "sip-to-xmpp");
+            (sent, receiver.join().unwrap())
+        })
+    };
+    check(
+        "i. sip message to an xmpp user",
+        match carol {
+            (Ok((_, answer)), outcome)
+                if answer.starts_with("SIP/2.0 202") && outcome.bool("ok") =>
+            {
+                match outcome.str("from") {
+                    Some(from) if from.starts_with("alice@example.com/") => Ok(()),
+                    other => Err(format!("from {other:?}\n{}", outcome.report)),
+                }
+            }
+            (sent, outcome) => Err(format!("{sent:?}\n{}", outcome.report)),
+        },
+    );
+    // j. XMPP → SIP: carol on slixmpp sends to dave's registered SIP device.
+    let sip = d.sip;
+    let device_port = support::sip::free_sip_port();
+    let dave_device = std::thread::spawn(move || {
+        support::sip::run_scenario_at(
+            sip,
+            "receive_message.xml",
+            device_port,
+            &["-key", "text", "xmpp-to-sip", "-m", "1"],
+        )
+    });
+    let port = device_port.to_string();
+    let registered = sipp(
+        "register_contact.xml",
+        &[
+            "-key",
+            "user",
+            "dave",
+            "-au",
+            "dave",
+            "-ap",
+            DAVE.1,
+            "-key",
+            "contact_port",
+            &port,
+            "-m",
+            "1",
+        ],
+    );
+    let sent = d.base.client(
+        &python,
+        "xmpp_messaging.py",
+        "send",
+        20,
+        &[
+            "--a",
+            CAROL.0,
+            "--a-password",
+            CAROL.1,
+            "--to",
+            DAVE.0,
+            "--body",
+            "xmpp-to-sip",
+        ],
+    );
+    let received = dave_device.join().unwrap();
+    check(
+        "j. xmpp message to a sip device",
+        registered
+            .and(if sent.bool("ok") {
+                Ok(())
+            } else {
+                Err(sent.report.clone())
+            })
+            .and(if received.ok() {
+                Ok(())
+            } else {
+                Err(received.report())
+            }),
+    );
     check("stopping the server", server.stop());
     let sessions = d.events("sessions");
     let bound: Vec<_> = sessions

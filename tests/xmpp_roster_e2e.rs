@@ -13,6 +13,9 @@
 //! f. directed presence (RFC 6121 §4.6): carol, not subscribed, gets
 //!    alice's directed presence from her full JID and the unavailable
 //!    presence when alice leaves; another domain is remote-server-not-found;
+//! g. carbons (XEP-0280): two resources of bob enable carbons; a message
+//!    from alice to one of them is copied to the other (received), and a
+//!    message the other sends is copied to the first (sent);
 //! b. alice's roster, fetched by a new session, still has bob with the
 //!    name and group (the roster lives in the log);
 //! c. after a restart on the same data directory the roster is the same,
@@ -111,6 +114,25 @@ fn scenario(dep: &Deployment) {
         ],
     );
     assert!(o.bool("ok"), "f. directed presence: {}", ctx(&o));
+
+    // g.
+    let o = dep.client(
+        &python,
+        "xmpp_roster.py",
+        "carbons",
+        40,
+        &[
+            "--a",
+            BOB.0,
+            "--a-password",
+            BOB.1,
+            "--b",
+            ALICE.0,
+            "--b-password",
+            ALICE.1,
+        ],
+    );
+    assert!(o.bool("ok"), "g. carbons: {}", ctx(&o));
 
     // b.
     let roster = |dep: &Deployment, who: (&str, &str), remove: Option<&str>| {

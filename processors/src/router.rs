@@ -34,6 +34,8 @@ pub struct Session {
     pub bound_at: DateTime<Utc>,
     /// Its client protocol.
     pub protocol: Protocol,
+    /// It enabled message carbons (XEP-0280).
+    pub carbons: bool,
 }
 
 /// What the router knows of a gateway node from its heartbeats.
@@ -89,9 +91,18 @@ impl SessionDirectory {
                         priority,
                         bound_at: envelope.occurred_at,
                         protocol: bound.protocol.clone(),
+                        carbons: false,
                     },
                 );
                 available.then_some(full)
+            }
+            Event::SessionCarbons(c) => {
+                if let Some(s) = self.sessions.get_mut(c.full_jid.as_str())
+                    && s.session_id == c.session_id
+                {
+                    s.carbons = c.enabled;
+                }
+                None
             }
             Event::NodeHeartbeat(beat) => {
                 let state = self
@@ -200,6 +211,69 @@ pub struct Target {
     pub node: String,
     /// Its id.
     pub session_id: Uuid,
+}
+
+/// XEP-0280 §6: whether a message is copied to the user's other
+/// carbons-enabled sessions: chat, or normal with a body, unless marked
+/// `<private/>` (§7) or `<no-copy/>` (XEP-0334).
+pub fn carbons_eligible(kind: &MessageKind, has_body: bool, stanza: &str) -> bool {
+    let eligible_kind = match kind {
+        MessageKind::Chat => true,
+        MessageKind::Normal => has_body,
+        _ => false,
+    };
+    eligible_kind
+        && !stanza.contains("urn:xmpp:carbons:2")
+        && !stanza.contains("<no-copy xmlns='urn:xmpp:hints'")
+        && !stanza.contains("<no-copy xmlns=\"urn:xmpp:hints\"")
+}
+
+/// XEP-0280 §6.1 (received) and §6.2 (sent): the carbon copies of a
+/// message from `sender` (full JID) delivered to `delivered` (full JIDs):
+/// every other available, carbons-enabled session of the recipient and of
+/// the sender, with the copy wrapped for it.
+pub fn carbon_copies(
+    directory: &SessionDirectory,
+    sender: &str,
+    recipient: &str,
+    kind: &MessageKind,
+    stanza: &str,
+    delivered: &[String],
+) -> Vec<(Target, String)> {
+    let mut out = Vec::new();
+    let mut copy = |user: &str, direction: &str, skip: &dyn Fn(&str) -> bool| {
+        for (full, s) in directory.sessions_of(user) {
+            if !s.available || !s.carbons || skip(full) {
+                continue;
+            }
+            let wrapped = format!(
+                "<message xmlns='jabber:client' from='{user}' to='{to}' type='{kind}'>\
+                 <{direction} xmlns='urn:xmpp:carbons:2'>\
+                 <forwarded xmlns='urn:xmpp:forward:0'>{stanza}</forwarded>\
+                 </{direction}></message>",
+                user = crate::xml::escape(user),
+                to = crate::xml::escape(full),
+                kind = kind.as_str(),
+            );
+            out.push((
+                Target {
+                    full_jid: full.to_owned(),
+                    node: s.node.clone(),
+                    session_id: s.session_id,
+                },
+                wrapped,
+            ));
+        }
+    };
+    let recipient_bare = bare_of(recipient);
+    copy(recipient_bare, "received", &|full| {
+        delivered.iter().any(|d| d == full) || full == sender
+    });
+    let sender_bare = bare_of(sender);
+    copy(sender_bare, "sent", &|full| {
+        full == sender || delivered.iter().any(|d| d == full)
+    });
+    out
 }
 
 /// Where a message goes.
@@ -702,6 +776,89 @@ mod tests {
 
     fn env(event: impl Into<Event>) -> Envelope {
         Envelope::new(NodeId::new("gw1"), "x", event)
+    }
+
+    #[test]
+    fn carbons_go_to_the_other_enabled_sessions_of_both_users() {
+        use switchboard_schemas::events::SessionCarbons;
+        let mut dir = SessionDirectory::default();
+        let mut enable = |dir: &mut SessionDirectory, full: &str, id: Uuid| {
+            dir.apply(&env(SessionCarbons {
+                session_id: id,
+                full_jid: FullJid::new(full),
+                enabled: true,
+            }));
+        };
+        for full in [
+            "alice@example.com/a",
+            "alice@example.com/b",
+            "bob@example.com/x",
+            "bob@example.com/y",
+        ] {
+            let id = bind(&mut dir, full, 0, true);
+            enable(&mut dir, full, id);
+        }
+        bind(&mut dir, "alice@example.com/plain", 0, true);
+        let idle = bind(&mut dir, "alice@example.com/idle", 0, false);
+        enable(&mut dir, "alice@example.com/idle", idle);
+        // A stale id does not enable the session bound under that address.
+        enable(&mut dir, "alice@example.com/plain", Uuid::now_v7());
+
+        let stanza = "<message xmlns='jabber:client' from='bob@example.com/x' to='alice@example.com' type='chat'><body>hi</body></message>";
+        let copies = carbon_copies(
+            &dir,
+            "bob@example.com/x",
+            "alice@example.com",
+            &MessageKind::Chat,
+            stanza,
+            &["alice@example.com/a".to_owned()],
+        );
+        let to: Vec<(&str, bool)> = copies
+            .iter()
+            .map(|(t, s)| {
+                (
+                    t.full_jid.as_str(),
+                    s.contains("<received xmlns='urn:xmpp:carbons:2'>"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            to,
+            vec![("alice@example.com/b", true), ("bob@example.com/y", false)]
+        );
+        let (_, sent) = &copies[1];
+        assert!(
+            sent.contains(
+                "<sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'>"
+            )
+        );
+        assert!(sent.contains(stanza));
+        assert!(sent.starts_with("<message xmlns='jabber:client' from='bob@example.com' to='bob@example.com/y' type='chat'>"));
+    }
+
+    #[test]
+    fn carbon_eligibility() {
+        let plain = "<message><body>x</body></message>";
+        assert!(carbons_eligible(&MessageKind::Chat, true, plain));
+        assert!(carbons_eligible(
+            &MessageKind::Chat,
+            false,
+            "<message><composing/></message>"
+        ));
+        assert!(carbons_eligible(&MessageKind::Normal, true, plain));
+        assert!(!carbons_eligible(&MessageKind::Normal, false, "<message/>"));
+        assert!(!carbons_eligible(&MessageKind::Headline, true, plain));
+        assert!(!carbons_eligible(&MessageKind::Groupchat, true, plain));
+        assert!(!carbons_eligible(
+            &MessageKind::Chat,
+            true,
+            "<message><body>x</body><private xmlns='urn:xmpp:carbons:2'/></message>"
+        ));
+        assert!(!carbons_eligible(
+            &MessageKind::Chat,
+            true,
+            "<message><body>x</body><no-copy xmlns='urn:xmpp:hints'/></message>"
+        ));
     }
 
     fn bind(dir: &mut SessionDirectory, full: &str, priority: i8, available: bool) -> Uuid {

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 use crate::router::{
     DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
-    Stickiness, Target, bare_of, route_with, with_delay,
+    Stickiness, Target, bare_of, carbon_copies, carbons_eligible, route_with, with_delay,
 };
 
 /// Settings of the router.
@@ -68,6 +68,9 @@ pub struct RouterConfig {
     pub dedup_window: Duration,
     /// Most message ids remembered for duplicate suppression.
     pub dedup_max: usize,
+    /// Multiple device messaging: carbon copies (XEP-0280) to the users'
+    /// other sessions (SPEC.md §7, on by default).
+    pub multi_device: bool,
 }
 
 impl RouterConfig {
@@ -84,6 +87,7 @@ impl RouterConfig {
             node_timeout: Duration::from_secs(10),
             dedup_window: DEDUP_WINDOW,
             dedup_max: DEDUP_MAX,
+            multi_device: true,
         }
     }
 }
@@ -499,9 +503,14 @@ impl Router {
             |d| domains.iter().any(|h| h == d),
             sticky.as_deref(),
         );
+        let mut delivered_to = Vec::new();
+        let copied = self.config.multi_device
+            && carbons_eligible(&m.kind, m.body.is_some(), &m.stanza)
+            && matches!(decision, Decision::Deliver(_) | Decision::StoreOffline);
         match decision {
             Decision::Deliver(targets) => {
                 let sender = returnable(&m.kind).then_some(&m.from);
+                delivered_to = targets.iter().map(|t| t.full_jid.clone()).collect();
                 for t in targets {
                     if self.push(&t, m.stanza.clone(), Some(m.message_id.clone()), sender) {
                         let delivered = MessageDelivered {
@@ -531,6 +540,18 @@ impl Router {
             }
             Decision::Bounce { reason, condition } => {
                 self.bounce(&m.message_id, &m.from, &m.to, &m.kind, reason, condition);
+            }
+        }
+        if copied {
+            for (target, stanza) in carbon_copies(
+                &self.directory,
+                sender,
+                &m.to,
+                &m.kind,
+                &m.stanza,
+                &delivered_to,
+            ) {
+                self.push(&target, stanza, Some(m.message_id.clone()), None);
             }
         }
     }

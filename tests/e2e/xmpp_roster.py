@@ -42,6 +42,14 @@ directed
       {"ok": true, "b_got_directed": true, "b_got_unavailable": true,
        "remote": "remote-server-not-found"}
 
+carbons
+    Logs in --a twice (two resources, both enabling XEP-0280 carbons) and
+    --b. B sends a chat message to A's first resource: it arrives there, and
+    the second resource gets a <received/> carbon of it (§6.1). Then A's
+    second resource sends a chat message to B's bare JID: B gets it and A's
+    first resource gets a <sent/> carbon (§6.2).
+      {"ok": true, "direct": true, "received_carbon": true, "sent_carbon": true}
+
 roster
     Logs in --a, fetches the roster and prints its items:
       {"ok": true, "items": {"bob@example.com": {"subscription": "both",
@@ -318,6 +326,61 @@ async def run_directed(args: argparse.Namespace) -> dict[str, Any]:
         await close_all([a, b])
 
 
+async def run_carbons(args: argparse.Namespace) -> dict[str, Any]:
+    import uuid
+
+    result: dict[str, Any] = {"ok": False}
+    a1 = RosterClient("a1", args.a, args.a_password, args)
+    a2 = RosterClient("a2", args.a, args.a_password, args)
+    b = RosterClient("b", args.b, args.b_password, args)
+    copies: dict[str, list[dict[str, str]]] = {"a1": [], "a2": []}
+
+    def recorder(who: str, direction: str, client: RosterClient) -> Callable[[Any], None]:
+        def record(msg: Any) -> None:
+            inner = msg[f"carbon_{direction}"]
+            copies[who].append({"direction": direction, "body": inner["body"],
+                                "from": str(inner["from"]), "to": str(inner["to"])})
+            client.changed.set()
+        return record
+
+    for who, c in (("a1", a1), ("a2", a2)):
+        c.xmpp.register_plugin("xep_0280")
+        c.xmpp.add_event_handler("carbon_received", recorder(who, "received", c))
+        c.xmpp.add_event_handler("carbon_sent", recorder(who, "sent", c))
+    try:
+        outcomes = await asyncio.gather(*(c.start(args.deadline - CLOSE_MARGIN - 2)
+                                          for c in (a1, a2, b)), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, LoginError):
+                result.update(outcome.fields())
+                return result
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for c in (a1, a2):
+            await c.xmpp.plugin["xep_0280"].enable(timeout=args.step)
+        token = uuid.uuid4().hex[:12]
+        body1, body2 = f"to a1 {token}", f"from a2 {token}"
+        b.send_chat(a1.jid, body1, f"c1-{token}")
+        deadline = time.monotonic() + args.step
+        result["direct"] = await a1.wait_for(lambda m: m["body"] == body1, deadline) is not None
+        result["received_carbon"] = bool(await a2.until(
+            lambda: any(c["body"] == body1 and c["direction"] == "received"
+                        and c["from"] == b.jid for c in copies["a2"]), deadline))
+        a2.send_chat(args.b, body2, f"c2-{token}")
+        deadline = time.monotonic() + args.step
+        result["b_got"] = await b.wait_for(lambda m: m["body"] == body2, deadline) is not None
+        result["sent_carbon"] = bool(await a1.until(
+            lambda: any(c["body"] == body2 and c["direction"] == "sent"
+                        for c in copies["a1"]), deadline))
+        result["a1_copies"], result["a2_copies"] = copies["a1"], copies["a2"]
+        result["ok"] = all(result[k] for k in ("direct", "received_carbon", "b_got", "sent_carbon"))
+        if not result["ok"]:
+            result.update({"error": "carbons", "stage": "carbons"})
+        return result
+    finally:
+        await close_all([a1, a2, b])
+
+
 async def run_roster(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"ok": False}
     a = RosterClient("a", args.a, args.a_password, args)
@@ -380,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--b", required=True, metavar="JID")
     di.add_argument("--b-password", required=True)
     di.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
+    ca = sub.add_parser("carbons")
+    common(ca)
+    ca.add_argument("--b", required=True, metavar="JID")
+    ca.add_argument("--b-password", required=True)
+    ca.add_argument("--step", type=float, default=8.0, help="seconds allowed per step")
     ro = sub.add_parser("roster")
     common(ro)
     ro.add_argument("--remove", metavar="JID")
@@ -394,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     args.deadline = time.monotonic() + args.timeout
     install_backstop(args.timeout, args.command)
     runner = {"handshake": run_handshake, "extras": run_extras, "directed": run_directed,
-              "roster": run_roster}[args.command]
+              "carbons": run_carbons, "roster": run_roster}[args.command]
 
     async def bounded() -> dict[str, Any]:
         try:

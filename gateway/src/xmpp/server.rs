@@ -16,9 +16,9 @@ use switchboard_infra::config::XmppSettings;
 use switchboard_schemas::events::{
     AuthMechanism, BlocklistChangeRequested, BlocklistQueried, DevicePresence, DirectedPresence,
     LoginFailureReason, MessageKind, MessageSubmitted, PolicyItem, Protocol, RosterQueried,
-    RosterUpdateRequested, ScramMechanism, SessionEndReason, SessionEnded, SessionLoginFailed,
-    SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved, SubscriptionCancelled,
-    SubscriptionDenied, SubscriptionRequested, VcardQueried, VcardSet,
+    RosterUpdateRequested, ScramMechanism, SessionCarbons, SessionEndReason, SessionEnded,
+    SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved,
+    SubscriptionCancelled, SubscriptionDenied, SubscriptionRequested, VcardQueried, VcardSet,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +49,7 @@ const NS_ROSTER: &str = "jabber:iq:roster";
 const NS_VCARD: &str = "vcard-temp";
 const NS_BLOCKING: &str = "urn:xmpp:blocking";
 const NS_CSI: &str = "urn:xmpp:csi:0";
+const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 /// Most items one block or unblock request may carry.
 const MAX_BLOCK_ITEMS: usize = 1000;
 /// Most groups one roster item may name.
@@ -1010,6 +1011,9 @@ impl Conn {
                 match child_ns.as_deref() {
                     Some(NS_ROSTER) => return self.roster(&e, &id, &kind).await,
                     Some(NS_VCARD) => return self.vcard(&e, &id, &kind).await,
+                    Some(NS_CARBONS) if to_server && kind == "set" => {
+                        return self.carbons(&e, &id).await;
+                    }
                     Some(NS_BLOCKING)
                         if to_server || e.attr("to").is_some_and(|t| self.is_own_bare(t)) =>
                     {
@@ -1161,6 +1165,41 @@ impl Conn {
         if let Err(err) = self.ctx.events.emit(&user, event).await {
             tracing::error!(error = %err, "roster request not stored");
             self.stanza_error(e, "wait", "internal-server-error");
+        }
+        Step::Continue
+    }
+
+    /// XEP-0280 §4 (enable) and §5 (disable): the session's choice becomes
+    /// `session.carbons`, acknowledged once durable; the router copies
+    /// messages to the sessions that enabled carbons.
+    async fn carbons(&mut self, e: &Element, id: &str) -> Step {
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let enabled = match e.elements().next().map(|c| c.name.as_str()) {
+            Some("enable") => true,
+            Some("disable") => false,
+            _ => {
+                self.stanza_error(e, "modify", "bad-request");
+                return Step::Continue;
+            }
+        };
+        let event = SessionCarbons {
+            session_id: bound.session_id,
+            full_jid: (&bound.jid).into(),
+            enabled,
+        };
+        match self
+            .ctx
+            .events
+            .emit(&bound.jid.bare().to_string(), event)
+            .await
+        {
+            Ok(_) => self.result(id),
+            Err(err) => {
+                tracing::error!(error = %err, "carbons choice not stored");
+                self.stanza_error(e, "wait", "internal-server-error");
+            }
         }
         Step::Continue
     }
@@ -1495,6 +1534,7 @@ impl Conn {
                     NS_ROSTER,
                     NS_VCARD,
                     NS_BLOCKING,
+                    NS_CARBONS,
                 ] {
                     q.push_str(&format!("<feature var='{feature}'/>"));
                 }

@@ -110,6 +110,8 @@ event_catalogue! {
     SessionResourceBound => "session.resource_bound" v 1 on Sessions,
     /// A session ended.
     SessionEnded => "session.ended" v 1 on Sessions,
+    /// A session enabled or disabled message carbons.
+    SessionCarbons => "session.carbons" v 1 on Sessions,
     /// A gateway node is alive; sent periodically.
     NodeHeartbeat => "session.node_heartbeat" v 1 on Sessions,
 

@@ -165,6 +165,17 @@ pub struct SessionResourceBound {
     pub client: ClientInfo,
 }
 
+/// A session enabled or disabled message carbons (XEP-0280 §4, §5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionCarbons {
+    /// The session.
+    pub session_id: Uuid,
+    /// Its address.
+    pub full_jid: FullJid,
+    /// Whether it wants copies of its user's messages.
+    pub enabled: bool,
+}
+
 /// A session ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SessionEnded {

@@ -285,6 +285,15 @@ pub fn examples() -> Vec<Envelope> {
         ),
         envelope(
             ALICE,
+            SessionCarbons {
+                session_id: session(),
+                full_jid: full("alice@example.com/laptop"),
+                enabled: true,
+            }
+            .into(),
+        ),
+        envelope(
+            ALICE,
             RosterQueried {
                 user: bare(ALICE),
                 device: full("alice@example.com/laptop"),

@@ -1,6 +1,7 @@
 //! RFC 6121 §5 (messages), XEP-0359 (stable ids), XEP-0160 (offline),
 //! XEP-0333 (displayed markers), RFC 3428 (SIP MESSAGE): one-to-one messages.
 
+use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -155,4 +156,53 @@ pub struct MessageDisplayed {
     pub by: FullJid,
     /// The original sender, who is notified.
     pub sender: BareJid,
+}
+
+/// A client queried its message archive (XEP-0313 §4, paged with XEP-0059);
+/// the archive's responder answers the asking session with one result
+/// message per archived message and the final `<fin/>`. The gateway has
+/// checked the form: the filters are well-formed and `max` is within the
+/// server's page cap. Recorded like the other message events, so archive
+/// reads are part of the compliance log when messages are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct MessageArchiveQueried {
+    /// The archive's owner, who asked (a user reads only their own archive).
+    pub user: BareJid,
+    /// The asking session's address.
+    pub device: FullJid,
+    /// The asking session (on the envelope's node).
+    pub session_id: Uuid,
+    /// The request id to answer.
+    pub iq_id: String,
+    /// The client's `queryid`, echoed in every result (XEP-0313 §4.1).
+    #[serde(default)]
+    pub query_id: Option<String>,
+    /// Form field `with`: only messages exchanged with this address; a bare
+    /// address matches all of its resources, a full address only itself.
+    #[serde(default)]
+    pub with: Option<String>,
+    /// Form field `start`: only messages at or after this time.
+    #[serde(default)]
+    pub start: Option<DateTime<Utc>>,
+    /// Form field `end`: only messages at or before this time.
+    #[serde(default)]
+    pub end: Option<DateTime<Utc>>,
+    /// Form field `after-id`: only messages after this archive id.
+    #[serde(default)]
+    pub after_id: Option<String>,
+    /// Form field `before-id`: only messages before this archive id.
+    #[serde(default)]
+    pub before_id: Option<String>,
+    /// Most results in the page (XEP-0059 `max`, at most the server's cap).
+    pub max: u32,
+    /// XEP-0059 `after`: the page that follows this archive id.
+    #[serde(default)]
+    pub page_after: Option<String>,
+    /// XEP-0059 `before`: the page that precedes this archive id; an empty
+    /// string asks for the last page.
+    #[serde(default)]
+    pub page_before: Option<String>,
+    /// XEP-0313 `flip-page`: the page's results in reverse order.
+    #[serde(default)]
+    pub flip_page: bool,
 }

@@ -179,6 +179,8 @@ event_catalogue! {
     MessageUndelivered => "message.undelivered" v 1 on Messages,
     /// A recipient displayed (read) a message.
     MessageDisplayed => "message.displayed" v 1 on Messages,
+    /// A client queried its message archive.
+    MessageArchiveQueried => "message.archive_queried" v 1 on Messages,
 
     /// A room was created.
     RoomCreated => "room.created" v 1 on Rooms,

@@ -499,6 +499,26 @@ pub fn examples() -> Vec<Envelope> {
             .into(),
         ),
         envelope(
+            ALICE,
+            MessageArchiveQueried {
+                user: bare(ALICE),
+                device: full("alice@example.com/laptop"),
+                session_id: session(),
+                iq_id: "mam-1".to_owned(),
+                query_id: Some("q1".to_owned()),
+                with: Some(BOB.to_owned()),
+                start: Some(at(-86_400)),
+                end: None,
+                after_id: None,
+                before_id: None,
+                max: 50,
+                page_after: Some(id(0x300).to_string()),
+                page_before: None,
+                flip_page: false,
+            }
+            .into(),
+        ),
+        envelope(
             ROOM,
             RoomCreated {
                 room: room(),

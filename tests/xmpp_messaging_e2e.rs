@@ -25,11 +25,10 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::xmpp::{DOMAIN, Deployment, Outcome, Server, python, repo_root, run_with_limit};
+use support::xmpp::{DOMAIN, Deployment, Outcome, Server, python};
 
 const USERS: [(&str, &str); 3] = [
     ("alice@example.com", "alice's password"),
@@ -70,34 +69,8 @@ struct Harness<'a> {
 impl Harness<'_> {
     /// `xmpp_messaging.py --timeout <timeout> <command> <common args> <args>`.
     fn client(&self, command: &str, timeout: u64, args: &[&str]) -> Outcome {
-        let port = self.dep.c2s.port().to_string();
-        let cert = self.dep.cert();
-        let mut cmd = Command::new(&self.python);
-        cmd.arg("-u")
-            .arg(repo_root().join("tests/e2e/xmpp_messaging.py"))
-            .args(["--timeout", &timeout.to_string(), command])
-            .args(["--host", "127.0.0.1", "--port", &port])
-            .arg("--cafile")
-            .arg(&cert)
-            .args(args)
-            .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env_remove("PYTHONPATH")
-            .env_remove("PYTHONHOME");
-        let (code, out, err) = run_with_limit(cmd, Duration::from_secs(timeout + 20));
-        let line = out
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        let err_lines: Vec<&str> = err.lines().collect();
-        let err_tail = err_lines[err_lines.len().saturating_sub(15)..].join("\n");
-        Outcome {
-            json: serde_json::from_str(line).unwrap_or(Value::Null),
-            code,
-            report: format!(
-                "client {command} {args:?}\n  exit: {code:?}\n  json: {line}\n  stderr (tail):\n{err_tail}"
-            ),
-        }
+        self.dep
+            .client(&self.python, "xmpp_messaging.py", command, timeout, args)
     }
 
     fn chat(&self, a: usize, b: usize) -> Outcome {

@@ -57,81 +57,40 @@ fn scenario(dep: &Deployment) {
         dep.add_user(jid, password);
     }
     let ctx = |o: &Outcome| format!("{}\n{}", o.report, dep.log_tail());
+    // `xmpp_roster.py <command>` with users a and b.
+    let pair = |command: &str, timeout: u64, a: (&str, &str), b: (&str, &str)| {
+        dep.client(
+            &python,
+            "xmpp_roster.py",
+            command,
+            timeout,
+            &[
+                "--a",
+                a.0,
+                "--a-password",
+                a.1,
+                "--b",
+                b.0,
+                "--b-password",
+                b.1,
+            ],
+        )
+    };
 
     // a.
-    let o = dep.client(
-        &python,
-        "xmpp_roster.py",
-        "handshake",
-        45,
-        &[
-            "--a",
-            ALICE.0,
-            "--a-password",
-            ALICE.1,
-            "--b",
-            BOB.0,
-            "--b-password",
-            BOB.1,
-        ],
-    );
+    let o = pair("handshake", 45, ALICE, BOB);
     assert!(o.bool("ok"), "a. handshake: {}", ctx(&o));
 
     // e.
-    let o = dep.client(
-        &python,
-        "xmpp_roster.py",
-        "extras",
-        60,
-        &[
-            "--a",
-            ALICE.0,
-            "--a-password",
-            ALICE.1,
-            "--b",
-            BOB.0,
-            "--b-password",
-            BOB.1,
-        ],
-    );
+    let o = pair("extras", 60, ALICE, BOB);
     assert!(o.bool("ok"), "e. vcard and blocking: {}", ctx(&o));
 
     // f.
-    let o = dep.client(
-        &python,
-        "xmpp_roster.py",
-        "directed",
-        40,
-        &[
-            "--a",
-            ALICE.0,
-            "--a-password",
-            ALICE.1,
-            "--b",
-            CAROL.0,
-            "--b-password",
-            CAROL.1,
-        ],
-    );
+    let o = pair("directed", 40, ALICE, CAROL);
     assert!(o.bool("ok"), "f. directed presence: {}", ctx(&o));
 
     // g.
-    let o = dep.client(
-        &python,
-        "xmpp_roster.py",
-        "carbons",
-        40,
-        &[
-            "--a",
-            BOB.0,
-            "--a-password",
-            BOB.1,
-            "--b",
-            ALICE.0,
-            "--b-password",
-            ALICE.1,
-        ],
-    );
+    let o = pair("carbons", 40, BOB, ALICE);
     assert!(o.bool("ok"), "g. carbons: {}", ctx(&o));
 
     // b.

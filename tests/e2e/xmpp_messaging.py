@@ -350,15 +350,8 @@ async def run_chat(args: argparse.Namespace) -> dict[str, Any]:
     a = Client("a", args.a, args.a_password, args)
     b = Client("b", args.b, args.b_password, args)
     try:
-        login_deadline = args.deadline - CLOSE_MARGIN - 2
-        outcomes = await asyncio.gather(a.start(login_deadline), b.start(login_deadline),
-                                        return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, LoginError):
-                result.update(outcome.fields())
-                return result
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if not await start_all([a, b], result, args.deadline - CLOSE_MARGIN - 2):
+            return result
         result.update({"a_jid": a.jid, "b_jid": b.jid, "ping": [a.ping, b.ping]})
         if args.settle > 0:
             await asyncio.sleep(args.settle)
@@ -511,8 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser,
+            runners: dict[str, Callable[[argparse.Namespace], Any]],
+            argv: list[str] | None = None) -> int:
+    """Parses the command line, runs the command's coroutine within
+    --timeout and prints its one JSON line; the exit code says whether the
+    outcome is the expected one."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
                         stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -521,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.deadline = time.monotonic() + args.timeout
     install_backstop(args.timeout, args.command)
-    runner = {"chat": run_chat, "send": run_send, "receive": run_receive}[args.command]
+    runner = runners[args.command]
 
     async def bounded() -> dict[str, Any]:
         try:
@@ -537,6 +535,27 @@ def main(argv: list[str] | None = None) -> int:
     signal.setitimer(signal.ITIMER_REAL, 0)
     emit(result)
     return 0 if result.get("ok") else 1
+
+
+async def start_all(clients: list[Client], result: dict[str, Any], deadline: float,
+                    start: Callable[[Client, float], Any] | None = None) -> bool:
+    """Logs all `clients` in at once; on a login failure records it in
+    `result` and returns False."""
+    outcomes = await asyncio.gather(
+        *((start(c, deadline) if start else c.start(deadline)) for c in clients),
+        return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, LoginError):
+            result.update(outcome.fields())
+            return False
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(),
+                   {"chat": run_chat, "send": run_send, "receive": run_receive}, argv)
 
 
 if __name__ == "__main__":

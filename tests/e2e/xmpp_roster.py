@@ -65,7 +65,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -73,7 +72,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from xmpp_messaging import (  # noqa: E402 - after the path set-up
-    CLOSE_MARGIN, MECHANISMS, Client, LoginError, close_all, emit, install_backstop)
+    CLOSE_MARGIN, MECHANISMS, Client, LoginError, close_all, run_cli, start_all)
 
 log = logging.getLogger("xmpp_roster")
 
@@ -162,15 +161,9 @@ async def run_handshake(args: argparse.Namespace) -> dict[str, Any]:
     a_bare, b_bare = args.a, args.b
     step_deadline = lambda: min(args.deadline - CLOSE_MARGIN, time.monotonic() + args.step)  # noqa: E731
     try:
-        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, LoginError):
-                result.update(outcome.fields())
-                return result
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if not await start_all([a, b], result, args.deadline - CLOSE_MARGIN - 2,
+                               RosterClient.start_with_roster):
+            return result
         result.update({"a_jid": a.jid, "b_jid": b.jid})
 
         await a.xmpp.update_roster(b_bare, name="Buddy", groups=["Team"],
@@ -229,15 +222,9 @@ async def run_extras(args: argparse.Namespace) -> dict[str, Any]:
                        - time.monotonic())
     fn_of = lambda iq: iq["vcard_temp"]["FN"] or None  # noqa: E731
     try:
-        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, LoginError):
-                result.update(outcome.fields())
-                return result
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if not await start_all([a, b], result, args.deadline - CLOSE_MARGIN - 2,
+                               RosterClient.start_with_roster):
+            return result
         vcard = a.xmpp.plugin["xep_0054"].make_vcard()
         vcard["FN"] = "Alice <test>"
         await a.xmpp.plugin["xep_0054"].publish_vcard(vcard, timeout=step())
@@ -294,15 +281,9 @@ async def run_directed(args: argparse.Namespace) -> dict[str, Any]:
     a.xmpp.add_event_handler(
         "presence_error", lambda p: errors.append(p["error"]["condition"] or "unknown"))
     try:
-        outcomes = await asyncio.gather(a.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        b.start_with_roster(args.deadline - CLOSE_MARGIN - 2),
-                                        return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, LoginError):
-                result.update(outcome.fields())
-                return result
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if not await start_all([a, b], result, args.deadline - CLOSE_MARGIN - 2,
+                               RosterClient.start_with_roster):
+            return result
         a_full = a.jid
         a.xmpp.send_presence(pto=args.b, pstatus="directed hello")
         got = lambda kind, status=None: any(  # noqa: E731
@@ -348,14 +329,8 @@ async def run_carbons(args: argparse.Namespace) -> dict[str, Any]:
         c.xmpp.add_event_handler("carbon_received", recorder(who, "received", c))
         c.xmpp.add_event_handler("carbon_sent", recorder(who, "sent", c))
     try:
-        outcomes = await asyncio.gather(*(c.start(args.deadline - CLOSE_MARGIN - 2)
-                                          for c in (a1, a2, b)), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, LoginError):
-                result.update(outcome.fields())
-                return result
-            if isinstance(outcome, BaseException):
-                raise outcome
+        if not await start_all([a1, a2, b], result, args.deadline - CLOSE_MARGIN - 2):
+            return result
         for c in (a1, a2):
             await c.xmpp.plugin["xep_0280"].enable(timeout=args.step)
         token = uuid.uuid4().hex[:12]
@@ -455,29 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.CRITICAL,
-                        stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.deadline = time.monotonic() + args.timeout
-    install_backstop(args.timeout, args.command)
-    runner = {"handshake": run_handshake, "extras": run_extras, "directed": run_directed,
-              "carbons": run_carbons, "roster": run_roster}[args.command]
-
-    async def bounded() -> dict[str, Any]:
-        try:
-            return await asyncio.wait_for(runner(args), timeout=max(1.0, args.timeout - 0.5))
-        except asyncio.TimeoutError:
-            return {"ok": False, "error": "timeout", "stage": args.command}
-
-    try:
-        result = asyncio.run(bounded())
-    except Exception as e:  # noqa: BLE001 - report, don't traceback
-        log.debug("internal error", exc_info=True)
-        result = {"ok": False, "error": "internal", "detail": f"{type(e).__name__}: {e}"}
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    emit(result)
-    return 0 if result.get("ok") else 1
+    return run_cli(build_parser(), {"handshake": run_handshake, "extras": run_extras,
+                                    "directed": run_directed, "carbons": run_carbons,
+                                    "roster": run_roster}, argv)
 
 
 if __name__ == "__main__":

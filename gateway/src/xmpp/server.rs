@@ -1162,11 +1162,28 @@ impl Conn {
                 }
             }
         };
-        if let Err(err) = self.ctx.events.emit(&user, event).await {
-            tracing::error!(error = %err, "roster request not stored");
-            self.stanza_error(e, "wait", "internal-server-error");
-        }
+        self.store(e, &user, event, "roster request").await;
         Step::Continue
+    }
+
+    /// Stores a client's request as `event` keyed by `key`. When the bus
+    /// refuses it, the stanza gets `internal-server-error` (RFC 6120
+    /// §8.3.3.6), never silence; returns whether it was stored.
+    async fn store(
+        &mut self,
+        e: &Element,
+        key: &str,
+        event: impl Into<switchboard_schemas::Event>,
+        what: &str,
+    ) -> bool {
+        match self.ctx.events.emit(key, event).await {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(error = %err, what, "request not stored");
+                self.stanza_error(e, "wait", "internal-server-error");
+                false
+            }
+        }
     }
 
     /// XEP-0280 §4 (enable) and §5 (disable): the session's choice becomes
@@ -1189,17 +1206,9 @@ impl Conn {
             full_jid: (&bound.jid).into(),
             enabled,
         };
-        match self
-            .ctx
-            .events
-            .emit(&bound.jid.bare().to_string(), event)
-            .await
-        {
-            Ok(_) => self.result(id),
-            Err(err) => {
-                tracing::error!(error = %err, "carbons choice not stored");
-                self.stanza_error(e, "wait", "internal-server-error");
-            }
+        let key = bound.jid.bare().to_string();
+        if self.store(e, &key, event, "carbons choice").await {
+            self.result(id);
         }
         Step::Continue
     }
@@ -1259,13 +1268,12 @@ impl Conn {
             }
             .into()
         };
-        match self.ctx.events.emit(&owner.to_string(), event).await {
-            Ok(_) if kind == "set" => self.result(id),
-            Ok(_) => {}
-            Err(err) => {
-                tracing::error!(error = %err, "vcard request not stored");
-                self.stanza_error(e, "wait", "internal-server-error");
-            }
+        if self
+            .store(e, &owner.to_string(), event, "vcard request")
+            .await
+            && kind == "set"
+        {
+            self.result(id);
         }
         Step::Continue
     }
@@ -1324,10 +1332,7 @@ impl Conn {
                 return Step::Continue;
             }
         };
-        if let Err(err) = self.ctx.events.emit(&user, event).await {
-            tracing::error!(error = %err, "blocking request not stored");
-            self.stanza_error(e, "wait", "internal-server-error");
-        }
+        self.store(e, &user, event, "blocking request").await;
         Step::Continue
     }
 
@@ -1360,15 +1365,8 @@ impl Conn {
             "unsubscribe" => SubscriptionCancelled { from, to, status }.into(),
             _ => SubscriptionDenied { from, to, status }.into(),
         };
-        if let Err(err) = self
-            .ctx
-            .events
-            .emit(&bound.jid.bare().to_string(), event)
-            .await
-        {
-            tracing::error!(error = %err, "subscription not stored");
-            self.stanza_error(e, "wait", "internal-server-error");
-        }
+        let key = bound.jid.bare().to_string();
+        self.store(e, &key, event, "subscription").await;
         Step::Continue
     }
 
@@ -1454,15 +1452,8 @@ impl Conn {
             available: e.attr("type") != Some("unavailable"),
             stanza: e.to_xml(),
         };
-        if let Err(err) = self
-            .ctx
-            .events
-            .emit(&bound.jid.bare().to_string(), event)
-            .await
-        {
-            tracing::error!(error = %err, "directed presence not stored");
-            self.stanza_error(&e, "wait", "internal-server-error");
-        }
+        let key = bound.jid.bare().to_string();
+        self.store(&e, &key, event, "directed presence").await;
         Step::Continue
     }
 

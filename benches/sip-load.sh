@@ -2,7 +2,7 @@
 # SIP load with SIPp against `switchboard serve` (release build, embedded log
 # unless SWITCHBOARD__BUS__BACKEND=kafka and its settings are exported):
 #
-#   benches/sip-load.sh [register|message|all]   (default all)
+#   benches/sip-load.sh [register|message|subscribe|all]   (default all)
 #
 # register: digest REGISTER (tests/sip/register.xml: REGISTER, 401, REGISTER
 #           with credentials, 200) at SIP_RATE calls/s for SIP_CALLS calls.
@@ -10,6 +10,10 @@
 #           registered, alice sends tests/sip/message.xml (MESSAGE, 401,
 #           MESSAGE with credentials, 202) at SIP_RATE/s; the router delivers
 #           each to bob's device.
+# subscribe: SIP_SUBSCRIPTIONS (default 20,000) presence subscriptions
+#           (tests/sip/subscribe_hold.xml: SUBSCRIBE, 401, SUBSCRIBE with
+#           credentials, 200, NOTIFY) left active; prints the server's
+#           resident memory before and after.
 # Prints calls/s (successful calls over the run's wall time) and the
 # response time of the authenticated request (SIPp rtd: send → 200/202)
 # p50/p99/max from SIPp's per-call RTT file.
@@ -24,7 +28,8 @@ LIMIT="${SIP_LIMIT:-2000}"   # concurrent calls
 PORT="${SIP_PORT:-25060}"
 
 SIPP="$(infra/scripts/sipp.sh path)"
-cargo build --release --bin switchboard >&2
+# SIP_NO_BUILD=1: use the release binary as it is.
+[ -n "${SIP_NO_BUILD:-}" ] || cargo build --release --bin switchboard >&2
 BIN="$ROOT/target/release/switchboard"
 
 WORK="$(mktemp -d)"
@@ -36,7 +41,7 @@ cleanup() {
         kill -TERM "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
     fi
-    rm -rf "$WORK"
+    [ -n "${SIP_KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -89,7 +94,7 @@ for f in glob.glob(d + "/*_rtt.csv"):
     for row in csv.reader(open(f), delimiter=";"):
         if len(row) >= 3 and row[0] != "Date_ms":
             try:
-                rtts.append(float(row[2]))
+                rtts.append(float(row[1]))
             except ValueError:
                 pass
 rtts.sort()
@@ -106,13 +111,14 @@ fi
 if [ "$WHAT" = message ] || [ "$WHAT" = all ]; then
     RECV_PORT=$((PORT + 3))
     mkdir -p "$WORK/receiver"
-    (cd "$WORK/receiver" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/receive_message.xml" \
-        -i 127.0.0.1 -p "$RECV_PORT" -nostdin -key text "bench" -trace_stat -fd 1 \
+    (cd "$WORK/receiver" && exec "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/receive_message.xml" \
+        -i 127.0.0.1 -p "$RECV_PORT" -nostdin -key text "bench" -trace_stat -fd 1 -trace_err \
         >"$WORK/receiver/sipp.out" 2>&1) &
     RECEIVER_PID=$!
     (cd "$WORK" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/register_contact.xml" \
         -i 127.0.0.1 -p $((PORT + 4)) -nostdin -key domain example.com -key user bob \
-        -key contact_port "$RECV_PORT" -au bob -ap "bob pw" -m 1 >/dev/null 2>&1)
+        -key contact_port "$RECV_PORT" -au bob -ap "bob pw" -m 1 >"$WORK/register_bob.out" 2>&1) \
+        || { echo "registering bob's device failed:" >&2; tail -20 "$WORK/register_bob.out" >&2; exit 1; }
     run message message.xml $((PORT + 5)) -key user alice -au alice -ap "alice pw" \
         -key to bob -key text "bench message"
     sleep 2
@@ -124,4 +130,13 @@ if stats:
     head, last = rows[0], rows[-1]
     print(f"bob's device received {last[head.index('SuccessfulCall(C)')]} messages")
 EOF
+fi
+if [ "$WHAT" = subscribe ] || [ "$WHAT" = all ]; then
+    rss() { awk '/VmRSS/ {print $2}' "/proc/$SERVER_PID/status"; }
+    before=$(rss)
+    CALLS="${SIP_SUBSCRIPTIONS:-20000}" run subscribe subscribe_hold.xml $((PORT + 6)) \
+        -key user alice -au alice -ap "alice pw" -key presentity bob
+    sleep 2
+    after=$(rss)
+    echo "subscribe: server RSS ${before} kB before, ${after} kB with the subscriptions ($(( (after - before) / 1024 )) MB more)"
 fi

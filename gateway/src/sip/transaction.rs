@@ -4,7 +4,7 @@
 //! response exists (Completed) it gets that response again, until Timer J
 //! (64·T1 over UDP, zero over reliable transports) ends the transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// RFC 3261 §17.1.1.1: T1, the round-trip estimate.
@@ -69,6 +69,10 @@ pub enum Arrival {
 #[derive(Debug, Default)]
 pub struct Transactions {
     table: HashMap<Key, State>,
+    /// Completed transactions in the order their Timer J fires (Timer J is
+    /// constant, so completion order is expiry order): expiry pops from the
+    /// front instead of scanning the table.
+    timers: VecDeque<(Instant, Key)>,
 }
 
 impl Transactions {
@@ -90,13 +94,10 @@ impl Transactions {
         if reliable {
             self.table.remove(key);
         } else {
-            self.table.insert(
-                key.clone(),
-                State::Completed {
-                    response,
-                    until: now + TIMER_J,
-                },
-            );
+            let until = now + TIMER_J;
+            self.table
+                .insert(key.clone(), State::Completed { response, until });
+            self.timers.push_back((until, key.clone()));
         }
     }
 
@@ -107,10 +108,18 @@ impl Transactions {
 
     /// Ends transactions whose Timer J fired (Completed → Terminated).
     pub fn expire(&mut self, now: Instant) {
-        self.table.retain(|_, s| match s {
-            State::Trying => true,
-            State::Completed { until, .. } => *until > now,
-        });
+        while let Some((until, _)) = self.timers.front() {
+            if *until > now {
+                break;
+            }
+            let (until, key) = self.timers.pop_front().expect("front exists");
+            // Only if it is still that completion (not a newer transaction
+            // with the same key).
+            if matches!(self.table.get(&key), Some(State::Completed { until: u, .. }) if *u == until)
+            {
+                self.table.remove(&key);
+            }
+        }
     }
 
     /// Live transactions.

@@ -11,10 +11,12 @@
 //! partition (or a replay that reset it) cannot write stale rows.
 //!
 //! Architecture Invariant: the projections read the log and write SQL; they
-//! never produce events.
+//! never produce events that others fold. The one exception is [`mam`], which
+//! answers XEP-0313 archive queries with deliveries to the asking session.
 
 pub mod compliance;
 pub mod db;
+pub mod mam;
 pub mod metrics;
 pub mod rows;
 pub mod runner;

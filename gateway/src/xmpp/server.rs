@@ -50,6 +50,7 @@ const NS_VCARD: &str = "vcard-temp";
 const NS_BLOCKING: &str = "urn:xmpp:blocking";
 const NS_CSI: &str = "urn:xmpp:csi:0";
 const NS_CARBONS: &str = "urn:xmpp:carbons:2";
+const NS_MAM: &str = "urn:xmpp:mam:2";
 /// Most items one block or unblock request may carry.
 const MAX_BLOCK_ITEMS: usize = 1000;
 /// Most groups one roster item may name.
@@ -1011,6 +1012,7 @@ impl Conn {
                 match child_ns.as_deref() {
                     Some(NS_ROSTER) => return self.roster(&e, &id, &kind).await,
                     Some(NS_VCARD) => return self.vcard(&e, &id, &kind).await,
+                    Some(NS_MAM) => return self.mam(&e, &id, &kind).await,
                     Some(NS_CARBONS) if to_server && kind == "set" => {
                         return self.carbons(&e, &id).await;
                     }
@@ -1209,6 +1211,188 @@ impl Conn {
         let key = bound.jid.bare().to_string();
         if self.store(e, &key, event, "carbons choice").await {
             self.result(id);
+        }
+        Step::Continue
+    }
+
+    /// XEP-0313 §4 (a query of the user's own archive, paged with XEP-0059)
+    /// and §5.1 (form fields): a `get` is answered here with the form; a
+    /// `set` is checked (XEP-0004 form `FORM_TYPE` urn:xmpp:mam:2 with
+    /// `with`, `start`, `end`, `after-id`, `before-id`; RSM `max`, `after`,
+    /// `before`; `flip-page`) and becomes `message.archive_queried`, which
+    /// the archive's responder answers with the results and `<fin/>`. A bad
+    /// form or an unknown field gets `bad-request`, RSM `index`
+    /// `feature-not-implemented` (XEP-0059 §2.4), another user's archive
+    /// `forbidden`. `max` is capped at 250 results, 50 when none is asked.
+    async fn mam(&mut self, e: &Element, id: &str, kind: &str) -> Step {
+        const NS_DATA: &str = "jabber:x:data";
+        const NS_RSM: &str = "http://jabber.org/protocol/rsm";
+        const DEFAULT_PAGE: u32 = 50;
+        const MAX_PAGE: u32 = 250;
+        /// Longest query id, archive id or field value accepted.
+        const MAX_VALUE: usize = 1024;
+        /// Most form fields (the form has six).
+        const MAX_FIELDS: usize = 16;
+        struct Request {
+            query_id: Option<String>,
+            fields: BTreeMap<String, String>,
+            max: Option<u32>,
+            after: Option<String>,
+            before: Option<String>,
+            flip: bool,
+        }
+        /// The query's parts, or the error (type, condition).
+        fn request(query: &Element) -> Result<Request, (&'static str, &'static str)> {
+            const BAD: (&str, &str) = ("modify", "bad-request");
+            let value = |el: &Element| {
+                let text = el.text();
+                (text.len() <= MAX_VALUE).then_some(text).ok_or(BAD)
+            };
+            let query_id = query.attr("queryid").map(str::to_owned);
+            if query_id.as_ref().is_some_and(|q| q.len() > MAX_VALUE) {
+                return Err(BAD);
+            }
+            let mut r = Request {
+                query_id,
+                fields: BTreeMap::new(),
+                max: None,
+                after: None,
+                before: None,
+                flip: false,
+            };
+            let (mut forms, mut sets) = (0, 0);
+            for child in query.elements() {
+                match (child.namespace.as_str(), child.name.as_str()) {
+                    (NS_DATA, "x") => {
+                        forms += 1;
+                        // XEP-0004 §3.1: a filled-in form is a submission.
+                        if forms > 1 || child.attr("type") != Some("submit") {
+                            return Err(BAD);
+                        }
+                        for (n, field) in child.elements().filter(|f| f.name == "field").enumerate()
+                        {
+                            let var = field.attr("var").ok_or(BAD)?;
+                            let mut values = field.elements().filter(|v| v.name == "value");
+                            let (first, None) = (values.next(), values.next()) else {
+                                return Err(BAD);
+                            };
+                            let known =
+                                ["FORM_TYPE", "with", "start", "end", "after-id", "before-id"];
+                            if n >= MAX_FIELDS
+                                || !known.contains(&var)
+                                || r.fields.contains_key(var)
+                            {
+                                return Err(BAD);
+                            }
+                            let text = first.map(value).transpose()?.unwrap_or_default();
+                            r.fields.insert(var.to_owned(), text);
+                        }
+                        if r.fields.get("FORM_TYPE").is_some_and(|t| t != NS_MAM) {
+                            return Err(BAD);
+                        }
+                    }
+                    (NS_RSM, "set") => {
+                        sets += 1;
+                        if sets > 1 {
+                            return Err(BAD);
+                        }
+                        for part in child.elements() {
+                            match part.name.as_str() {
+                                "max" if r.max.is_none() => {
+                                    r.max = Some(value(part)?.trim().parse().map_err(|_| BAD)?);
+                                }
+                                "after" if r.after.is_none() => {
+                                    r.after = Some(value(part)?).filter(|a| !a.is_empty());
+                                    if r.after.is_none() {
+                                        return Err(BAD);
+                                    }
+                                }
+                                "before" if r.before.is_none() => r.before = Some(value(part)?),
+                                "index" => return Err(("cancel", "feature-not-implemented")),
+                                _ => return Err(BAD),
+                            }
+                        }
+                    }
+                    (NS_MAM, "flip-page") => r.flip = true,
+                    _ => return Err(BAD),
+                }
+            }
+            Ok(r)
+        }
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
+        };
+        let (user, device, session_id) = (
+            bound.jid.bare().clone(),
+            bound.jid.clone(),
+            bound.session_id,
+        );
+        if e.attr("to").is_some_and(|to| !self.is_own_bare(to)) {
+            self.stanza_error(e, "auth", "forbidden");
+            return Step::Continue;
+        }
+        let Some(query) = e.child("query", NS_MAM) else {
+            self.stanza_error(e, "modify", "bad-request");
+            return Step::Continue;
+        };
+        if kind == "get" {
+            let mut form = String::from(
+                "<x xmlns='jabber:x:data' type='form'><field var='FORM_TYPE' type='hidden'>\
+                 <value>urn:xmpp:mam:2</value></field><field var='with' type='jid-single'/>",
+            );
+            for var in ["start", "end", "after-id", "before-id"] {
+                form.push_str(&format!("<field var='{var}' type='text-single'/>"));
+            }
+            self.out.push_str(&format!(
+                "<iq type='result' id='{}'><query xmlns='{NS_MAM}'>{form}</x></query></iq>",
+                escape(id)
+            ));
+            return Step::Continue;
+        }
+        let r = match request(query) {
+            Ok(r) => r,
+            Err((kind, condition)) => {
+                self.stanza_error(e, kind, condition);
+                return Step::Continue;
+            }
+        };
+        let field = |var: &str| r.fields.get(var).filter(|v| !v.is_empty());
+        let time = |var: &str| {
+            field(var)
+                .map(|t| chrono::DateTime::parse_from_rfc3339(t).map(|t| t.to_utc()))
+                .transpose()
+        };
+        let with = match field("with").map(|w| super::jid::Jid::parse(w)) {
+            None => None,
+            Some(Ok(jid)) => Some(jid.to_string()),
+            Some(Err(_)) => {
+                self.stanza_error(e, "modify", "bad-request");
+                return Step::Continue;
+            }
+        };
+        let (Ok(start), Ok(end)) = (time("start"), time("end")) else {
+            self.stanza_error(e, "modify", "bad-request");
+            return Step::Continue;
+        };
+        let event = switchboard_schemas::events::MessageArchiveQueried {
+            user: (&user).into(),
+            device: (&device).into(),
+            session_id,
+            iq_id: id.to_owned(),
+            query_id: r.query_id.clone(),
+            with,
+            start,
+            end,
+            after_id: field("after-id").cloned(),
+            before_id: field("before-id").cloned(),
+            max: r.max.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE),
+            page_after: r.after.clone(),
+            page_before: r.before.clone(),
+            flip_page: r.flip,
+        };
+        if let Err(err) = self.ctx.events.emit(&user.to_string(), event).await {
+            tracing::error!(error = %err, "archive query not stored");
+            self.stanza_error(e, "wait", "internal-server-error");
         }
         Step::Continue
     }
@@ -1526,6 +1710,7 @@ impl Conn {
                     NS_VCARD,
                     NS_BLOCKING,
                     NS_CARBONS,
+                    NS_MAM,
                 ] {
                     q.push_str(&format!("<feature var='{feature}'/>"));
                 }

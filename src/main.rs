@@ -5,6 +5,7 @@ mod bus_cmd;
 mod config_cmd;
 mod projections_cmd;
 mod serve;
+mod token_cmd;
 mod user_cmd;
 
 use std::path::PathBuf;
@@ -55,6 +56,9 @@ enum Command {
     /// Run projections without the rest of the server.
     #[command(subcommand)]
     Projections(projections_cmd::ProjectionsCommand),
+    /// API tokens of the compliance API (created, revoked, listed).
+    #[command(subcommand)]
+    Token(token_cmd::TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
             Command::Replay { projection } => projections_cmd::replay(&config, &projection).await,
             Command::Compliance(cmd) => projections_cmd::compliance(&config, cmd).await,
             Command::Projections(cmd) => projections_cmd::projections(&config, cmd).await,
+            Command::Token(cmd) => token_cmd::run(&config, cmd).await,
         }
     });
     match result {

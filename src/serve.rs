@@ -85,7 +85,19 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     } else {
         &[]
     });
-    let app = Router::new()
+    // The projections database is opened before the HTTP server: the
+    // compliance API (`/api/...`) is served with it by the roles that run
+    // projections.
+    let projections_db = if role.runs_projections() {
+        let db = switchboard_projections::open_database(&config)
+            .await
+            .context("opening the projections database")?;
+        tracing::info!(backend = db.backend(), "projections database ready");
+        Some(db)
+    } else {
+        None
+    };
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -93,6 +105,9 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             ready: ready.clone(),
             projections: projection_status.clone(),
         });
+    if let Some(db) = &projections_db {
+        app = app.merge(switchboard_projections::api::router(db.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("binding the HTTP API to {}", config.http.listen))?;
@@ -287,14 +302,10 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             }
         }));
     }
-    if role.runs_projections() {
-        let db = switchboard_projections::open_database(&config)
-            .await
-            .context("opening the projections database")?;
-        tracing::info!(backend = db.backend(), "projections database ready");
+    if let Some(db) = &projections_db {
         tasks.extend(switchboard_projections::spawn_all(
             &bus,
-            &db,
+            db,
             &Arc::new(switchboard_projections::runner_config(&config)),
             &projection_status,
             &shutdown_rx,

@@ -173,6 +173,63 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The event type of an audit record: a query of the compliance API.
+pub const AUDIT_EVENT_TYPE: &str = "compliance.query";
+
+/// The `topic` of an audit record: it was not read from the bus but written
+/// by the API (its partition and offset are -1).
+pub const AUDIT_TOPIC: &str = "api";
+
+/// A query of the compliance API, recorded in the compliance log before it
+/// is answered (SPEC.md §10: who asked what, when).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryAudit {
+    /// The token's id.
+    pub token_id: String,
+    /// The token's name (who asked).
+    pub token_name: String,
+    /// The token's role.
+    pub role: String,
+    /// The operation (`GET /api/v1/archive/search` ...).
+    pub operation: String,
+    /// The validated parameters (what was asked).
+    pub parameters: std::collections::BTreeMap<String, String>,
+    /// When, microseconds since the Unix epoch.
+    pub at_us: i64,
+}
+
+impl QueryAudit {
+    /// The log entry (not yet chained): a fresh UUIDv7 as the event id, the
+    /// token's name as the subject and the audit as a JSON `record`.
+    pub fn entry(&self) -> ComplianceRecord {
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let record = serde_json::json!({
+            "id": event_id,
+            "type": AUDIT_EVENT_TYPE,
+            "version": 1,
+            "occurred_at_us": self.at_us,
+            "token_id": self.token_id,
+            "token_name": self.token_name,
+            "role": self.role,
+            "operation": self.operation,
+            "parameters": self.parameters,
+        });
+        ComplianceRecord {
+            seq: 0,
+            event_id,
+            event_type: AUDIT_EVENT_TYPE.to_owned(),
+            subject: self.token_name.clone(),
+            at_us: self.at_us,
+            topic: AUDIT_TOPIC.to_owned(),
+            partition: -1,
+            offset: -1,
+            record: record.to_string(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+}
+
 /// What is wrong with a chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Break {

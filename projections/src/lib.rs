@@ -14,6 +14,7 @@
 //! never produce events that others fold. The one exception is [`mam`], which
 //! answers XEP-0313 archive queries with deliveries to the asking session.
 
+pub mod api;
 pub mod compliance;
 pub mod db;
 pub mod mam;

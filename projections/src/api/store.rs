@@ -1,0 +1,646 @@
+//! The API's SQL: tokens, archive searches (keyset paged) and audit records
+//! appended to the compliance chain. The statements are the same on both
+//! backends except the full-text condition (SQLite FTS5, PostgreSQL
+//! `websearch_to_tsquery` over the `body_tsv` GIN index).
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::{QueryBuilder, Row};
+
+use crate::compliance::{self, ComplianceRecord, QueryAudit};
+use crate::{Database, ProjectionError, sql};
+
+/// Prefix of every token (lets scanners recognise leaked tokens).
+pub const TOKEN_PREFIX: &str = "sbt_";
+
+/// The roles a token carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads the archive and the compliance log (SPEC.md §10).
+    ComplianceOfficer,
+    /// Administers the deployment (tokens, users); cannot read the archive.
+    Administrator,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 2] = [Role::ComplianceOfficer, Role::Administrator];
+
+    /// The name on the command line and in the database.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::ComplianceOfficer => "compliance-officer",
+            Role::Administrator => "administrator",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| TokenError::UnknownRole(s.to_owned()))
+    }
+}
+
+/// Errors of token management.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] ProjectionError),
+    /// An unknown role name.
+    #[error("unknown role {0:?} (known: compliance-officer, administrator)")]
+    UnknownRole(String),
+    /// A token of that name exists (revoked or not).
+    #[error("a token named {0:?} exists already")]
+    NameTaken(String),
+    /// No token of that name.
+    #[error("no token named {0:?}")]
+    NoSuchToken(String),
+    /// A name that is empty, too long or has control characters.
+    #[error("invalid token name {0:?}: 1 to 128 characters, no control characters")]
+    BadName(String),
+    /// No randomness.
+    #[error("no randomness for the token: {0}")]
+    Random(String),
+}
+
+impl From<sqlx::Error> for TokenError {
+    fn from(e: sqlx::Error) -> Self {
+        TokenError::Db(e.into())
+    }
+}
+
+/// A token as stored (never the token itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    /// UUIDv7.
+    pub id: String,
+    /// Who holds it.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Creation time, microseconds since the Unix epoch.
+    pub created_us: i64,
+    /// Revocation time, if revoked.
+    pub revoked_us: Option<i64>,
+}
+
+/// The hex SHA-256 of a token: what the database stores. A token is 256
+/// random bits, so an unsalted hash is not open to guessing.
+pub fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+pub(crate) fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Creates a token; returns it (the only time it is seen) and its record.
+pub async fn create_token(
+    db: &Database,
+    name: &str,
+    role: Role,
+) -> Result<(String, TokenInfo), TokenError> {
+    if name.is_empty() || name.chars().count() > 128 || name.chars().any(char::is_control) {
+        return Err(TokenError::BadName(name.to_owned()));
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| TokenError::Random(e.to_string()))?;
+    let mut token = String::from(TOKEN_PREFIX);
+    for b in secret {
+        token.push_str(&format!("{b:02x}"));
+    }
+    let info = TokenInfo {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: name.to_owned(),
+        role: role.name().to_owned(),
+        created_us: now_us(),
+        revoked_us: None,
+    };
+    let hash = token_hash(&token);
+    const INSERT: &str = "INSERT INTO api_tokens (id, name, role, secret_hash, created_us) \
+                          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING";
+    let inserted = match db {
+        Database::Sqlite { write, .. } => sqlx::query(INSERT)
+            .bind(&info.id)
+            .bind(&info.name)
+            .bind(&info.role)
+            .bind(&hash)
+            .bind(info.created_us)
+            .execute(write)
+            .await?
+            .rows_affected(),
+        Database::Postgres(pool) => sqlx::query(INSERT)
+            .bind(&info.id)
+            .bind(&info.name)
+            .bind(&info.role)
+            .bind(&hash)
+            .bind(info.created_us)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    };
+    if inserted == 0 {
+        return Err(TokenError::NameTaken(name.to_owned()));
+    }
+    Ok((token, info))
+}
+
+/// Revokes a token by name; revoking twice keeps the first time.
+pub async fn revoke_token(db: &Database, name: &str) -> Result<TokenInfo, TokenError> {
+    const REVOKE: &str = "UPDATE api_tokens SET revoked_us = COALESCE(revoked_us, $1) \
+                          WHERE name = $2";
+    let updated = match db {
+        Database::Sqlite { write, .. } => sqlx::query(REVOKE)
+            .bind(now_us())
+            .bind(name)
+            .execute(write)
+            .await?
+            .rows_affected(),
+        Database::Postgres(pool) => sqlx::query(REVOKE)
+            .bind(now_us())
+            .bind(name)
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    };
+    if updated == 0 {
+        return Err(TokenError::NoSuchToken(name.to_owned()));
+    }
+    list_tokens(db)
+        .await?
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| TokenError::NoSuchToken(name.to_owned()))
+}
+
+const TOKEN_COLUMNS: &str = "SELECT id, name, role, created_us, revoked_us FROM api_tokens";
+
+macro_rules! token_info {
+    ($row:expr) => {
+        TokenInfo {
+            id: $row.try_get(0)?,
+            name: $row.try_get(1)?,
+            role: $row.try_get(2)?,
+            created_us: $row.try_get(3)?,
+            revoked_us: $row.try_get(4)?,
+        }
+    };
+}
+
+/// Every token, oldest first.
+pub async fn list_tokens(db: &Database) -> Result<Vec<TokenInfo>, TokenError> {
+    let sql = format!("{TOKEN_COLUMNS} ORDER BY id");
+    let mut out = Vec::new();
+    match db {
+        Database::Sqlite { write, .. } => {
+            for row in sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(write)
+                .await?
+            {
+                out.push(token_info!(row));
+            }
+        }
+        Database::Postgres(pool) => {
+            for row in sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(pool)
+                .await?
+            {
+                out.push(token_info!(row));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The unrevoked token with this text, if any.
+pub async fn authenticate(
+    db: &Database,
+    token: &str,
+) -> Result<Option<TokenInfo>, ProjectionError> {
+    let sql = format!("{TOKEN_COLUMNS} WHERE secret_hash = $1 AND revoked_us IS NULL");
+    let hash = token_hash(token);
+    let row = match db {
+        Database::Sqlite { read, .. } => {
+            match sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(hash)
+                .fetch_optional(read)
+                .await?
+            {
+                Some(row) => Some(token_info!(row)),
+                None => None,
+            }
+        }
+        Database::Postgres(pool) => {
+            match sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(hash)
+                .fetch_optional(pool)
+                .await?
+            {
+                Some(row) => Some(token_info!(row)),
+                None => None,
+            }
+        }
+    };
+    Ok(row)
+}
+
+/// Appends an audit record to the compliance chain, serialised with the
+/// compliance projection's writer (SQLite: the one writing connection;
+/// PostgreSQL: the head row locked `FOR UPDATE`).
+pub async fn append_audit(db: &Database, audit: &QueryAudit) -> Result<i64, ProjectionError> {
+    let mut entries = [audit.entry()];
+    macro_rules! append {
+        ($pool:expr, $head:expr) => {{
+            let mut tx = $pool.begin().await?;
+            let head = sqlx::query($head).fetch_one(&mut *tx).await?;
+            let head_seq: i64 = head.try_get(0)?;
+            let head_hash: String = head.try_get(1)?;
+            let (seq, hash) = compliance::chain(&mut entries, head_seq, &head_hash);
+            let mut q = QueryBuilder::new(sql::COMPLIANCE_INSERT);
+            q.push_values(&entries, |mut b, r: &ComplianceRecord| {
+                b.push_bind(r.seq)
+                    .push_bind(r.event_id.as_str())
+                    .push_bind(r.event_type.as_str())
+                    .push_bind(r.subject.as_str())
+                    .push_bind(r.at_us)
+                    .push_bind(r.topic.as_str())
+                    .push_bind(r.partition)
+                    .push_bind(r.offset)
+                    .push_bind(r.record.as_str())
+                    .push_bind(r.prev_hash.as_str())
+                    .push_bind(r.hash.as_str());
+            });
+            q.build().execute(&mut *tx).await?;
+            sqlx::query(sql::COMPLIANCE_SET_HEAD)
+                .bind(seq)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            seq
+        }};
+    }
+    Ok(match db {
+        Database::Sqlite { write, .. } => append!(write, sql::COMPLIANCE_HEAD_SQLITE),
+        Database::Postgres(pool) => append!(pool, sql::COMPLIANCE_HEAD_POSTGRES),
+    })
+}
+
+/// One archived message as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Message {
+    /// The event id (UUIDv7), shared by both sides of a 1:1 message.
+    pub archive_id: String,
+    /// Whose archive the row is in (a user or a room).
+    pub owner: String,
+    /// The other side (the sender, in a room's archive).
+    pub peer: String,
+    /// The other side's full address, if known.
+    pub peer_full: Option<String>,
+    /// `out`, `in` or `groupchat`.
+    pub direction: String,
+    /// Message type.
+    pub kind: String,
+    /// Stable message id.
+    pub message_id: String,
+    /// Full address of the sender.
+    pub sender: String,
+    /// Room nickname.
+    pub nick: Option<String>,
+    /// Thread.
+    pub thread: Option<String>,
+    /// Subject.
+    pub subject: Option<String>,
+    /// Body.
+    pub body: Option<String>,
+    /// The stanza as received.
+    pub stanza: String,
+    /// Time, RFC 3339 (UTC, microseconds).
+    pub at: String,
+    /// Time, microseconds since the Unix epoch.
+    pub at_us: i64,
+    #[serde(skip)]
+    pub(crate) row_id: i64,
+}
+
+/// CSV columns of [`Message`], in order.
+pub const CSV_COLUMNS: [&str; 15] = [
+    "archive_id",
+    "at",
+    "at_us",
+    "owner",
+    "peer",
+    "peer_full",
+    "direction",
+    "kind",
+    "message_id",
+    "sender",
+    "nick",
+    "thread",
+    "subject",
+    "body",
+    "stanza",
+];
+
+impl Message {
+    /// The CSV fields, in [`CSV_COLUMNS`] order.
+    pub fn csv_fields(&self) -> [String; 15] {
+        let o = |v: &Option<String>| v.clone().unwrap_or_default();
+        [
+            self.archive_id.clone(),
+            self.at.clone(),
+            self.at_us.to_string(),
+            self.owner.clone(),
+            self.peer.clone(),
+            o(&self.peer_full),
+            self.direction.clone(),
+            self.kind.clone(),
+            self.message_id.clone(),
+            self.sender.clone(),
+            o(&self.nick),
+            o(&self.thread),
+            o(&self.subject),
+            o(&self.body),
+            self.stanza.clone(),
+        ]
+    }
+}
+
+/// Where a page starts: after this (time, row) in time order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    /// Time of the last row returned.
+    pub at_us: i64,
+    /// Its row id.
+    pub row_id: i64,
+}
+
+impl Cursor {
+    const VERSION: &'static str = "c1";
+
+    /// The opaque text form.
+    pub fn encode(self) -> String {
+        format!("{}.{:x}.{:x}", Self::VERSION, self.at_us, self.row_id)
+    }
+
+    /// Parses the text form.
+    pub fn decode(s: &str) -> Option<Cursor> {
+        let mut parts = s.split('.');
+        if parts.next()? != Self::VERSION {
+            return None;
+        }
+        let at_us = i64::from_str_radix(parts.next()?, 16).ok()?;
+        let row_id = i64::from_str_radix(parts.next()?, 16).ok()?;
+        if parts.next().is_some() || at_us < 0 || row_id < 0 {
+            return None;
+        }
+        Some(Cursor { at_us, row_id })
+    }
+}
+
+/// What to look for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Selection {
+    /// Archive rows matching filters.
+    #[default]
+    All,
+    /// The messages between two addresses, each once.
+    Conversation {
+        /// One side.
+        a: String,
+        /// The other side.
+        b: String,
+    },
+}
+
+/// A search over the archive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Search {
+    /// Rows or a conversation.
+    pub selection: Selection,
+    /// The archive's owner (a user's own archive).
+    pub participant: Option<String>,
+    /// The other side (the sender, in a room).
+    pub peer: Option<String>,
+    /// A room's archive.
+    pub room: Option<String>,
+    /// From this time (inclusive), µs.
+    pub start_us: Option<i64>,
+    /// Up to this time (exclusive), µs.
+    pub end_us: Option<i64>,
+    /// Full text: terms and phrases that must all occur (already validated).
+    pub text: Option<Vec<String>>,
+}
+
+/// FTS5 query text: each term or phrase quoted, all required.
+pub(crate) fn fts5_query(terms: &[String]) -> String {
+    terms
+        .iter()
+        .map(|t| format!("\"{}\"", t.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `websearch_to_tsquery` text with the same meaning: each term or phrase
+/// quoted (so `or` and `-` are words), all required.
+pub(crate) fn websearch_query(terms: &[String]) -> String {
+    terms
+        .iter()
+        .map(|t| format!("\"{}\"", t.replace('"', " ")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+const MESSAGE_COLUMNS: &str = "SELECT a.row_id, a.owner, a.archive_id, a.at_us, a.peer, \
+     a.peer_full, a.direction, a.kind, a.message_id, a.sender, a.nick, a.thread, a.subject, \
+     a.body, a.stanza FROM archive a WHERE 1 = 1";
+
+fn build<DB: sqlx::Database>(
+    q: &mut QueryBuilder<DB>,
+    search: &Search,
+    postgres: bool,
+    after: Option<Cursor>,
+    limit: i64,
+) where
+    for<'t> String: sqlx::Encode<'t, DB>,
+    String: sqlx::Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB>,
+    i64: sqlx::Type<DB>,
+{
+    if let Selection::Conversation { a, b } = &search.selection {
+        q.push(" AND a.direction <> 'groupchat' AND ((a.owner = ")
+            .push_bind(a.clone())
+            .push(" AND a.peer = ")
+            .push_bind(b.clone())
+            .push(") OR (a.owner = ")
+            .push_bind(b.clone())
+            .push(" AND a.peer = ")
+            .push_bind(a.clone())
+            .push(" AND NOT EXISTS (SELECT 1 FROM archive x WHERE x.owner = ")
+            .push_bind(a.clone())
+            .push(" AND x.archive_id = a.archive_id)))");
+    }
+    if let Some(room) = &search.room {
+        q.push(" AND a.direction = 'groupchat' AND a.owner = ")
+            .push_bind(room.clone());
+    }
+    if let Some(p) = &search.participant {
+        q.push(" AND a.owner = ").push_bind(p.clone());
+    }
+    if let Some(p) = &search.peer {
+        q.push(" AND a.peer = ").push_bind(p.clone());
+    }
+    if let Some(t) = search.start_us {
+        q.push(" AND a.at_us >= ").push_bind(t);
+    }
+    if let Some(t) = search.end_us {
+        q.push(" AND a.at_us < ").push_bind(t);
+    }
+    if let Some(terms) = &search.text {
+        if postgres {
+            q.push(" AND a.body_tsv @@ websearch_to_tsquery('simple', ")
+                .push_bind(websearch_query(terms))
+                .push(")");
+        } else {
+            q.push(" AND a.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+                .push_bind(fts5_query(terms))
+                .push(")");
+        }
+    }
+    if let Some(c) = after {
+        q.push(" AND (a.at_us > ")
+            .push_bind(c.at_us)
+            .push(" OR (a.at_us = ")
+            .push_bind(c.at_us)
+            .push(" AND a.row_id > ")
+            .push_bind(c.row_id)
+            .push("))");
+    }
+    q.push(" ORDER BY a.at_us, a.row_id LIMIT ")
+        .push_bind(limit);
+}
+
+macro_rules! message {
+    ($row:expr) => {{
+        let at_us: i64 = $row.try_get(3)?;
+        Message {
+            row_id: $row.try_get(0)?,
+            owner: $row.try_get(1)?,
+            archive_id: $row.try_get(2)?,
+            at_us,
+            peer: $row.try_get(4)?,
+            peer_full: $row.try_get(5)?,
+            direction: $row.try_get(6)?,
+            kind: $row.try_get(7)?,
+            message_id: $row.try_get(8)?,
+            sender: $row.try_get(9)?,
+            nick: $row.try_get(10)?,
+            thread: $row.try_get(11)?,
+            subject: $row.try_get(12)?,
+            body: $row.try_get(13)?,
+            stanza: $row.try_get(14)?,
+            at: rfc3339(at_us),
+        }
+    }};
+}
+
+/// RFC 3339 text of a time in microseconds (UTC).
+pub fn rfc3339(at_us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(at_us)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        .unwrap_or_default()
+}
+
+/// One page of a search: at most `limit` rows after `after`, in time order,
+/// and the cursor of the next page when there may be one.
+pub async fn page(
+    db: &Database,
+    search: &Search,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<(Vec<Message>, Option<Cursor>), ProjectionError> {
+    let mut out = Vec::new();
+    // One row more than asked tells whether another page follows.
+    let fetch = limit + 1;
+    match db {
+        Database::Sqlite { read, .. } => {
+            let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
+            build(&mut q, search, false, after, fetch);
+            for row in q.build().fetch_all(read).await? {
+                out.push(message!(row));
+            }
+        }
+        Database::Postgres(pool) => {
+            let mut q = QueryBuilder::<sqlx::Postgres>::new(MESSAGE_COLUMNS);
+            build(&mut q, search, true, after, fetch);
+            for row in q.build().fetch_all(pool).await? {
+                out.push(message!(row));
+            }
+        }
+    }
+    let more = out.len() as i64 > limit;
+    out.truncate(usize::try_from(limit).unwrap_or(0));
+    let next = if more {
+        out.last().map(|m| Cursor {
+            at_us: m.at_us,
+            row_id: m.row_id,
+        })
+    } else {
+        None
+    };
+    Ok((out, next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            at_us: 1_700_000_000_123_456,
+            row_id: 42,
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in ["", "c1", "c1.1", "c2.1.2", "c1.x.2", "c1.1.2.3", "c1.-1.2"] {
+            assert_eq!(Cursor::decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn full_text_queries_quote_every_term() {
+        let terms = vec!["café".to_owned(), "say \"hi\"".to_owned(), "or".to_owned()];
+        assert_eq!(fts5_query(&terms), "\"café\" \"say \"\"hi\"\"\" \"or\"");
+        assert_eq!(websearch_query(&terms), "\"café\" \"say  hi \" \"or\"");
+    }
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            "compliance-officer".parse::<Role>().unwrap(),
+            Role::ComplianceOfficer
+        );
+        assert!("root".parse::<Role>().is_err());
+    }
+}

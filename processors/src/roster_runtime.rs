@@ -706,7 +706,11 @@ impl RosterProcessor {
             && bare_of(device) == owner
             && !targets.iter().any(|(_, id, _)| *id == session_id)
         {
-            targets.push((cause.node.as_str().to_owned(), session_id, device.to_owned()));
+            targets.push((
+                cause.node.as_str().to_owned(),
+                session_id,
+                device.to_owned(),
+            ));
         }
         for (node, session_id, full) in targets {
             self.pushes += 1;

@@ -928,3 +928,129 @@ macro_rules! api_suite {
 
 api_suite!(sqlite, Backend::sqlite().await);
 api_suite!(postgres, Backend::postgres().await);
+
+fn switchboard(data: &std::path::Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SWITCHBOARD") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("SWITCHBOARD_LOG", "warn")
+        .env("SWITCHBOARD__DATA_DIR", data)
+        .env("SWITCHBOARD__XMPP__C2S_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__XMPP__C2S_TLS_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__UDP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__TCP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD__SIP__TLS_LISTEN", "127.0.0.1:0");
+    cmd
+}
+
+async fn token_cmd(data: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = switchboard(data)
+        .arg("token")
+        .args(args)
+        .output()
+        .await
+        .expect("run switchboard token");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `switchboard token` against the data directory of `switchboard serve`,
+/// whose HTTP listener serves the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, stdout, stderr) = token_cmd(
+        &data,
+        &["create", "--role", "compliance-officer", "--name", "olga"],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let token = stdout.trim().to_owned();
+    assert!(token.starts_with("sbt_") && token.len() == 68, "{token:?}");
+    assert!(stderr.contains("not shown again"), "{stderr}");
+    let (ok, _, stderr) = token_cmd(&data, &["create", "--role", "root", "--name", "x"]).await;
+    assert!(!ok);
+    assert!(stderr.contains("unknown role \"root\""), "{stderr}");
+    let (ok, _, stderr) = token_cmd(
+        &data,
+        &["create", "--role", "administrator", "--name", "olga"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("exists already"), "{stderr}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut child = switchboard(&data)
+        .arg("serve")
+        .env("SWITCHBOARD__HTTP__LISTEN", addr.to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err()
+        || get(addr, "/readyz", None).await.status != 200
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target = "/api/v1/archive/messages?participant=alice%40example.com";
+    let r = get(addr, target, Some(&token)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["items"], serde_json::json!([]));
+    assert_eq!(r.header("switchboard-audit-seq"), "1");
+    assert_problem(&get(addr, target, None).await, 401, None);
+    assert_eq!(get(addr, "/api/openapi.json", None).await.status, 200);
+
+    // Revoked from the command line while the server runs.
+    let (ok, stdout, stderr) = token_cmd(&data, &["revoke", "olga"]).await;
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("revoked token \"olga\""), "{stdout}");
+    assert_problem(&get(addr, target, Some(&token)).await, 401, None);
+    let (ok, stdout, _) = token_cmd(&data, &["list"]).await;
+    assert!(ok);
+    assert!(stdout.starts_with("olga\tcompliance-officer\t"), "{stdout}");
+    assert!(stdout.contains("revoked 20"), "{stdout}");
+    let (ok, _, stderr) = token_cmd(&data, &["revoke", "nobody"]).await;
+    assert!(!ok);
+    assert!(stderr.contains("no token named \"nobody\""), "{stderr}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "exit status {exit}");
+
+    // Neither the database nor its WAL holds the token's secret part.
+    let secret = token.trim_start_matches("sbt_");
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{} holds the token",
+                path.display()
+            );
+        }
+    }
+}

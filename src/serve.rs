@@ -303,6 +303,21 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         }));
     }
     if let Some(db) = &projections_db {
+        // XEP-0313: archive queries answered from the archive projection.
+        let mam = switchboard_projections::mam::run(
+            bus.clone(),
+            db.clone(),
+            Arc::new(switchboard_projections::mam::MamConfig::new(
+                config.bus.topic_prefix.clone(),
+                NodeId::new(config.node_id.clone()),
+            )),
+            shutdown_rx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = mam.await {
+                tracing::error!(error = %e, "archive query responder stopped");
+            }
+        }));
         tasks.extend(switchboard_projections::spawn_all(
             &bus,
             db,

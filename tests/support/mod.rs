@@ -152,3 +152,46 @@ impl Fixture for KafkaFixture {
         true
     }
 }
+
+/// Every event on `topic` now (read with a fresh group up to the ends the
+/// topic had when called), in offset order per partition.
+pub async fn read_events(
+    bus: &std::sync::Arc<dyn switchboard_infra::bus::Bus>,
+    topic: &str,
+) -> Vec<switchboard_schemas::Envelope> {
+    use switchboard_infra::bus::{ConsumerConfig, Polled};
+    let ends = bus.end_offsets(topic).await.expect("ends");
+    let mut positions = vec![0i64; ends.len()];
+    let mut out = Vec::new();
+    if ends.iter().all(|e| *e == 0) {
+        return out;
+    }
+    let mut consumer = bus
+        .consumer(ConsumerConfig::new(
+            format!("test-read-{}", uuid::Uuid::now_v7().simple()),
+            &[topic],
+        ))
+        .await
+        .expect("consumer");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while positions.iter().zip(&ends).any(|(p, e)| p < e) {
+        assert!(tokio::time::Instant::now() < deadline, "reading {topic}");
+        if let Polled::Records(records) = consumer
+            .poll(std::time::Duration::from_millis(100))
+            .await
+            .expect("poll")
+        {
+            for r in records {
+                positions[r.partition as usize] = r.offset + 1;
+                out.push(
+                    switchboard_schemas::Envelope::from_json_slice(
+                        r.value.as_deref().expect("value"),
+                    )
+                    .expect("decode"),
+                );
+            }
+        }
+    }
+    let _ = consumer.close().await;
+    out
+}

@@ -14,8 +14,8 @@
 //! c. `after-id`/`before-id` bound the result set (and its count); a
 //!    flipped last page comes newest first;
 //! d. an unknown RSM id is item-not-found, bob's archive is forbidden to
-//!    alice, an unknown form field is bad-request, RSM `index`
-//!    feature-not-implemented;
+//!    alice, an unknown form field or a malformed `start` is bad-request,
+//!    RSM `index` feature-not-implemented; a page never exceeds 250;
 //! e. the form of a `get` names the supported fields and the server's disco
 //!    lists urn:xmpp:mam:2.
 //!
@@ -99,6 +99,11 @@ fn scenario(dep: &Deployment) {
     assert_eq!(j["other_archive"], "forbidden", "d. {ctx}");
     assert_eq!(j["unknown_field"], "bad-request", "d. {ctx}");
     assert_eq!(j["index"], "feature-not-implemented", "d. {ctx}");
+    assert_eq!(j["bad_start"], "bad-request", "d. {ctx}");
+    assert_eq!(
+        j["capped_page"], 250,
+        "d. at most 250 results a page: {ctx}"
+    );
     // e.
     assert_eq!(
         j["fields"],

@@ -28,8 +28,9 @@ archive
       ``before-id`` = the 21st's give the 12th to 20th, RSM count 9;
     * ``flip``: the last page of 3 with ``<flip-page/>``: newest first;
     * errors: an unknown RSM ``after`` id → item-not-found; B's archive →
-      forbidden; an unknown form field → bad-request; RSM ``index`` →
-      feature-not-implemented;
+      forbidden; an unknown form field or a ``start`` that is no XEP-0082
+      date-time → bad-request; RSM ``index`` → feature-not-implemented;
+    * ``capped_page``: RSM max 1000 gets the server's largest page (250);
     * ``fields``: the form of a ``get`` (§5.1); ``disco``: the server
       advertises urn:xmpp:mam:2.
 
@@ -38,7 +39,8 @@ archive
        "before_t_mid": true, "between_ids": [11, ..., 19], "flip": [999, 998, 997],
        "unknown_after": "item-not-found", "other_archive": "forbidden",
        "unknown_field": "bad-request", "index": "feature-not-implemented",
-       "fields": [...], "disco": true}
+       "bad_start": "bad-request", "capped_page": 250, "fields": [...],
+       "disco": true}
     "ok" is true when the client ran to the end; the test checks each field.
 """
 
@@ -253,6 +255,10 @@ async def run_archive(args: argparse.Namespace) -> dict[str, Any]:
         result["unknown_field"] = answer if isinstance(answer, str) else "answered"
         answer = await a.query(rsm={"max": "5"}, index=True)
         result["index"] = answer if isinstance(answer, str) else "answered"
+        answer = await a.query(field=("start", "yesterday"))
+        result["bad_start"] = answer if isinstance(answer, str) else "answered"
+        answer = await a.query(rsm={"max": "1000"})
+        result["capped_page"] = answer if isinstance(answer, str) else len(answer[0])
 
         result["stage"] = "discovery"
         form = await a.xmpp["xep_0313"].get_fields(timeout=10)

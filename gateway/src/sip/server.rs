@@ -20,8 +20,9 @@ use sha2::{Digest, Sha256};
 use switchboard_infra::bus::{Bus, BusError, ConsumerConfig, Polled, StartFrom};
 use switchboard_infra::config::SipSettings;
 use switchboard_schemas::events::{
-    ClientInfo, ComposedPresence, DevicePresence, LineState, MessageKind, MessageSubmitted,
-    PhoneLineState, Protocol, SessionEndReason, SessionEnded, SessionResourceBound,
+    AuthMechanism, ClientInfo, ComposedPresence, DevicePresence, LineState, LoginFailureReason,
+    MessageKind, MessageSubmitted, PhoneLineState, Protocol, SessionEndReason, SessionEnded,
+    SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound,
 };
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -34,7 +35,7 @@ use super::message::{self, Limits, Message, ParseError, Request, Response};
 use super::pidf;
 use super::publish::{Publications, Target};
 use super::registrar::{Change, ContactUpdate, Registrar};
-use super::subscribe::{Subscription, Subscriptions, dialog_key};
+use super::subscribe::{self, Subscription, Subscriptions, dialog_key};
 use super::transaction::{Arrival, Key, T1, Transactions};
 use super::{Flow, Transport};
 use crate::emit::{EmitError, EventSink};
@@ -46,6 +47,8 @@ const T2: Duration = Duration::from_secs(4);
 /// How often lapsed bindings, publications, subscriptions and transactions
 /// are swept and rate-limited NOTIFYs sent.
 const TICK: Duration = Duration::from_millis(200);
+/// The event packages served (RFC 6665 §8.2.2 `Allow-Events`).
+const ALLOW_EVENTS: &str = "presence, presence.winfo";
 /// Messages a connection may have queued for writing.
 const CONNECTION_QUEUE: usize = 256;
 
@@ -565,7 +568,7 @@ impl SipContext {
                 &[
                     ("Allow", message::ALLOW.to_owned()),
                     ("Accept", "application/pidf+xml, text/plain".to_owned()),
-                    ("Allow-Events", "presence".to_owned()),
+                    ("Allow-Events", ALLOW_EVENTS.to_owned()),
                     ("Contact", self.contact(flow.transport)),
                 ],
                 None,
@@ -658,18 +661,36 @@ impl SipContext {
                 self.limiter.failed(flow.peer.ip(), Some(claimed), now);
                 return forbidden("credentials are not for this address");
             }
-            let ha1 = {
+            let (ha1, reason) = {
                 let directory = self.directory.read().await;
                 match directory.get(&user) {
-                    Some(state) if state.enabled => directory
-                        .digest_ha1(&user, &creds.algorithm(), &self.realm)
-                        .map(str::to_owned),
-                    _ => None,
+                    Some(state) if state.enabled => (
+                        directory
+                            .digest_ha1(&user, &creds.algorithm(), &self.realm)
+                            .map(str::to_owned),
+                        LoginFailureReason::BadCredentials,
+                    ),
+                    Some(_) => (None, LoginFailureReason::AccountDisabled),
+                    None => (None, LoginFailureReason::UnknownUser),
                 }
             };
             let ok = ha1.is_some_and(|ha1| digest::verify(&creds, &req.method.to_string(), &ha1));
             if !ok {
                 self.limiter.failed(flow.peer.ip(), Some(claimed), now);
+                // Every failed login is on the record (SPEC.md §10); never
+                // the digest response itself.
+                let failed = SessionLoginFailed {
+                    session_id: Uuid::now_v7(),
+                    user: BareJid::new(claimed),
+                    protocol: Protocol::Sip,
+                    remote_addr: flow.peer.to_string(),
+                    mechanism: AuthMechanism::Digest,
+                    reason,
+                    text: Some(format!("{} {}", req.method, creds.algorithm().as_str())),
+                };
+                if let Err(e) = self.events.emit(claimed, failed).await {
+                    tracing::error!(error = %e, "sip login failure not stored");
+                }
                 return forbidden("bad credentials");
             }
             return Authenticated::User;
@@ -814,6 +835,18 @@ impl SipContext {
 
     async fn binding_started(&self, b: &super::registrar::Binding) -> Result<(), EmitError> {
         let full = FullJid::new(b.full_jid());
+        self.events
+            .emit(
+                &b.aor,
+                SessionLoginSucceeded {
+                    session_id: b.session_id,
+                    user: BareJid::new(b.aor.clone()),
+                    protocol: Protocol::Sip,
+                    remote_addr: b.flow.peer.to_string(),
+                    mechanism: AuthMechanism::Digest,
+                },
+            )
+            .await?;
         self.events
             .emit(
                 &b.aor,
@@ -1175,16 +1208,20 @@ impl SipContext {
     /// RFC 6665 §4.2 and RFC 3856: SUBSCRIBE to `presence`.
     async fn subscribe(&self, req: &Request, flow: &Flow) -> Reply {
         let tag = random_token();
-        if req.event().as_deref() != Some("presence") {
-            return message::response(
-                req,
-                489,
-                Some(&tag),
-                &[("Allow-Events", "presence".to_owned())],
-                None,
-            )
-            .into();
-        }
+        let event = match req.event().as_deref() {
+            Some(subscribe::PRESENCE) => subscribe::PRESENCE,
+            Some(subscribe::WINFO) => subscribe::WINFO,
+            _ => {
+                return message::response(
+                    req,
+                    489,
+                    Some(&tag),
+                    &[("Allow-Events", ALLOW_EVENTS.to_owned())],
+                    None,
+                )
+                .into();
+            }
+        };
         let Some(watcher) = self.sender_of(req) else {
             return message::response(req, 403, Some(&tag), &[], None).into();
         };
@@ -1195,6 +1232,20 @@ impl SipContext {
         let Some(presentity) = message::uri_address(&req.uri).map(|a| a.to_lowercase()) else {
             return message::response(req, 404, Some(&tag), &[], None).into();
         };
+        // RFC 3857 §5.1: watcher information is for the presentity only.
+        if event == subscribe::WINFO && presentity != watcher {
+            return message::response(
+                req,
+                403,
+                Some(&tag),
+                &[(
+                    "Warning",
+                    "399 switchboard \"only your own watchers can be watched\"".to_owned(),
+                )],
+                None,
+            )
+            .into();
+        }
         if self.directory.read().await.get(&presentity).is_none() {
             return message::response(req, 404, Some(&tag), &[], None).into();
         }
@@ -1258,7 +1309,7 @@ impl SipContext {
         let key = dialog_key(&req.call_id, &remote_tag, &tag);
         let sub = Subscription {
             key: key.clone(),
-            event: "presence".to_owned(),
+            event: event.to_owned(),
             watcher,
             presentity,
             remote_target: target,
@@ -1303,17 +1354,28 @@ impl SipContext {
         cseq: u32,
         state: &str,
     ) -> (String, Vec<u8>) {
-        let body = {
+        let resource = format!("sip:{}", sub.presentity);
+        let (content_type, body) = if sub.event == subscribe::WINFO {
+            // RFC 3858 §4: the version counts the documents of this
+            // subscription from 0.
+            let state = self.lock();
+            let watchers = state.subscriptions.watchers_of(&sub.presentity);
+            (
+                "application/watcherinfo+xml",
+                subscribe::watcherinfo(&resource, cseq.saturating_sub(1), &watchers),
+            )
+        } else {
             let presence = self.presence.read().await;
-            pidf::render(
-                &format!("sip:{}", sub.presentity),
-                presence.get(&sub.presentity),
+            (
+                "application/pidf+xml",
+                pidf::render(&resource, presence.get(&sub.presentity)),
             )
         };
         let branch = format!("z9hG4bK{}", random_token());
         let transport = sub.flow.transport;
         let head = format!(
-            "NOTIFY {target} SIP/2.0\r\nVia: SIP/2.0/{t} {host};branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} NOTIFY\r\nContact: {contact}\r\nEvent: presence\r\nSubscription-State: {state}\r\nServer: switchboard\r\n",
+            "NOTIFY {target} SIP/2.0\r\nVia: SIP/2.0/{t} {host};branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} NOTIFY\r\nContact: {contact}\r\nEvent: {event}\r\nSubscription-State: {state}\r\nServer: switchboard\r\n",
+            event = sub.event,
             target = sub.remote_target,
             t = transport.token(),
             host = self.local_host(transport),
@@ -1322,7 +1384,7 @@ impl SipContext {
             call_id = sub.call_id,
             contact = self.contact(transport),
         );
-        let bytes = message::finish(head, Some(("application/pidf+xml", body.as_bytes())));
+        let bytes = message::finish(head, Some((content_type, body.as_bytes())));
         (branch, bytes)
     }
 

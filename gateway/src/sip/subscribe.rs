@@ -46,19 +46,53 @@ pub struct Subscriptions {
     by_presentity: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// The presence event package (RFC 3856).
+pub const PRESENCE: &str = "presence";
+/// The watcher information template package for presence (RFC 3857).
+pub const WINFO: &str = "presence.winfo";
+
+/// A watcher information document (RFC 3858 §4) listing `watchers` of
+/// `resource` (a `sip:` URI), all active: subscriptions are auto-authorized
+/// (SPEC.md §5). `version` counts the documents sent in the subscription.
+pub fn watcherinfo(resource: &str, version: u32, watchers: &[&Subscription]) -> String {
+    use super::pidf::escape;
+    let mut out = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<watcherinfo xmlns=\"urn:ietf:params:xml:ns:watcherinfo\" version=\"{version}\" state=\"full\">\n<watcher-list resource=\"{}\" package=\"presence\">\n",
+        escape(resource)
+    );
+    for w in watchers {
+        let id: String = w
+            .key
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            .to_string();
+        out.push_str(&format!(
+            "<watcher id=\"w{id}\" event=\"subscribe\" status=\"active\">sip:{}</watcher>\n",
+            escape(&w.watcher)
+        ));
+    }
+    out.push_str("</watcher-list>\n</watcherinfo>\n");
+    out
+}
+
 /// A dialog id (RFC 3261 §12: Call-ID, remote tag, local tag).
 pub fn dialog_key(call_id: &str, remote_tag: &str, local_tag: &str) -> String {
     format!("{call_id}\n{remote_tag}\n{local_tag}")
 }
 
 impl Subscriptions {
-    /// Adds a new subscription.
+    /// Adds a new subscription; a new watcher is news for the presentity's
+    /// `presence.winfo` subscriptions.
     pub fn insert(&mut self, s: Subscription) {
         self.by_presentity
             .entry(s.presentity.clone())
             .or_default()
             .insert(s.key.clone());
+        let watcher_of = (s.event == PRESENCE).then(|| s.presentity.clone());
         self.by_key.insert(s.key.clone(), s);
+        if let Some(p) = watcher_of {
+            self.watchers_changed(&p);
+        }
     }
 
     /// The subscription of a dialog.
@@ -80,15 +114,30 @@ impl Subscriptions {
                 self.by_presentity.remove(&s.presentity);
             }
         }
+        if s.event == PRESENCE {
+            self.watchers_changed(&s.presentity);
+        }
         Some(s)
     }
 
     /// The presentity's state changed: every watcher gets a NOTIFY, now or
     /// when its rate limit allows.
     pub fn changed(&mut self, presentity: &str) {
+        self.mark(presentity, PRESENCE);
+    }
+
+    /// The presentity's watchers changed: its `presence.winfo`
+    /// subscriptions (RFC 3857) get a NOTIFY.
+    pub fn watchers_changed(&mut self, presentity: &str) {
+        self.mark(presentity, WINFO);
+    }
+
+    fn mark(&mut self, presentity: &str, event: &str) {
         if let Some(keys) = self.by_presentity.get(presentity) {
             for k in keys {
-                if let Some(s) = self.by_key.get_mut(k) {
+                if let Some(s) = self.by_key.get_mut(k)
+                    && s.event == event
+                {
                     s.pending = true;
                 }
             }
@@ -126,13 +175,15 @@ impl Subscriptions {
         lapsed.iter().filter_map(|k| self.remove(k)).collect()
     }
 
-    /// Watchers of a presentity (for `presence.winfo`).
+    /// The `presence` subscriptions to a presentity (its watchers, for
+    /// `presence.winfo`).
     pub fn watchers_of(&self, presentity: &str) -> Vec<&Subscription> {
         self.by_presentity
             .get(presentity)
             .into_iter()
             .flatten()
             .filter_map(|k| self.by_key.get(k))
+            .filter(|s| s.event == PRESENCE)
             .collect()
     }
 
@@ -216,5 +267,28 @@ mod tests {
         assert!(s.is_empty());
         assert!(s.watchers_of("bob@example.com").is_empty());
         assert_eq!(dialog_key("c", "a", "b"), "c\na\nb");
+    }
+
+    #[test]
+    fn watcher_info_lists_presence_watchers_only() {
+        let mut s = Subscriptions::default();
+        let t0 = Instant::now();
+        s.insert(sub("k1", "bob@example.com", t0));
+        let mut winfo = sub("k2", "bob@example.com", t0);
+        winfo.event = WINFO.into();
+        winfo.watcher = "bob@example.com".into();
+        s.insert(winfo);
+        let watchers = s.watchers_of("bob@example.com");
+        assert_eq!(watchers.len(), 1);
+        let doc = watcherinfo("sip:bob@example.com", 3, &watchers);
+        assert!(doc.contains("version=\"3\""));
+        assert!(doc.contains("status=\"active\">sip:w@example.com</watcher>"));
+        // A presence change concerns presence subscriptions, a watcher change
+        // winfo subscriptions.
+        s.changed("bob@example.com");
+        assert_eq!(s.due(t0, Duration::from_secs(5)), vec!["k1".to_owned()]);
+        s.notified("k1", t0);
+        s.watchers_changed("bob@example.com");
+        assert_eq!(s.due(t0, Duration::from_secs(5)), vec!["k2".to_owned()]);
     }
 }

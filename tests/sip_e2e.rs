@@ -311,8 +311,18 @@ fn malformed_requests(d: &SipDeployment) -> Result<(), String> {
 }
 
 #[test]
-fn sip_end_to_end() {
-    let d = SipDeployment::new();
+fn sip_end_to_end_embedded() {
+    suite(&SipDeployment::new());
+}
+
+/// The same on Kafka (`infra/scripts/kafka.sh start`, or
+/// `SWITCHBOARD_TEST_KAFKA`).
+#[test]
+fn sip_end_to_end_kafka() {
+    suite(&SipDeployment::on_kafka());
+}
+
+fn suite(d: &SipDeployment) {
     for (user, password) in [ALICE, BOB, CAROL, DAVE] {
         d.add_user(user, password);
     }
@@ -346,7 +356,7 @@ fn sip_end_to_end() {
             &[&alice[..], &["-m", "1", "-t", "t1"]].concat(),
         ),
     );
-    check("a. options over tls", options_over_tls(&d));
+    check("a. options over tls", options_over_tls(d));
     check(
         "a. register with a wrong password",
         sipp(
@@ -542,7 +552,7 @@ fn sip_end_to_end() {
         "f. udp retransmission",
         retransmitted_message(d.sip, "once-only"),
     );
-    check("g. malformed requests", malformed_requests(&d));
+    check("g. malformed requests", malformed_requests(d));
 
     // i. SIP → XMPP: carol on slixmpp receives alice's SIP MESSAGE.
     let python = support::xmpp::python();

@@ -55,6 +55,9 @@ pub struct SipDeployment {
     pub base: Deployment,
     pub sip: SocketAddr,
     pub sips: SocketAddr,
+    /// On Kafka (one `serve` process with every role): bootstrap servers
+    /// and a topic prefix of its own; else the embedded log.
+    pub kafka: Option<(String, String)>,
 }
 
 /// A free UDP and TCP port pair (the same number for both).
@@ -79,7 +82,27 @@ impl SipDeployment {
             base: Deployment::new(),
             sip: SocketAddr::from(([127, 0, 0, 1], free_udp_tcp_port())),
             sips: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            kafka: None,
         }
+    }
+
+    /// The same on the test Kafka (`SWITCHBOARD_TEST_KAFKA`, default
+    /// 127.0.0.1:9092, as `infra/scripts/kafka.sh start` runs it).
+    pub fn on_kafka() -> Self {
+        let unique = uuid::Uuid::now_v7().simple().to_string();
+        Self {
+            kafka: Some((
+                super::kafka_bootstrap(),
+                format!("sip{}", &unique[unique.len() - 12..]),
+            )),
+            ..Self::new()
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        self.kafka
+            .as_ref()
+            .map_or("switchboard", |(_, p)| p.as_str())
     }
 
     /// `switchboard` with this deployment's environment.
@@ -90,6 +113,11 @@ impl SipDeployment {
             .env("SWITCHBOARD__SIP__TLS_LISTEN", self.sips.to_string())
             // Small enough that an oversized request fits in one datagram.
             .env("SWITCHBOARD__SIP__MAX_MESSAGE_BYTES", "32768");
+        if let Some((bootstrap, prefix)) = &self.kafka {
+            cmd.env("SWITCHBOARD__BUS__BACKEND", "kafka")
+                .env("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", bootstrap)
+                .env("SWITCHBOARD__BUS__TOPIC_PREFIX", prefix);
+        }
         cmd
     }
 
@@ -131,32 +159,60 @@ impl SipDeployment {
         }
     }
 
-    /// `switchboard user add`.
+    /// `switchboard user add <jid> --password-stdin`; panics if it fails.
     pub fn add_user(&self, jid: &str, password: &str) {
-        self.base.add_user(jid, password);
+        use std::io::Write;
+        let mut child = self
+            .command()
+            .args(["user", "add", jid, "--password-stdin"])
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "switchboard user add {jid}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+        );
     }
 
-    /// Every event of a topic (`sessions`, `messages`, ...) in the embedded
-    /// log, once the server has stopped (the log is locked while it runs).
+    /// Every event of a topic (`sessions`, `messages`, ...), once the
+    /// server has stopped (the embedded log is locked while it runs).
     pub fn events(&self, topic: &str) -> Vec<Envelope> {
         let data = self.base.data.clone();
-        let topic = format!("switchboard.{topic}");
+        let topic = format!("{}.{topic}", self.prefix());
+        let kafka = self.kafka.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async move {
             use switchboard_infra::bus::{ConsumerConfig, Polled};
-            let config = switchboard_infra::config::Config {
+            let mut config = switchboard_infra::config::Config {
                 data_dir: data,
                 domains: vec![DOMAIN.to_owned()],
                 ..Default::default()
             };
+            if let Some((bootstrap, prefix)) = kafka {
+                config.bus.backend = switchboard_infra::config::Backend::Kafka;
+                config.bus.kafka.bootstrap_servers = bootstrap;
+                config.bus.topic_prefix = prefix;
+            }
             let bus = switchboard_infra::bus::open(&config).await.unwrap();
             let ends = bus.end_offsets(&topic).await.unwrap();
             let mut positions = vec![0i64; ends.len()];
             let mut consumer = bus
-                .consumer(ConsumerConfig::new("sip-test-reader", &[&topic]))
+                .consumer(ConsumerConfig::new(
+                    format!("sip-test-reader-{}", uuid::Uuid::now_v7().simple()),
+                    &[&topic],
+                ))
                 .await
                 .unwrap();
             let mut out = Vec::new();

@@ -1,4 +1,4 @@
-//! SIP end to end: `switchboard serve` (embedded log) on a fresh data
+//! SIP end to end: `switchboard serve` (embedded log, and Kafka) on a fresh data
 //! directory, users made with `switchboard user add`, SIPp (Debian
 //! `sip-tester`, via `infra/scripts/sipp.sh`) running `tests/sip/*.xml`, and
 //! a raw UDP client where the exact bytes matter:

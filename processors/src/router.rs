@@ -153,15 +153,21 @@ impl SessionDirectory {
         self.sessions.get(full)
     }
 
-    /// A user's sessions, by full address.
+    /// A user's sessions, by full address. No allocation (this is on the
+    /// routing hot path): the keys from `bare` on, skipping other users
+    /// whose address extends `bare` with a character sorting before `/`
+    /// (`bob@example.com.au/x` sorts between `bob@example.com` and
+    /// `bob@example.com/x`).
     pub fn sessions_of<'a>(
         &'a self,
         bare: &'a str,
     ) -> impl Iterator<Item = (&'a str, &'a Session)> {
-        let prefix = format!("{bare}/");
+        use std::ops::Bound;
+        let next = |full: &str| full.as_bytes().get(bare.len()).copied();
         self.sessions
-            .range(prefix.clone()..)
-            .take_while(move |(full, _)| full.starts_with(&prefix))
+            .range::<str, _>((Bound::Excluded(bare), Bound::Unbounded))
+            .take_while(move |(full, _)| full.starts_with(bare) && next(full) <= Some(b'/'))
+            .filter(move |(full, _)| next(full) == Some(b'/'))
             .map(|(full, s)| (full.as_str(), s))
     }
 
@@ -782,7 +788,7 @@ mod tests {
     fn carbons_go_to_the_other_enabled_sessions_of_both_users() {
         use switchboard_schemas::events::SessionCarbons;
         let mut dir = SessionDirectory::default();
-        let mut enable = |dir: &mut SessionDirectory, full: &str, id: Uuid| {
+        let enable = |dir: &mut SessionDirectory, full: &str, id: Uuid| {
             dir.apply(&env(SessionCarbons {
                 session_id: id,
                 full_jid: FullJid::new(full),
@@ -1177,6 +1183,24 @@ mod tests {
         // A stanza that has a delay keeps it.
         let once = with_delay("<message id='1'/>", "example.com", "T1");
         assert_eq!(with_delay(&once, "example.com", "T2"), once);
+    }
+
+    #[test]
+    fn sessions_of_a_user_only() {
+        let mut dir = SessionDirectory::default();
+        for full in [
+            "bob@example.com.au/x",
+            "bob@example.com-x/y",
+            "bob@example.com/a",
+            "bob@example.com/b",
+            "bob@example.comm/z",
+            "bo@example.com/q",
+        ] {
+            bind(&mut dir, full, 0, true);
+        }
+        let mine: Vec<&str> = dir.sessions_of("bob@example.com").map(|(f, _)| f).collect();
+        assert_eq!(mine, ["bob@example.com/a", "bob@example.com/b"]);
+        assert_eq!(dir.sessions_of("bob@example").count(), 0);
     }
 
     #[test]

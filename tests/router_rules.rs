@@ -572,3 +572,51 @@ async fn chat_forks_until_a_client_replies_then_sticks() {
     assert_eq!(h.deliveries("f2", &phone), 0, "{}", h.dump());
     router.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_name_the_session_protocol() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let dave = "dave@example.com/sip-phone";
+    let id = Uuid::now_v7();
+    h.produce(&Envelope::new(
+        NodeId::new("gw1"),
+        "dave@example.com",
+        SessionResourceBound {
+            session_id: id,
+            full_jid: FullJid::new(dave),
+            protocol: Protocol::Sip,
+            contact: Some("sip:dave@127.0.0.1:5070".to_owned()),
+            priority: 0,
+            client: Default::default(),
+        },
+    ))
+    .await;
+    h.produce(&Envelope::new(
+        NodeId::new("gw1"),
+        "dave@example.com",
+        DevicePresence {
+            user: BareJid::new("dave@example.com"),
+            device: dave.to_owned(),
+            protocol: Protocol::Sip,
+            available: true,
+            show: None,
+            status: None,
+            priority: 0,
+        },
+    ))
+    .await;
+    let router = h.start(config());
+    h.submit(ALICE, "dave@example.com", "s1").await;
+    h.wait("s1 delivered", |h| h.deliveries("s1", dave) == 1).await;
+    let protocols: Vec<Protocol> = h
+        .seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StanzaDelivery(d) if d.to == dave => Some(d.protocol.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(protocols, [Protocol::Sip]);
+    router.stop().await;
+}

@@ -714,7 +714,15 @@ impl Router {
         let delivery = StanzaDelivery {
             session_id: target.session_id,
             to: target.full_jid.clone(),
-            protocol: switchboard_schemas::events::Protocol::Xmpp,
+            // The gateway of the session's protocol takes it (XMPP and SIP
+            // gateways of a node read the same deliveries).
+            protocol: self
+                .directory
+                .session(&target.full_jid)
+                .filter(|s| s.session_id == target.session_id)
+                .map_or(switchboard_schemas::events::Protocol::Xmpp, |s| {
+                    s.protocol.clone()
+                }),
             stanza,
             message_id,
             sender: sender.cloned(),

@@ -1846,6 +1846,10 @@ pub async fn deliveries(
             let Event::StanzaDelivery(d) = envelope.event else {
                 continue;
             };
+            // Deliveries to this node's SIP sessions are the SIP gateway's.
+            if d.protocol != Protocol::Xmpp {
+                continue;
+            }
             // SPEC.md §7: a message id is stable end to end; a router that
             // repeats work after a crash must not show a message twice.
             if let Some(id) = &d.message_id

@@ -506,16 +506,18 @@ async fn projects_each_kind(f: &dyn DbFixture) {
 async fn search(db: &Database, query: &str) -> Vec<String> {
     let mut ids: Vec<String> = match db {
         Database::Sqlite { read, .. } => sqlx::query_scalar(
-            "SELECT a.message_id FROM archive_fts f JOIN archive a ON a.row_id = f.rowid \
-             WHERE archive_fts MATCH $1",
+            "SELECT m.message_id FROM archive_fts f \
+             JOIN archive_messages m ON m.row_id = f.rowid \
+             JOIN archive a ON a.archive_id = m.archive_id WHERE archive_fts MATCH $1",
         )
         .bind(query)
         .fetch_all(read)
         .await
         .unwrap(),
         Database::Postgres(pool) => sqlx::query_scalar(
-            "SELECT message_id FROM archive \
-             WHERE body_tsv @@ websearch_to_tsquery('simple', $1)",
+            "SELECT m.message_id FROM archive_messages m \
+             JOIN archive a ON a.archive_id = m.archive_id \
+             WHERE m.body_tsv @@ websearch_to_tsquery('simple', $1)",
         )
         .bind(query)
         .fetch_all(pool)

@@ -23,6 +23,8 @@ use crate::{ProjectionError, ProjectionKind, sql};
 
 /// Rows per multi-row `INSERT` (well under both backends' parameter limits).
 const INSERT_CHUNK: usize = 256;
+/// How often the SQLite write-ahead log is checkpointed.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;
 
@@ -125,12 +127,32 @@ impl Database {
             // can be rebuilt from the log after a power loss.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-65536")
+            // Statement journals (multi-row upserts, triggers) stay in memory.
+            .pragma("temp_store", "memory");
         let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        // Checkpoints run beside the writer rather than inside its commits.
+        let checkpointer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        let watched = write.clone();
+        tokio::spawn(async move {
+            while !watched.is_closed() {
+                tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&checkpointer)
+                    .await
+                {
+                    tracing::debug!(error = %e, "projections checkpoint failed");
+                }
+            }
+            checkpointer.close().await;
+        });
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -409,15 +431,17 @@ macro_rules! backend {
                 tx: &mut Transaction<'static, Db>,
                 rows: &[ArchiveRow],
             ) -> Result<(), ProjectionError> {
-                for chunk in rows.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_INSERT);
+                // The content once per message, then a row per archive.
+                let mut ids = BTreeSet::new();
+                let messages: Vec<&ArchiveRow> = rows
+                    .iter()
+                    .filter(|r| ids.insert(r.archive_id.as_str()))
+                    .collect();
+                for chunk in messages.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_MESSAGE_INSERT);
                     q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.owner.as_str())
-                            .push_bind(r.archive_id.as_str())
+                        b.push_bind(r.archive_id.as_str())
                             .push_bind(r.at_us)
-                            .push_bind(r.peer.as_str())
-                            .push_bind(r.peer_full.as_deref())
-                            .push_bind(r.direction)
                             .push_bind(r.kind.as_str())
                             .push_bind(r.message_id.as_str())
                             .push_bind(r.sender.as_str())
@@ -426,6 +450,19 @@ macro_rules! backend {
                             .push_bind(r.subject.as_deref())
                             .push_bind(r.body.as_deref())
                             .push_bind(r.stanza.as_str());
+                    });
+                    q.push(sql::ARCHIVE_MESSAGE_ON_CONFLICT);
+                    q.build().execute(&mut **tx).await?;
+                }
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_INSERT);
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.owner.as_str())
+                            .push_bind(r.archive_id.as_str())
+                            .push_bind(r.at_us)
+                            .push_bind(r.peer.as_str())
+                            .push_bind(r.peer_full.as_deref())
+                            .push_bind(r.direction);
                     });
                     q.push(sql::ARCHIVE_ON_CONFLICT);
                     q.build().execute(&mut **tx).await?;
@@ -542,9 +579,9 @@ macro_rules! backend {
                         .execute(&mut *tx)
                         .await?;
                 } else {
-                    sqlx::query(sql::clear_statement(kind))
-                        .execute(&mut *tx)
-                        .await?;
+                    for statement in sql::clear_statements(kind) {
+                        sqlx::query(*statement).execute(&mut *tx).await?;
+                    }
                 }
                 sqlx::query(sql::DELETE_POSITIONS)
                     .bind(group)

@@ -46,13 +46,13 @@ pub struct RunnerConfig {
 
 impl RunnerConfig {
     /// Defaults under a topic prefix: every domain served, the default
-    /// profile, 2048 records per batch.
+    /// profile, 8192 records per batch.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
             local_domains: Vec::new(),
             profile: Profile::default(),
-            max_batch: 2048,
+            max_batch: 8192,
         }
     }
 

@@ -102,9 +102,16 @@ pub const SESSION_ENDED: &str = session_upsert!(
      end_text = excluded.end_text, full_jid = COALESCE(excluded.full_jid, sessions.full_jid)"
 );
 
-/// Head of an archive insert; rows follow as `VALUES`.
-pub const ARCHIVE_INSERT: &str = "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, \
-     direction, kind, message_id, sender, nick, thread, subject, body, stanza) ";
+/// Head of an archive insert (one row per owner); rows follow as `VALUES`.
+pub const ARCHIVE_INSERT: &str =
+    "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, direction) ";
+
+/// Head of an archived message's content insert (once per message).
+pub const ARCHIVE_MESSAGE_INSERT: &str = "INSERT INTO archive_messages (archive_id, at_us, kind, \
+     message_id, sender, nick, thread, subject, body, stanza) ";
+
+/// Message contents are inserted once, idempotently.
+pub const ARCHIVE_MESSAGE_ON_CONFLICT: &str = " ON CONFLICT (archive_id) DO NOTHING";
 
 /// Archive inserts are idempotent.
 pub const ARCHIVE_ON_CONFLICT: &str = " ON CONFLICT (owner, archive_id) DO NOTHING";
@@ -179,9 +186,10 @@ pub fn snapshot_query(kind: crate::ProjectionKind) -> &'static str {
              FROM sessions ORDER BY session_id"
         }
         Archive => {
-            "SELECT owner, archive_id, CAST(at_us AS TEXT), peer, peer_full, direction, kind, \
-             message_id, sender, nick, thread, subject, body, stanza FROM archive \
-             ORDER BY owner, archive_id"
+            "SELECT a.owner, a.archive_id, CAST(a.at_us AS TEXT), a.peer, a.peer_full, \
+             a.direction, m.kind, m.message_id, m.sender, m.nick, m.thread, m.subject, m.body, \
+             m.stanza FROM archive a JOIN archive_messages m ON m.archive_id = a.archive_id \
+             ORDER BY a.owner, a.archive_id"
         }
         Files => {
             "SELECT id, CAST(at_us AS TEXT), transfer_id, direction, status, uploader, downloader, \
@@ -196,15 +204,15 @@ pub fn snapshot_query(kind: crate::ProjectionKind) -> &'static str {
     }
 }
 
-/// Empties a projection's table for a rebuild (the compliance log has its
+/// Empties a projection's tables for a rebuild (the compliance log has its
 /// own statements, see [`SQLITE_COMPLIANCE_CLEAR`]).
-pub fn clear_statement(kind: crate::ProjectionKind) -> &'static str {
+pub fn clear_statements(kind: crate::ProjectionKind) -> &'static [&'static str] {
     use crate::ProjectionKind::*;
     match kind {
-        Rosters => "DELETE FROM roster_items",
-        Sessions => "DELETE FROM sessions",
-        Archive => "DELETE FROM archive",
-        Files => "DELETE FROM file_transfers",
-        Compliance => "DELETE FROM compliance_log",
+        Rosters => &["DELETE FROM roster_items"],
+        Sessions => &["DELETE FROM sessions"],
+        Archive => &["DELETE FROM archive", "DELETE FROM archive_messages"],
+        Files => &["DELETE FROM file_transfers"],
+        Compliance => &["DELETE FROM compliance_log"],
     }
 }

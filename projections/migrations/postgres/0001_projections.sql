@@ -55,16 +55,13 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_user_time ON sessions (user_jid, first_us);
 CREATE INDEX sessions_time ON sessions (first_us);
 
--- Chat archive: one row per owner (each side of a 1:1 message; the room for
--- room messages).
-CREATE TABLE archive (
+-- Chat archive. The content of each archived message is stored once
+-- (archive_messages); each archive it belongs to has a row in archive: both
+-- sides of a 1:1 message, the room for room messages.
+CREATE TABLE archive_messages (
     row_id     BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    owner      TEXT NOT NULL,            -- bare address of the archive's owner (user or room)
-    archive_id TEXT NOT NULL,            -- event id (UUIDv7): time-ordered, unique
+    archive_id TEXT NOT NULL UNIQUE,     -- event id (UUIDv7): time-ordered, unique
     at_us      BIGINT NOT NULL,
-    peer       TEXT NOT NULL,            -- bare address of the other side
-    peer_full  TEXT,                     -- full address of the other side, if known
-    direction  TEXT NOT NULL,            -- out | in | groupchat
     kind       TEXT NOT NULL,            -- chat | normal | headline | groupchat
     message_id TEXT NOT NULL,            -- XEP-0359 origin-id / stanza id
     sender     TEXT NOT NULL,            -- full address of the sender
@@ -72,15 +69,24 @@ CREATE TABLE archive (
     thread     TEXT,
     subject    TEXT,
     body       TEXT,
-    stanza     TEXT NOT NULL,            -- the stanza as received (evidence)
     -- full text; never select it (sqlx cannot decode tsvector)
     body_tsv   tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce(body, ''))) STORED,
-    UNIQUE (owner, archive_id)
+    stanza     TEXT NOT NULL             -- the stanza as received (evidence)
+);
+CREATE INDEX archive_messages_time ON archive_messages (at_us);
+
+CREATE TABLE archive (
+    owner      TEXT NOT NULL,            -- bare address of the archive's owner (user or room)
+    archive_id TEXT NOT NULL,            -- archive_messages.archive_id
+    at_us      BIGINT NOT NULL,
+    peer       TEXT NOT NULL,            -- bare address of the other side
+    peer_full  TEXT,                     -- full address of the other side, if known
+    direction  TEXT NOT NULL,            -- out | in | groupchat
+    PRIMARY KEY (owner, archive_id)
 );
 CREATE INDEX archive_owner_peer_time ON archive (owner, peer, at_us);
-CREATE INDEX archive_time ON archive (at_us);
 
-CREATE INDEX archive_body_tsv ON archive USING GIN (body_tsv);
+CREATE INDEX archive_messages_body_tsv ON archive_messages USING GIN (body_tsv);
 
 -- File-transfer log (SPEC.md §9): one row per file.* event.
 CREATE TABLE file_transfers (

@@ -55,16 +55,13 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_user_time ON sessions (user_jid, first_us);
 CREATE INDEX sessions_time ON sessions (first_us);
 
--- Chat archive: one row per owner (each side of a 1:1 message; the room for
--- room messages).
-CREATE TABLE archive (
+-- Chat archive. The content of each archived message is stored once
+-- (archive_messages); each archive it belongs to has a row in archive: both
+-- sides of a 1:1 message, the room for room messages.
+CREATE TABLE archive_messages (
     row_id     INTEGER PRIMARY KEY,      -- stable rowid for the FTS index
-    owner      TEXT NOT NULL,            -- bare address of the archive's owner (user or room)
-    archive_id TEXT NOT NULL,            -- event id (UUIDv7): time-ordered, unique
+    archive_id TEXT NOT NULL UNIQUE,     -- event id (UUIDv7): time-ordered, unique
     at_us      INTEGER NOT NULL,
-    peer       TEXT NOT NULL,            -- bare address of the other side
-    peer_full  TEXT,                     -- full address of the other side, if known
-    direction  TEXT NOT NULL,            -- out | in | groupchat
     kind       TEXT NOT NULL,            -- chat | normal | headline | groupchat
     message_id TEXT NOT NULL,            -- XEP-0359 origin-id / stanza id
     sender     TEXT NOT NULL,            -- full address of the sender
@@ -72,25 +69,34 @@ CREATE TABLE archive (
     thread     TEXT,
     subject    TEXT,
     body       TEXT,
-    stanza     TEXT NOT NULL,            -- the stanza as received (evidence)
-    UNIQUE (owner, archive_id)
+    stanza     TEXT NOT NULL             -- the stanza as received (evidence)
 );
+CREATE INDEX archive_messages_time ON archive_messages (at_us);
+
+CREATE TABLE archive (
+    owner      TEXT NOT NULL,            -- bare address of the archive's owner (user or room)
+    archive_id TEXT NOT NULL,            -- archive_messages.archive_id
+    at_us      INTEGER NOT NULL,
+    peer       TEXT NOT NULL,            -- bare address of the other side
+    peer_full  TEXT,                     -- full address of the other side, if known
+    direction  TEXT NOT NULL,            -- out | in | groupchat
+    PRIMARY KEY (owner, archive_id)
+) WITHOUT ROWID;
 CREATE INDEX archive_owner_peer_time ON archive (owner, peer, at_us);
-CREATE INDEX archive_time ON archive (at_us);
 
 CREATE VIRTUAL TABLE archive_fts USING fts5(
     body,
-    content = 'archive',
+    content = 'archive_messages',
     content_rowid = 'row_id',
     tokenize = 'unicode61 remove_diacritics 2'
 );
-CREATE TRIGGER archive_fts_insert AFTER INSERT ON archive BEGIN
+CREATE TRIGGER archive_fts_insert AFTER INSERT ON archive_messages BEGIN
     INSERT INTO archive_fts (rowid, body) VALUES (new.row_id, new.body);
 END;
-CREATE TRIGGER archive_fts_delete AFTER DELETE ON archive BEGIN
+CREATE TRIGGER archive_fts_delete AFTER DELETE ON archive_messages BEGIN
     INSERT INTO archive_fts (archive_fts, rowid, body) VALUES ('delete', old.row_id, old.body);
 END;
-CREATE TRIGGER archive_fts_update AFTER UPDATE ON archive BEGIN
+CREATE TRIGGER archive_fts_update AFTER UPDATE ON archive_messages BEGIN
     INSERT INTO archive_fts (archive_fts, rowid, body) VALUES ('delete', old.row_id, old.body);
     INSERT INTO archive_fts (rowid, body) VALUES (new.row_id, new.body);
 END;

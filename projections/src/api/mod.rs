@@ -224,7 +224,7 @@ async fn page_response(
         Ok((seq, items, next)) => {
             let body = serde_json::json!({
                 "items": items,
-                "next_cursor": next.map(store::Cursor::encode),
+                "next_cursor": next.as_ref().map(store::Cursor::encode),
             });
             audited(seq, axum::Json(body).into_response())
         }

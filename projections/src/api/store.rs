@@ -336,8 +336,6 @@ pub struct Message {
     pub at: String,
     /// Time, microseconds since the Unix epoch.
     pub at_us: i64,
-    #[serde(skip)]
-    pub(crate) row_id: i64,
 }
 
 /// CSV columns of [`Message`], in order.
@@ -383,36 +381,79 @@ impl Message {
     }
 }
 
-/// Where a page starts: after this (time, row) in time order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where a page starts: after this archive row in time order (time, then
+/// archive id, then owner: the archive's key).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
     /// Time of the last row returned.
     pub at_us: i64,
-    /// Its row id.
-    pub row_id: i64,
+    /// Its archive id.
+    pub archive_id: String,
+    /// Its owner.
+    pub owner: String,
 }
 
+/// Longest cursor text accepted.
+const MAX_CURSOR_BYTES: usize = 8192;
+
 impl Cursor {
-    const VERSION: &'static str = "c1";
+    const VERSION: &'static str = "c2";
+
+    fn of(m: &Message) -> Self {
+        Cursor {
+            at_us: m.at_us,
+            archive_id: m.archive_id.clone(),
+            owner: m.owner.clone(),
+        }
+    }
 
     /// The opaque text form.
-    pub fn encode(self) -> String {
-        format!("{}.{:x}.{:x}", Self::VERSION, self.at_us, self.row_id)
+    pub fn encode(&self) -> String {
+        format!(
+            "{}.{:x}.{}.{}",
+            Self::VERSION,
+            self.at_us,
+            hex(self.archive_id.as_bytes()),
+            hex(self.owner.as_bytes())
+        )
     }
 
     /// Parses the text form.
     pub fn decode(s: &str) -> Option<Cursor> {
+        if s.len() > MAX_CURSOR_BYTES {
+            return None;
+        }
         let mut parts = s.split('.');
         if parts.next()? != Self::VERSION {
             return None;
         }
         let at_us = i64::from_str_radix(parts.next()?, 16).ok()?;
-        let row_id = i64::from_str_radix(parts.next()?, 16).ok()?;
-        if parts.next().is_some() || at_us < 0 || row_id < 0 {
+        let archive_id = unhex(parts.next()?)?;
+        let owner = unhex(parts.next()?)?;
+        if parts.next().is_some() || at_us < 0 {
             return None;
         }
-        Some(Cursor { at_us, row_id })
+        Some(Cursor {
+            at_us,
+            archive_id,
+            owner,
+        })
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
 }
 
 /// What to look for.
@@ -468,9 +509,10 @@ pub(crate) fn websearch_query(terms: &[String]) -> String {
         .join(" ")
 }
 
-const MESSAGE_COLUMNS: &str = "SELECT a.row_id, a.owner, a.archive_id, a.at_us, a.peer, \
-     a.peer_full, a.direction, a.kind, a.message_id, a.sender, a.nick, a.thread, a.subject, \
-     a.body, a.stanza FROM archive a WHERE 1 = 1";
+/// An archive row (one per owner) with its message's content (stored once).
+const MESSAGE_COLUMNS: &str = "SELECT a.owner, a.archive_id, a.at_us, a.peer, a.peer_full, \
+     a.direction, m.kind, m.message_id, m.sender, m.nick, m.thread, m.subject, m.body, m.stanza \
+     FROM archive a JOIN archive_messages m ON m.archive_id = a.archive_id WHERE 1 = 1";
 
 fn build<DB: sqlx::Database>(
     q: &mut QueryBuilder<DB>,
@@ -515,11 +557,11 @@ fn build<DB: sqlx::Database>(
     }
     if let Some(terms) = &search.text {
         if postgres {
-            q.push(" AND a.body_tsv @@ websearch_to_tsquery('simple', ")
+            q.push(" AND m.body_tsv @@ websearch_to_tsquery('simple', ")
                 .push_bind(websearch_query(terms))
                 .push(")");
         } else {
-            q.push(" AND a.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+            q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
                 .push_bind(fts5_query(terms))
                 .push(")");
         }
@@ -529,33 +571,36 @@ fn build<DB: sqlx::Database>(
             .push_bind(c.at_us)
             .push(" OR (a.at_us = ")
             .push_bind(c.at_us)
-            .push(" AND a.row_id > ")
-            .push_bind(c.row_id)
-            .push("))");
+            .push(" AND (a.archive_id > ")
+            .push_bind(c.archive_id.clone())
+            .push(" OR (a.archive_id = ")
+            .push_bind(c.archive_id.clone())
+            .push(" AND a.owner > ")
+            .push_bind(c.owner.clone())
+            .push("))))");
     }
-    q.push(" ORDER BY a.at_us, a.row_id LIMIT ")
+    q.push(" ORDER BY a.at_us, a.archive_id, a.owner LIMIT ")
         .push_bind(limit);
 }
 
 macro_rules! message {
     ($row:expr) => {{
-        let at_us: i64 = $row.try_get(3)?;
+        let at_us: i64 = $row.try_get(2)?;
         Message {
-            row_id: $row.try_get(0)?,
-            owner: $row.try_get(1)?,
-            archive_id: $row.try_get(2)?,
+            owner: $row.try_get(0)?,
+            archive_id: $row.try_get(1)?,
             at_us,
-            peer: $row.try_get(4)?,
-            peer_full: $row.try_get(5)?,
-            direction: $row.try_get(6)?,
-            kind: $row.try_get(7)?,
-            message_id: $row.try_get(8)?,
-            sender: $row.try_get(9)?,
-            nick: $row.try_get(10)?,
-            thread: $row.try_get(11)?,
-            subject: $row.try_get(12)?,
-            body: $row.try_get(13)?,
-            stanza: $row.try_get(14)?,
+            peer: $row.try_get(3)?,
+            peer_full: $row.try_get(4)?,
+            direction: $row.try_get(5)?,
+            kind: $row.try_get(6)?,
+            message_id: $row.try_get(7)?,
+            sender: $row.try_get(8)?,
+            nick: $row.try_get(9)?,
+            thread: $row.try_get(10)?,
+            subject: $row.try_get(11)?,
+            body: $row.try_get(12)?,
+            stanza: $row.try_get(13)?,
             at: rfc3339(at_us),
         }
     }};
@@ -598,10 +643,7 @@ pub async fn page(
     let more = out.len() as i64 > limit;
     out.truncate(usize::try_from(limit).unwrap_or(0));
     let next = if more {
-        out.last().map(|m| Cursor {
-            at_us: m.at_us,
-            row_id: m.row_id,
-        })
+        out.last().map(Cursor::of)
     } else {
         None
     };
@@ -616,10 +658,23 @@ mod tests {
     fn cursors_round_trip_and_reject_garbage() {
         let c = Cursor {
             at_us: 1_700_000_000_123_456,
-            row_id: 42,
+            archive_id: "0190c0de-0000-7000-8000-000000000001".to_owned(),
+            owner: "zoë@example.com".to_owned(),
         };
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for bad in ["", "c1", "c1.1", "c2.1.2", "c1.x.2", "c1.1.2.3", "c1.-1.2"] {
+        for bad in [
+            "",
+            "c2",
+            "c2.1",
+            "c2.1.61",
+            "c1.1.61.62",
+            "c2.x.61.62",
+            "c2.1.6.62",
+            "c2.1.zz.62",
+            "c2.1.61.62.63",
+            "c2.-1.61.62",
+            "c2.1.ff.62",
+        ] {
             assert_eq!(Cursor::decode(bad), None, "{bad}");
         }
     }

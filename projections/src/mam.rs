@@ -231,21 +231,21 @@ enum Param {
 /// too when `page` is true.
 fn conditions(q: &ArchiveQuery, page: bool, sql: &mut String, params: &mut Vec<Param>) {
     params.push(Param::Text(q.owner.clone()));
-    sql.push_str(" WHERE owner = $1");
+    sql.push_str(" WHERE a.owner = $1");
     let mut push = |sql: &mut String, clause: &str, p: Param| {
         params.push(p);
         sql.push_str(&format!(" AND {clause} ${}", params.len()));
     };
     match &q.with {
-        Some(With::Bare(b)) => push(sql, "peer =", Param::Text(b.clone())),
-        Some(With::Full(f)) => push(sql, "peer_full =", Param::Text(f.clone())),
+        Some(With::Bare(b)) => push(sql, "a.peer =", Param::Text(b.clone())),
+        Some(With::Full(f)) => push(sql, "a.peer_full =", Param::Text(f.clone())),
         None => {}
     }
     if let Some(t) = q.start_us {
-        push(sql, "at_us >=", Param::Int(t));
+        push(sql, "a.at_us >=", Param::Int(t));
     }
     if let Some(t) = q.end_us {
-        push(sql, "at_us <=", Param::Int(t));
+        push(sql, "a.at_us <=", Param::Int(t));
     }
     let mut bounds = vec![(&q.after_id, ">"), (&q.before_id, "<")];
     if page {
@@ -253,7 +253,7 @@ fn conditions(q: &ArchiveQuery, page: bool, sql: &mut String, params: &mut Vec<P
     }
     for (id, op) in bounds {
         if let Some(id) = id {
-            push(sql, &format!("archive_id {op}"), Param::Text(id.clone()));
+            push(sql, &format!("a.archive_id {op}"), Param::Text(id.clone()));
         }
     }
 }
@@ -261,12 +261,15 @@ fn conditions(q: &ArchiveQuery, page: bool, sql: &mut String, params: &mut Vec<P
 /// The page statement: one more row than `max` tells whether the result
 /// set goes on.
 fn page_statement(q: &ArchiveQuery) -> (String, Vec<Param>) {
-    let mut sql = String::from("SELECT archive_id, at_us, stanza FROM archive");
+    let mut sql = String::from(
+        "SELECT a.archive_id, a.at_us, m.stanza FROM archive a \
+         JOIN archive_messages m ON m.archive_id = a.archive_id",
+    );
     let mut params = Vec::new();
     conditions(q, true, &mut sql, &mut params);
     let order = if q.backward { "DESC" } else { "ASC" };
     sql.push_str(&format!(
-        " ORDER BY archive_id {order} LIMIT {}",
+        " ORDER BY a.archive_id {order} LIMIT {}",
         u64::from(q.max) + 1
     ));
     (sql, params)
@@ -274,7 +277,7 @@ fn page_statement(q: &ArchiveQuery) -> (String, Vec<Param>) {
 
 /// The count of the whole result set (without the page bounds).
 fn count_statement(q: &ArchiveQuery) -> (String, Vec<Param>) {
-    let mut sql = String::from("SELECT COUNT(*) FROM archive");
+    let mut sql = String::from("SELECT COUNT(*) FROM archive a");
     let mut params = Vec::new();
     conditions(q, false, &mut sql, &mut params);
     (sql, params)
@@ -282,7 +285,8 @@ fn count_statement(q: &ArchiveQuery) -> (String, Vec<Param>) {
 
 /// How many of `ids` are in the owner's archive.
 fn found_statement(owner: &str, ids: &[&str]) -> (String, Vec<Param>) {
-    let mut sql = String::from("SELECT COUNT(*) FROM archive WHERE owner = $1 AND archive_id IN (");
+    let mut sql =
+        String::from("SELECT COUNT(*) FROM archive a WHERE a.owner = $1 AND a.archive_id IN (");
     let mut params = vec![Param::Text(owner.to_owned())];
     for (i, id) in ids.iter().enumerate() {
         params.push(Param::Text((*id).to_owned()));
@@ -558,6 +562,8 @@ impl Responder {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ProjectionError> {
         let now_ms = Utc::now().timestamp_millis();
+        // One wait for the whole batch: a lagging archive delays it once.
+        let wait_until = Instant::now() + self.config.archive_wait;
         let max_age_ms = i64::try_from(self.config.max_age.as_millis()).unwrap_or(i64::MAX);
         for r in records {
             let Some(value) = r.value.as_deref() else {
@@ -587,7 +593,7 @@ impl Responder {
                     "archive query for another user's archive skipped");
                 continue;
             }
-            self.wait_for_archive(&r.topic_partition(), r.offset, shutdown)
+            self.wait_for_archive(&r.topic_partition(), r.offset, wait_until, shutdown)
                 .await?;
             let answer = self.answer(&ArchiveQuery::from_event(q), shutdown).await?;
             for stanza in answer_stanzas(q, &answer) {
@@ -598,14 +604,14 @@ impl Responder {
     }
 
     /// Waits until the archive projection applied `tp` past `offset`, or
-    /// [`MamConfig::archive_wait`] passed.
+    /// until `deadline`.
     async fn wait_for_archive(
         &mut self,
         tp: &TopicPartition,
         offset: i64,
+        deadline: Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ProjectionError> {
-        let deadline = Instant::now() + self.config.archive_wait;
         loop {
             if self.archive_positions.get(tp).is_some_and(|p| *p > offset) {
                 return Ok(());
@@ -731,9 +737,10 @@ mod tests {
         let (sql, params) = page_statement(&q);
         assert_eq!(
             sql,
-            "SELECT archive_id, at_us, stanza FROM archive WHERE owner = $1 AND peer_full = $2 \
-             AND at_us >= $3 AND at_us <= $4 AND archive_id > $5 AND archive_id < $6 \
-             ORDER BY archive_id DESC LIMIT 11"
+            "SELECT a.archive_id, a.at_us, m.stanza FROM archive a JOIN archive_messages m \
+             ON m.archive_id = a.archive_id WHERE a.owner = $1 AND a.peer_full = $2 \
+             AND a.at_us >= $3 AND a.at_us <= $4 AND a.archive_id > $5 AND a.archive_id < $6 \
+             ORDER BY a.archive_id DESC LIMIT 11"
         );
         assert_eq!(params.len(), 6);
         assert_eq!(params[5], Param::Text("p".to_owned()));

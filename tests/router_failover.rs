@@ -90,6 +90,9 @@ impl Cluster {
             .env("SWITCHBOARD__HTTP__LISTEN", &http)
             .env("SWITCHBOARD__XMPP__C2S_LISTEN", self.c2s.to_string())
             .env("SWITCHBOARD__XMPP__C2S_TLS_LISTEN", c2s_tls)
+            .env("SWITCHBOARD__SIP__UDP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD__SIP__TCP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD__SIP__TLS_LISTEN", "127.0.0.1:0")
             .env("SWITCHBOARD__BUS__BACKEND", "kafka")
             .env(
                 "SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS",
@@ -298,8 +301,7 @@ async fn login(
     };
     c.tls.write_all(header().as_bytes()).await.map_err(io)?;
     c.read_until(b"</stream:features>").await.map_err(io)?;
-    let auth =
-        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{PASSWORD}"));
     c.tls
         .write_all(
             format!(

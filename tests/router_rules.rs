@@ -476,6 +476,46 @@ async fn a_message_handed_back_goes_to_another_session_or_offline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_back_from_a_full_queue_is_stored_and_sent_again() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    let phone_id = h.bind(&phone, "gw1", 0).await;
+    let router = h.start(config());
+    h.produce(&Envelope::new(
+        NodeId::new("gw1"),
+        BOB,
+        MessageUndelivered {
+            message_id: "q1".to_owned(),
+            from: FullJid::new(ALICE),
+            to: phone.clone(),
+            reason: UndeliveredReason::QueueFull,
+            session_id: Some(phone_id),
+            stanza: stanza(ALICE, &phone, "q1", "chat"),
+        },
+    ))
+    .await;
+    // The only session is slow, not gone: stored, then sent to it again
+    // (with the XEP-0203 delay of the store).
+    h.wait("q1 stored and sent again", |h| {
+        h.stored("q1") == 1 && h.deliveries("q1", &phone) == 1
+    })
+    .await;
+    let again = h
+        .seen
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::StanzaDelivery(d) if d.message_id.as_deref() == Some("q1") => {
+                Some(d.stanza.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(again.contains("urn:xmpp:delay"), "{again}");
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_limits_at_the_boundary_and_suppression() {
     let mut h = Harness::new().await;
     h.bind(ALICE, "gw1", 0).await;
@@ -608,7 +648,8 @@ async fn deliveries_name_the_session_protocol() {
     .await;
     let router = h.start(config());
     h.submit(ALICE, "dave@example.com", "s1").await;
-    h.wait("s1 delivered", |h| h.deliveries("s1", dave) == 1).await;
+    h.wait("s1 delivered", |h| h.deliveries("s1", dave) == 1)
+        .await;
     let protocols: Vec<Protocol> = h
         .seen
         .iter()

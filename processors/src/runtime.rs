@@ -571,7 +571,11 @@ impl Router {
     fn on_undelivered(&mut self, u: &MessageUndelivered) {
         let bare = bare_of(&u.to).to_owned();
         if u.reason != UndeliveredReason::NoSession {
-            if let Some(id) = u.session_id {
+            // A full queue is a slow reader, not a dead session: it may take
+            // the message later (from the store, when it is read back).
+            if let Some(id) = u.session_id
+                && u.reason != UndeliveredReason::QueueFull
+            {
                 if self.gone.len() >= MAX_GONE {
                     self.gone.clear();
                 }
@@ -581,7 +585,10 @@ impl Router {
                 .directory
                 .sessions_of(&bare)
                 .filter(|(_, s)| {
-                    s.available && s.priority >= 0 && !self.gone.contains(&s.session_id)
+                    s.available
+                        && s.priority >= 0
+                        && Some(s.session_id) != u.session_id
+                        && !self.gone.contains(&s.session_id)
                 })
                 .max_by_key(|(_, s)| s.priority)
                 .map(|(full, s)| Target {

@@ -446,7 +446,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())
@@ -576,7 +576,7 @@ fn build<DB: sqlx::Database>(
             .push(" OR (a.archive_id = ")
             .push_bind(c.archive_id.clone())
             .push(" AND a.owner > ")
-            .push_bind(c.owner.clone())
+            .push_bind(c.owner)
             .push("))))");
     }
     q.push(" ORDER BY a.at_us, a.archive_id, a.owner LIMIT ")

@@ -744,7 +744,12 @@ impl Router {
         true
     }
 
-    /// Produces everything queued, concurrently; the bus keeps the order of
+    /// Produces everything queued, concurrently, in two waves: the
+    /// deliveries first, then the events that record outcomes. A crash
+    /// between the two leaves deliveries without their `message.delivered`
+    /// (the message is routed again and the gateway drops the repeat), never
+    /// a recorded outcome without its delivery, which duplicate suppression
+    /// would then keep from ever being sent. The bus keeps the order of
     /// records with the same key because they are enqueued in order.
     async fn flush(&mut self) {
         if self.outbox.is_empty() {
@@ -757,19 +762,25 @@ impl Router {
             &self.sessions_topic,
             &self.presence_topic,
         ];
-        let results = futures::future::join_all(self.outbox.iter().map(|(out, key, bytes)| {
-            let topic = match out {
-                Out::Messages => topics[0],
-                Out::Deliveries => topics[1],
-                Out::Sessions => topics[2],
-                Out::Presence => topics[3],
-            };
-            bus.produce(topic, key.as_bytes(), Some(bytes))
-        }))
-        .await;
-        for result in results {
-            if let Err(e) = result {
-                tracing::error!(error = %e, "router output not stored");
+        for deliveries in [true, false] {
+            let wave = self
+                .outbox
+                .iter()
+                .filter(|(out, _, _)| matches!(out, Out::Deliveries) == deliveries);
+            let results = futures::future::join_all(wave.map(|(out, key, bytes)| {
+                let topic = match out {
+                    Out::Messages => topics[0],
+                    Out::Deliveries => topics[1],
+                    Out::Sessions => topics[2],
+                    Out::Presence => topics[3],
+                };
+                bus.produce(topic, key.as_bytes(), Some(bytes))
+            }))
+            .await;
+            for result in results {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "router output not stored");
+                }
             }
         }
         self.outbox.clear();

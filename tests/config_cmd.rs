@@ -162,3 +162,68 @@ async fn a_set_through_the_running_server_is_live_at_once() {
     let (_, out, _) = config(&data, &["get", "presence.max_watchers"]).await;
     assert_eq!(out, "presence.max_watchers = 8\n");
 }
+
+#[tokio::test]
+async fn the_follower_sees_a_change_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus: std::sync::Arc<dyn Bus> = std::sync::Arc::new(
+        EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("bus.sqlite")))
+            .await
+            .unwrap(),
+    );
+    bus.create_topics(&switchboard_infra::bus::TopicConfig::catalogue(
+        "switchboard",
+    ))
+    .await
+    .unwrap();
+    let node = switchboard_schemas::NodeId::new("node1");
+    let current = settings::LiveSettings::default();
+    settings::publish(
+        &*bus,
+        "switchboard",
+        node.clone(),
+        &current,
+        "im.forking.stickiness_secs",
+        serde_json::json!(60),
+        "test",
+    )
+    .await
+    .unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut handle = settings::follow(
+        bus.clone(),
+        "switchboard",
+        Duration::from_secs(10),
+        shutdown,
+    )
+    .await
+    .unwrap();
+    // What was written before the start is there at once.
+    assert_eq!(handle.borrow_and_update().forking_stickiness_secs, 60);
+    let mut limits = settings::policy_limits(handle.clone());
+    assert_eq!(limits.borrow_and_update().max_contacts, 200);
+
+    let now = handle.borrow().clone();
+    settings::publish(
+        &*bus,
+        "switchboard",
+        node,
+        &now,
+        "presence.max_contacts",
+        serde_json::json!(195),
+        "test",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), handle.changed())
+        .await
+        .expect("the change arrives")
+        .unwrap();
+    assert_eq!(handle.borrow().max_contacts, 195);
+    assert_eq!(handle.borrow().forking_stickiness_secs, 60);
+    tokio::time::timeout(Duration::from_secs(10), limits.changed())
+        .await
+        .expect("the limits follow")
+        .unwrap();
+    assert_eq!(limits.borrow().max_contacts, 195);
+}

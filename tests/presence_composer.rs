@@ -375,3 +375,94 @@ async fn an_expired_manual_status_is_cleared() {
     assert_still(&bus, 3).await;
     composer.stop().await;
 }
+
+/// Composed events, once the last one of every user in `users` has status
+/// `status`; checks no user got the same composed presence twice in a row.
+async fn wait_last(bus: &Arc<dyn Bus>, users: &[String], status: &str) -> Vec<ComposedPresence> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = composed(&read_all(bus, Topic::PresenceState).await);
+        let last = |u: &String| all.iter().rev().find(|c| c.user.as_str() == u);
+        if users
+            .iter()
+            .all(|u| last(u).and_then(|c| c.status.as_deref()) == Some(status))
+        {
+            for u in users {
+                let mine: Vec<_> = all.iter().filter(|c| c.user.as_str() == u).collect();
+                assert!(
+                    mine.windows(2).all(|w| w[0] != w[1]),
+                    "{u} published twice: {mine:#?}"
+                );
+            }
+            return all;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected every user at {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn user_device(bus: &Arc<dyn Bus>, user: &str, status: &str) {
+    let presence = DevicePresence {
+        user: BareJid::new(user),
+        device: format!("{user}/laptop"),
+        protocol: Protocol::Xmpp,
+        available: true,
+        show: None,
+        status: Some(status.to_owned()),
+        priority: 0,
+    };
+    produce(bus, Topic::Presence, user, presence).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_users_and_the_survivor_takes_over() {
+    let (_fixture, bus) = open().await;
+    let one = start_with(&bus, 0, PresenceConfig::new(PREFIX, NodeId::new("node1")));
+    let two = start_with(&bus, 0, PresenceConfig::new(PREFIX, NodeId::new("node2")));
+    let users: Vec<String> = (0..30).map(|i| format!("user{i}@example.com")).collect();
+    // Until both members publish (both joined and split the partitions).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    loop {
+        round += 1;
+        for u in &users {
+            user_device(&bus, u, &format!("warm {round}")).await;
+        }
+        let all = wait_last(&bus, &users, &format!("warm {round}")).await;
+        let envelopes = read_all(&bus, Topic::PresenceState).await;
+        let nodes: std::collections::BTreeSet<&str> =
+            envelopes.iter().map(|e| e.node.as_str()).collect();
+        if nodes.len() == 2 && all.len() == envelopes.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "one member did all the work"
+        );
+    }
+    let before = composed(&read_all(&bus, Topic::PresenceState).await).len();
+
+    // One member leaves; the other takes its partitions over, rebuilds them
+    // and publishes the next change of every user exactly once.
+    one.stop().await;
+    for u in &users {
+        user_device(&bus, u, "after").await;
+    }
+    let all = wait_last(&bus, &users, "after").await;
+    assert_eq!(all.len(), before + users.len());
+    let after_by: std::collections::BTreeSet<String> = read_all(&bus, Topic::PresenceState)
+        .await
+        .into_iter()
+        .filter(|e| matches!(&e.event, Event::ComposedPresence(c) if c.status.as_deref() == Some("after")))
+        .map(|e| e.node.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        after_by,
+        std::collections::BTreeSet::from(["node2".to_owned()])
+    );
+    assert_still(&bus, before + users.len()).await;
+    two.stop().await;
+}

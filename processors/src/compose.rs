@@ -813,6 +813,54 @@ mod tests {
     }
 
     #[test]
+    fn a_sip_device_drops_out_when_its_registration_ends() {
+        let contact = "sip:alice@10.0.0.7:5060;transport=tcp";
+        let session = Uuid::from_u128(9);
+        let full = FullJid::new(format!("{ALICE}/sip-desk"));
+        let events = [
+            env(
+                0,
+                SessionResourceBound {
+                    session_id: session,
+                    full_jid: full.clone(),
+                    protocol: Protocol::Sip,
+                    contact: Some(contact.to_owned()),
+                    priority: 0,
+                    client: Default::default(),
+                },
+            ),
+            env(
+                1,
+                DevicePresence {
+                    user: alice(),
+                    device: contact.to_owned(),
+                    protocol: Protocol::Sip,
+                    available: true,
+                    show: None,
+                    status: Some("desk phone".to_owned()),
+                    priority: 0,
+                },
+            ),
+        ];
+        let c = fold(&events);
+        assert_eq!(c.availability, Availability::Available);
+        assert_eq!(c.status.as_deref(), Some("desk phone"));
+        let mut all = events.to_vec();
+        all.push(env(
+            2,
+            SessionEnded {
+                session_id: session,
+                user: alice(),
+                full_jid: Some(full),
+                protocol: Protocol::Sip,
+                reason: SessionEndReason::Timeout,
+                text: None,
+            },
+        ));
+        assert_eq!(fold(&all).availability, Availability::Unavailable);
+    }
+
+    #[test]
     fn end_of_a_replaced_session_keeps_its_successor() {
         let c = fold(&[
             bound(0, "laptop", 1),

@@ -466,3 +466,32 @@ async fn two_instances_split_the_users_and_the_survivor_takes_over() {
     assert_still(&bus, before + users.len()).await;
     two.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_throttle_change_takes_effect_without_a_restart() {
+    let (_fixture, bus) = open().await;
+    let (settings_tx, settings_rx) = watch::channel(LiveSettings {
+        presence_throttle_ms: 3_600_000,
+        ..LiveSettings::default()
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let composer = Running {
+        shutdown,
+        task: tokio::spawn(presence::run(
+            bus.clone(),
+            PresenceConfig::new(PREFIX, NodeId::new("node1")),
+            settings_rx,
+            rx,
+        )),
+    };
+    device(&bus, "laptop", None, "one").await;
+    wait_composed(&bus, 1).await;
+    // Held by the hour-long throttle.
+    device(&bus, "laptop", None, "two").await;
+    assert_still(&bus, 1).await;
+    // An administrator lowers it: the held change goes out at once.
+    settings_tx.send_modify(|s| s.presence_throttle_ms = 0);
+    let out = wait_composed(&bus, 2).await;
+    assert_eq!(out[1].status.as_deref(), Some("two"));
+    composer.stop().await;
+}

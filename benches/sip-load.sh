@@ -57,14 +57,30 @@ export SWITCHBOARD__SIP__TLS_LISTEN="127.0.0.1:$((PORT + 1))"
 # The load comes from one address: no failed-login throttling in the way.
 export SWITCHBOARD__AUTH__MAX_FAILURES_PER_ADDRESS=1000000
 
-echo "alice pw" | "$BIN" user add alice@example.com --password-stdin >/dev/null
-echo "bob pw" | "$BIN" user add bob@example.com --password-stdin >/dev/null
-"$BIN" serve >"$WORK/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 300); do
-    curl -fs "http://$SWITCHBOARD__HTTP__LISTEN/readyz" >/dev/null 2>&1 && break
-    sleep 0.1
-done
+# A fresh server (data directory, users) for each load, so one load's
+# leftovers (retransmissions to finished SIPp instances, stored messages)
+# do not weigh on the next.
+start_server() {
+    stop_server
+    rm -rf "$WORK/data"
+    echo "alice pw" | "$BIN" user add alice@example.com --password-stdin >/dev/null
+    echo "bob pw" | "$BIN" user add bob@example.com --password-stdin >/dev/null
+    "$BIN" serve >>"$WORK/server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 300); do
+        curl -fs "http://$SWITCHBOARD__HTTP__LISTEN/readyz" >/dev/null 2>&1 && return
+        sleep 0.1
+    done
+    echo "the server did not get ready" >&2
+    exit 1
+}
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
 
 # run NAME SCENARIO LOCAL_PORT ARGS...: one SIPp run; prints its line.
 run() {
@@ -106,9 +122,11 @@ EOF
 }
 
 if [ "$WHAT" = register ] || [ "$WHAT" = all ]; then
+    start_server
     run register register.xml $((PORT + 2)) -key user alice -au alice -ap "alice pw"
 fi
 if [ "$WHAT" = message ] || [ "$WHAT" = all ]; then
+    start_server
     RECV_PORT=$((PORT + 3))
     mkdir -p "$WORK/receiver"
     (cd "$WORK/receiver" && exec "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/receive_message.xml" \
@@ -130,8 +148,12 @@ if stats:
     head, last = rows[0], rows[-1]
     print(f"bob's device received {last[head.index('SuccessfulCall(C)')]} messages")
 EOF
+    kill "$RECEIVER_PID" 2>/dev/null || true
+    RECEIVER_PID=""
 fi
 if [ "$WHAT" = subscribe ] || [ "$WHAT" = all ]; then
+    start_server
+    sleep 2
     rss() { awk '/VmRSS/ {print $2}' "/proc/$SERVER_PID/status"; }
     before=$(rss)
     CALLS="${SIP_SUBSCRIPTIONS:-20000}" run subscribe subscribe_hold.xml $((PORT + 6)) \

@@ -1525,6 +1525,14 @@ impl SipContext {
         let Some(parsed) = parse_message_stanza(stanza) else {
             return true;
         };
+        // RFC 7572 §5: chat and normal messages become MESSAGE requests.
+        // An error (a bounce of something this device sent) has no SIP form:
+        // its MESSAGE was answered long ago; group chat is not for SIP
+        // clients (SPEC.md §5); headlines are sent like normal messages.
+        if matches!(parsed.kind.as_str(), "error" | "groupchat") {
+            tracing::debug!(kind = %parsed.kind, "message type not sent to a sip device");
+            return true;
+        }
         let Some(body) = parsed.body else {
             // Chat states and receipts have no SIP form.
             return true;
@@ -1595,6 +1603,8 @@ enum Published {
 /// The parts of a `<message/>` stanza a SIP MESSAGE carries.
 struct MessageStanza {
     from: String,
+    /// The `type` attribute (RFC 6121 §5.2.2), `normal` when absent.
+    kind: String,
     body: Option<String>,
 }
 
@@ -1602,6 +1612,7 @@ fn parse_message_stanza(stanza: &str) -> Option<MessageStanza> {
     use quick_xml::events::Event as X;
     let mut reader = quick_xml::reader::Reader::from_str(stanza);
     let mut from = None;
+    let mut kind = "normal".to_owned();
     let mut body: Option<String> = None;
     let mut depth = 0usize;
     let mut in_body = false;
@@ -1614,8 +1625,10 @@ fn parse_message_stanza(stanza: &str) -> Option<MessageStanza> {
                         return None;
                     }
                     for a in e.attributes().flatten() {
-                        if a.key.as_ref() == b"from" {
-                            from = Some(a.unescape_value().ok()?.into_owned());
+                        match a.key.as_ref() {
+                            b"from" => from = Some(a.unescape_value().ok()?.into_owned()),
+                            b"type" => kind = a.unescape_value().ok()?.into_owned(),
+                            _ => {}
                         }
                     }
                 } else if depth == 2 && e.local_name().as_ref() == b"body" && body.is_none() {
@@ -1654,7 +1667,11 @@ fn parse_message_stanza(stanza: &str) -> Option<MessageStanza> {
             _ => {}
         }
     }
-    Some(MessageStanza { from: from?, body })
+    Some(MessageStanza {
+        from: from?,
+        kind,
+        body,
+    })
 }
 
 /// Runs the timers every 200 ms until `shutdown`.
@@ -1859,7 +1876,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.from, "alice@example.com/laptop");
+        assert_eq!(m.kind, "chat");
         assert_eq!(m.body.as_deref(), Some("fish & chips ☺"));
+        let bounce = parse_message_stanza(
+            "<message from='bob@example.com' type='error'><body>x</body><error type='cancel'/></message>",
+        )
+        .unwrap();
+        assert_eq!(bounce.kind, "error");
         let state = parse_message_stanza(
             "<message from='a@x/y'><composing xmlns='http://jabber.org/protocol/chatstates'/></message>",
         )

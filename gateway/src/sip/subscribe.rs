@@ -43,7 +43,12 @@ pub struct Subscription {
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     by_key: HashMap<String, Subscription>,
+    /// `presence` subscriptions by presentity.
     by_presentity: BTreeMap<String, BTreeSet<String>>,
+    /// `presence.winfo` subscriptions by presentity: kept apart so a new
+    /// watcher costs a look at the (few) winfo subscriptions, not at every
+    /// watcher.
+    winfo_by_presentity: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// The presence event package (RFC 3856).
@@ -84,7 +89,7 @@ impl Subscriptions {
     /// Adds a new subscription; a new watcher is news for the presentity's
     /// `presence.winfo` subscriptions.
     pub fn insert(&mut self, s: Subscription) {
-        self.by_presentity
+        self.index_mut(&s.event)
             .entry(s.presentity.clone())
             .or_default()
             .insert(s.key.clone());
@@ -108,10 +113,11 @@ impl Subscriptions {
     /// Ends a subscription.
     pub fn remove(&mut self, key: &str) -> Option<Subscription> {
         let s = self.by_key.remove(key)?;
-        if let Some(keys) = self.by_presentity.get_mut(&s.presentity) {
+        let index = self.index_mut(&s.event);
+        if let Some(keys) = index.get_mut(&s.presentity) {
             keys.remove(key);
             if keys.is_empty() {
-                self.by_presentity.remove(&s.presentity);
+                index.remove(&s.presentity);
             }
         }
         if s.event == PRESENCE {
@@ -132,12 +138,23 @@ impl Subscriptions {
         self.mark(presentity, WINFO);
     }
 
+    fn index_mut(&mut self, event: &str) -> &mut BTreeMap<String, BTreeSet<String>> {
+        if event == WINFO {
+            &mut self.winfo_by_presentity
+        } else {
+            &mut self.by_presentity
+        }
+    }
+
     fn mark(&mut self, presentity: &str, event: &str) {
-        if let Some(keys) = self.by_presentity.get(presentity) {
+        let index = if event == WINFO {
+            &self.winfo_by_presentity
+        } else {
+            &self.by_presentity
+        };
+        if let Some(keys) = index.get(presentity) {
             for k in keys {
-                if let Some(s) = self.by_key.get_mut(k)
-                    && s.event == event
-                {
+                if let Some(s) = self.by_key.get_mut(k) {
                     s.pending = true;
                 }
             }
@@ -183,7 +200,6 @@ impl Subscriptions {
             .into_iter()
             .flatten()
             .filter_map(|k| self.by_key.get(k))
-            .filter(|s| s.event == PRESENCE)
             .collect()
     }
 

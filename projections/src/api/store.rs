@@ -509,15 +509,45 @@ pub(crate) fn websearch_query(terms: &[String]) -> String {
         .join(" ")
 }
 
-/// An archive row (one per owner) with its message's content (stored once).
+/// The columns of an archive row (one per owner) with its message's content
+/// (stored once).
 const MESSAGE_COLUMNS: &str = "SELECT a.owner, a.archive_id, a.at_us, a.peer, a.peer_full, \
-     a.direction, m.kind, m.message_id, m.sender, m.nick, m.thread, m.subject, m.body, m.stanza \
-     FROM archive a JOIN archive_messages m ON m.archive_id = a.archive_id WHERE 1 = 1";
+     a.direction, m.kind, m.message_id, m.sender, m.nick, m.thread, m.subject, m.body, m.stanza ";
+
+/// Archive rows first (the owner's index), then their messages.
+const FROM_ARCHIVE: &str =
+    "FROM archive a JOIN archive_messages m ON m.archive_id = a.archive_id WHERE 1 = 1";
+
+/// Messages in time order first, then their archive rows.
+const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_messages_time \
+     JOIN archive a ON a.archive_id = m.archive_id WHERE 1 = 1";
+
+/// A full-text term with at least this many matching messages is searched
+/// in time order (SQLite).
+const COMMON_TERM_MATCHES: i64 = 2000;
+
+/// How a query runs. PostgreSQL's planner chooses from the GIN and btree
+/// statistics itself; SQLite knows nothing of how many rows an FTS5 match
+/// yields, so the API chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    /// PostgreSQL: `body_tsv @@ websearch_to_tsquery(…)`.
+    Postgres,
+    /// SQLite without full text, or restricted to one owner's archive: the
+    /// archive index drives, each message is checked against the FTS index
+    /// by rowid (a seek in the term's doclist).
+    SqliteArchiveFirst,
+    /// SQLite, no owner, a rare term: the term's matches drive.
+    SqliteMatchesFirst,
+    /// SQLite, no owner, a common term: messages in time order drive, each
+    /// checked against the FTS index, until the page is full.
+    SqliteTimeFirst,
+}
 
 fn build<DB: sqlx::Database>(
     q: &mut QueryBuilder<DB>,
     search: &Search,
-    postgres: bool,
+    plan: Plan,
     after: Option<Cursor>,
     limit: i64,
 ) where
@@ -526,6 +556,14 @@ fn build<DB: sqlx::Database>(
     for<'t> i64: sqlx::Encode<'t, DB>,
     i64: sqlx::Type<DB>,
 {
+    // The time of an archive row is its message's time; order on the side
+    // that drives.
+    let (from, time) = if plan == Plan::SqliteTimeFirst {
+        (FROM_MESSAGES_BY_TIME, "m.at_us")
+    } else {
+        (FROM_ARCHIVE, "a.at_us")
+    };
+    q.push(from);
     if let Selection::Conversation { a, b } = &search.selection {
         q.push(" AND a.direction <> 'groupchat' AND ((a.owner = ")
             .push_bind(a.clone())
@@ -550,26 +588,34 @@ fn build<DB: sqlx::Database>(
         q.push(" AND a.peer = ").push_bind(p.clone());
     }
     if let Some(t) = search.start_us {
-        q.push(" AND a.at_us >= ").push_bind(t);
+        q.push(format!(" AND {time} >= ")).push_bind(t);
     }
     if let Some(t) = search.end_us {
-        q.push(" AND a.at_us < ").push_bind(t);
+        q.push(format!(" AND {time} < ")).push_bind(t);
     }
     if let Some(terms) = &search.text {
-        if postgres {
-            q.push(" AND m.body_tsv @@ websearch_to_tsquery('simple', ")
-                .push_bind(websearch_query(terms))
-                .push(")");
-        } else {
-            q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
-                .push_bind(fts5_query(terms))
-                .push(")");
+        match plan {
+            Plan::Postgres => {
+                q.push(" AND m.body_tsv @@ websearch_to_tsquery('simple', ")
+                    .push_bind(websearch_query(terms))
+                    .push(")");
+            }
+            Plan::SqliteMatchesFirst => {
+                q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+                    .push_bind(fts5_query(terms))
+                    .push(")");
+            }
+            Plan::SqliteArchiveFirst | Plan::SqliteTimeFirst => {
+                q.push(" AND EXISTS (SELECT 1 FROM archive_fts f WHERE f.archive_fts MATCH ")
+                    .push_bind(fts5_query(terms))
+                    .push(" AND f.rowid = m.row_id)");
+            }
         }
     }
     if let Some(c) = after {
-        q.push(" AND (a.at_us > ")
+        q.push(format!(" AND ({time} > "))
             .push_bind(c.at_us)
-            .push(" OR (a.at_us = ")
+            .push(format!(" OR ({time} = "))
             .push_bind(c.at_us)
             .push(" AND (a.archive_id > ")
             .push_bind(c.archive_id.clone())
@@ -579,8 +625,33 @@ fn build<DB: sqlx::Database>(
             .push_bind(c.owner)
             .push("))))");
     }
-    q.push(" ORDER BY a.at_us, a.archive_id, a.owner LIMIT ")
+    q.push(format!(" ORDER BY {time}, a.archive_id, a.owner LIMIT "))
         .push_bind(limit);
+}
+
+/// SQLite: how to run a search (see [`Plan`]).
+async fn sqlite_plan(pool: &sqlx::SqlitePool, search: &Search) -> Result<Plan, sqlx::Error> {
+    let Some(terms) = &search.text else {
+        return Ok(Plan::SqliteArchiveFirst);
+    };
+    let one_owner = search.participant.is_some()
+        || search.room.is_some()
+        || matches!(search.selection, Selection::Conversation { .. });
+    if one_owner {
+        return Ok(Plan::SqliteArchiveFirst);
+    }
+    let matches: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT rowid FROM archive_fts WHERE archive_fts MATCH $1 LIMIT $2)",
+    )
+    .bind(fts5_query(terms))
+    .bind(COMMON_TERM_MATCHES)
+    .fetch_one(pool)
+    .await?;
+    Ok(if matches < COMMON_TERM_MATCHES {
+        Plan::SqliteMatchesFirst
+    } else {
+        Plan::SqliteTimeFirst
+    })
 }
 
 macro_rules! message {
@@ -626,15 +697,16 @@ pub async fn page(
     let fetch = limit + 1;
     match db {
         Database::Sqlite { read, .. } => {
+            let plan = sqlite_plan(read, search).await?;
             let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
-            build(&mut q, search, false, after, fetch);
+            build(&mut q, search, plan, after, fetch);
             for row in q.build().fetch_all(read).await? {
                 out.push(message!(row));
             }
         }
         Database::Postgres(pool) => {
             let mut q = QueryBuilder::<sqlx::Postgres>::new(MESSAGE_COLUMNS);
-            build(&mut q, search, true, after, fetch);
+            build(&mut q, search, Plan::Postgres, after, fetch);
             for row in q.build().fetch_all(pool).await? {
                 out.push(message!(row));
             }

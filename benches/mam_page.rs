@@ -3,9 +3,11 @@
 //! the count) against a filled archive, on SQLite and PostgreSQL.
 //!
 //! The dataset: `BENCH_MESSAGES` one-to-one messages (default 1,000,000)
-//! among `BENCH_USERS` users (default 2,000), 1 ms apart, each archived on
-//! both sides (two archive rows per message, as the archive projection
-//! writes them), written through the projection's own batch insert. Then,
+//! among `BENCH_USERS` users (default 2,000; each writes to 20 regular
+//! peers), 1 ms apart, each archived on both sides (two archive rows per
+//! message, as the archive projection writes them), written through the
+//! projection's own batch insert, then `VACUUM ANALYZE` (PostgreSQL) or
+//! `ANALYZE` (SQLite). Then,
 //! per query shape, `BENCH_QUERIES` (default 2,000) queries of random
 //! users, one at a time, each timed:
 //! * `first page`: the oldest 50;
@@ -34,6 +36,8 @@ const T0: i64 = 1_767_605_400_000_000;
 /// Messages per insert transaction.
 const BATCH: usize = 5_000;
 const PAGE: u32 = 50;
+/// Peers each user writes to.
+const PEERS: usize = 20;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -50,15 +54,13 @@ fn aid(i: usize) -> String {
     format!("0196a5d2-7c3e-7000-8000-{i:012x}")
 }
 
-/// Message `i`: from user `i % users` to user `(i * 7 + 13) % users`
-/// (never the sender).
+/// Message `i`: from user `i % users`, whose `k`-th message it is, to one
+/// of the sender's 20 regular peers (never the sender itself).
 fn parties(i: usize, users: usize) -> (usize, usize) {
     let from = i % users;
-    let mut to = (i * 7 + 13) % users;
-    if to == from {
-        to = (to + 1) % users;
-    }
-    (from, to)
+    let k = i / users;
+    let to = (from + 1 + (k % PEERS) * 97) % users;
+    (from, if to == from { (to + 1) % users } else { to })
 }
 
 fn rows(i: usize, users: usize) -> [ArchiveRow; 2] {
@@ -140,8 +142,21 @@ async fn fill(db: &Database, messages: usize, users: usize) -> Duration {
             .expect("insert");
         i = end;
     }
-    if let Database::Postgres(pool) = db {
-        sqlx::query("ANALYZE").execute(pool).await.expect("analyze");
+    // Statistics and the visibility map as a running deployment's
+    // autovacuum keeps them.
+    match db {
+        Database::Postgres(pool) => {
+            sqlx::query("VACUUM ANALYZE")
+                .execute(pool)
+                .await
+                .expect("vacuum");
+        }
+        Database::Sqlite { write, .. } => {
+            sqlx::query("ANALYZE")
+                .execute(write)
+                .await
+                .expect("analyze");
+        }
     }
     started.elapsed()
 }

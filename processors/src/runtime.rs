@@ -19,7 +19,7 @@
 //! offline store and its limits live there. A gateway that cannot hand a
 //! delivery to its session returns it the same way.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,6 +207,9 @@ pub async fn run(
                             router.release_all_offline();
                         }
                     }
+                    // The table is not committed (read from the start by a
+                    // group of its own); what did not go out here goes out
+                    // at the user's next available presence.
                     router.flush().await;
                 }
             }
@@ -214,10 +217,31 @@ pub async fn run(
                 match polled? {
                     Polled::Records(records) => {
                         router.on_messages(&records);
-                        router.flush().await;
-                        // Outputs are durable; now the inputs may be skipped.
-                        if let Err(e) = messages.commit(&positions_after(&records)).await {
-                            tracing::warn!(error = %e, "router commit failed; records will repeat");
+                        if router.flush().await {
+                            // Outputs are durable; now the inputs may be skipped.
+                            if let Err(e) = messages.commit(&positions_after(&records)).await {
+                                tracing::warn!(error = %e, "router commit failed; records will repeat");
+                            }
+                        } else {
+                            // Some output was not stored: read the batch
+                            // again (what was stored suppresses its repeat).
+                            let mut first: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+                            for r in &records {
+                                first.entry(r.topic_partition()).or_insert(r.offset);
+                            }
+                            for (tp, offset) in &first {
+                                if let Err(e) = messages.seek(tp, *offset).await {
+                                    tracing::error!(error = %e, "router cannot read a batch again");
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            // The memory of what was routed is the log's.
+                            let owned: Vec<TopicPartition> = router
+                                .owned
+                                .iter()
+                                .map(|p| TopicPartition::new(&router.messages_topic, *p))
+                                .collect();
+                            router.on_assigned(&owned).await?;
                         }
                     }
                     Polled::Assigned(tps) => router.on_assigned(&tps).await?,
@@ -745,16 +769,18 @@ impl Router {
     }
 
     /// Produces everything queued, concurrently, in two waves: the
-    /// deliveries first, then the events that record outcomes. A crash
+    /// deliveries first, then (only if they were all stored) the events that
+    /// record outcomes. Returns whether everything was stored. A crash
     /// between the two leaves deliveries without their `message.delivered`
     /// (the message is routed again and the gateway drops the repeat), never
     /// a recorded outcome without its delivery, which duplicate suppression
     /// would then keep from ever being sent. The bus keeps the order of
     /// records with the same key because they are enqueued in order.
-    async fn flush(&mut self) {
+    async fn flush(&mut self) -> bool {
         if self.outbox.is_empty() {
-            return;
+            return true;
         }
+        let mut stored = true;
         let bus = &self.bus;
         let topics = [
             &self.messages_topic,
@@ -763,6 +789,11 @@ impl Router {
             &self.presence_topic,
         ];
         for deliveries in [true, false] {
+            if !stored {
+                // A delivery is missing: no outcome is recorded, the batch
+                // is routed again (the gateway drops the repeats).
+                break;
+            }
             let wave = self
                 .outbox
                 .iter()
@@ -780,10 +811,12 @@ impl Router {
             for result in results {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "router output not stored");
+                    stored = false;
                 }
             }
         }
         self.outbox.clear();
+        stored
     }
 
     /// Queues an event on the `messages` topic.

@@ -564,6 +564,26 @@ async fn replay_rebuilds_equal_rows(f: &dyn DbFixture) {
         !run_cli(f, &["replay", "nonsense"]).await.0,
         "an unknown projection is refused"
     );
+
+    // A record that is not on the bus (an audit record of the compliance
+    // API) cannot be rebuilt: the rebuild is refused and nothing is lost.
+    let audit = "INSERT INTO compliance_log (seq, event_id, event_type, subject, at_us, topic, \
+                 part, offs, record, prev_hash, hash) SELECT MAX(seq) + 1, 'audit-1', \
+                 'compliance.query', 'officer', 1, 'api', -1, -1, '{}', '', '' FROM compliance_log";
+    match &db {
+        Database::Sqlite { write, .. } => {
+            sqlx::query(audit).execute(write).await.unwrap();
+        }
+        Database::Postgres(pool) => {
+            sqlx::query(audit).execute(pool).await.unwrap();
+        }
+    }
+    let (ok, out) = run_cli(f, &["replay", "compliance"]).await;
+    assert!(!ok, "a rebuild losing audit records must be refused: {out}");
+    assert_eq!(
+        db.snapshot(ProjectionKind::Compliance).await.unwrap().len(),
+        before[&ProjectionKind::Compliance].len() + 1
+    );
 }
 
 /// Editing or deleting a compliance record is detected by `switchboard

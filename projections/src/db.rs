@@ -235,8 +235,26 @@ impl Database {
     }
 
     /// Empties a projection and forgets its positions, in one transaction,
-    /// so that its runner rebuilds it from the start of the log.
+    /// so that its runner rebuilds it from the start of the log. The
+    /// compliance log is refused while it holds records that are not on the
+    /// bus (the compliance API's audit records), which a rebuild would lose.
     pub async fn reset(&self, kind: ProjectionKind, group: &str) -> Result<(), ProjectionError> {
+        if kind == ProjectionKind::Compliance {
+            let audits = match self {
+                Database::Sqlite { write, .. } => {
+                    sqlite::count_topic(write, crate::compliance::AUDIT_TOPIC).await?
+                }
+                Database::Postgres(pool) => {
+                    postgres::count_topic(pool, crate::compliance::AUDIT_TOPIC).await?
+                }
+            };
+            if audits > 0 {
+                return Err(ProjectionError::Refused(format!(
+                    "the compliance log holds {audits} audit records of the compliance API that \
+                     are not on the bus; a rebuild would lose them"
+                )));
+            }
+        }
         match self {
             Database::Sqlite { write, .. } => sqlite::reset(write, kind, group).await,
             Database::Postgres(pool) => postgres::reset(pool, kind, group).await,
@@ -589,6 +607,16 @@ macro_rules! backend {
                     .await?;
                 tx.commit().await?;
                 Ok(())
+            }
+
+            pub(super) async fn count_topic(
+                pool: &Pool<Db>,
+                topic: &str,
+            ) -> Result<i64, ProjectionError> {
+                Ok(sqlx::query_scalar(sql::COMPLIANCE_COUNT_TOPIC)
+                    .bind(topic)
+                    .fetch_one(pool)
+                    .await?)
             }
 
             pub(super) async fn snapshot(

@@ -47,6 +47,12 @@ pub enum ProjectionError {
     /// An unknown projection name.
     #[error("unknown projection {0:?} (known: rosters, sessions, archive, files, compliance)")]
     UnknownProjection(String),
+    /// A projection task ended abnormally.
+    #[error("projection task failed: {0}")]
+    Task(String),
+    /// An operation would lose data and was not done.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The database url is not usable.
     #[error("invalid database url: {0}")]
     Url(String),

@@ -279,12 +279,12 @@ pub async fn catch_up(
         if done {
             let _ = stop_tx.send(true);
             task.await
-                .map_err(|e| ProjectionError::Url(format!("projection task failed: {e}")))??;
+                .map_err(|e| ProjectionError::Task(e.to_string()))??;
             return Ok(CaughtUp { positions });
         }
         tokio::select! {
             finished = &mut task => {
-                finished.map_err(|e| ProjectionError::Url(format!("projection task failed: {e}")))??;
+                finished.map_err(|e| ProjectionError::Task(e.to_string()))??;
                 return Err(ProjectionError::Bus(switchboard_infra::bus::BusError::Closed));
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}

@@ -142,6 +142,10 @@ pub const COMPLIANCE_HEAD_POSTGRES: &str =
 /// Moves the chain head.
 pub const COMPLIANCE_SET_HEAD: &str = "UPDATE compliance_head SET seq = $1, hash = $2 WHERE id = 1";
 
+/// Compliance records that were not read from the bus (a rebuild cannot
+/// restore them).
+pub const COMPLIANCE_COUNT_TOPIC: &str = "SELECT COUNT(*) FROM compliance_log WHERE topic = $1";
+
 /// One page of the chain, in order.
 pub const COMPLIANCE_PAGE: &str = "SELECT seq, event_id, event_type, subject, at_us, topic, part, \
      offs, record, prev_hash, hash FROM compliance_log WHERE seq > $1 ORDER BY seq LIMIT $2";

@@ -490,6 +490,16 @@ pub struct Search {
     pub text: Option<Vec<String>>,
 }
 
+impl Search {
+    /// Whether the rows come from one owner's archive (participant, room or
+    /// conversation).
+    fn one_owner(&self) -> bool {
+        self.participant.is_some()
+            || self.room.is_some()
+            || matches!(self.selection, Selection::Conversation { .. })
+    }
+}
+
 /// FTS5 query text: each term or phrase quoted, all required.
 pub(crate) fn fts5_query(terms: &[String]) -> String {
     terms
@@ -531,8 +541,14 @@ const COMMON_TERM_MATCHES: i64 = 2000;
 /// yields, so the API chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
-    /// PostgreSQL: `body_tsv @@ websearch_to_tsquery(…)`.
-    Postgres,
+    /// PostgreSQL: `body_tsv @@ websearch_to_tsquery(…)`. With a term and
+    /// no owner, ordered on the message's time, so the planner can walk the
+    /// messages' time index when the term is common (its statistics tell)
+    /// and use the GIN index when it is rare.
+    Postgres {
+        /// Order on `m.at_us` rather than `a.at_us`.
+        message_time: bool,
+    },
     /// SQLite without full text, or restricted to one owner's archive: the
     /// archive index drives, each message is checked against the FTS index
     /// by rowid (a seek in the term's doclist).
@@ -558,10 +574,10 @@ fn build<DB: sqlx::Database>(
 {
     // The time of an archive row is its message's time; order on the side
     // that drives.
-    let (from, time) = if plan == Plan::SqliteTimeFirst {
-        (FROM_MESSAGES_BY_TIME, "m.at_us")
-    } else {
-        (FROM_ARCHIVE, "a.at_us")
+    let (from, time) = match plan {
+        Plan::SqliteTimeFirst => (FROM_MESSAGES_BY_TIME, "m.at_us"),
+        Plan::Postgres { message_time: true } => (FROM_ARCHIVE, "m.at_us"),
+        _ => (FROM_ARCHIVE, "a.at_us"),
     };
     q.push(from);
     if let Selection::Conversation { a, b } = &search.selection {
@@ -595,7 +611,7 @@ fn build<DB: sqlx::Database>(
     }
     if let Some(terms) = &search.text {
         match plan {
-            Plan::Postgres => {
+            Plan::Postgres { .. } => {
                 q.push(" AND m.body_tsv @@ websearch_to_tsquery('simple', ")
                     .push_bind(websearch_query(terms))
                     .push(")");
@@ -634,10 +650,7 @@ async fn sqlite_plan(pool: &sqlx::SqlitePool, search: &Search) -> Result<Plan, s
     let Some(terms) = &search.text else {
         return Ok(Plan::SqliteArchiveFirst);
     };
-    let one_owner = search.participant.is_some()
-        || search.room.is_some()
-        || matches!(search.selection, Selection::Conversation { .. });
-    if one_owner {
+    if search.one_owner() {
         return Ok(Plan::SqliteArchiveFirst);
     }
     let matches: i64 = sqlx::query_scalar(
@@ -706,7 +719,10 @@ pub async fn page(
         }
         Database::Postgres(pool) => {
             let mut q = QueryBuilder::<sqlx::Postgres>::new(MESSAGE_COLUMNS);
-            build(&mut q, search, Plan::Postgres, after, fetch);
+            let plan = Plan::Postgres {
+                message_time: search.text.is_some() && !search.one_owner(),
+            };
+            build(&mut q, search, plan, after, fetch);
             for row in q.build().fetch_all(pool).await? {
                 out.push(message!(row));
             }

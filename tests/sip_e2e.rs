@@ -377,6 +377,17 @@ fn suite(d: &SipDeployment) {
             &[&alice[..], &["-key", "presentity", "bob", "-m", "1"]].concat(),
         ),
     );
+    check(
+        "c. subscribe over tcp (NOTIFYs on the client's connection)",
+        sipp(
+            "subscribe.xml",
+            &[
+                &alice[..],
+                &["-key", "presentity", "bob", "-m", "1", "-t", "t1"],
+            ]
+            .concat(),
+        ),
+    );
     // c. a change of bob's presence reaches alice's subscription through
     // the presence composer (presence.device → presence_state → NOTIFY).
     let sip = d.sip;

@@ -1927,6 +1927,24 @@ impl RecentDeliveries {
     }
 }
 
+#[test]
+fn recent_deliveries_drop_repeats_per_session_within_a_bound() {
+    let mut recent = RecentDeliveries::default();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    assert!(recent.first_time(a, "m1", "<message id='m1'/>"));
+    assert!(!recent.first_time(a, "m1", "<message id='m1'/>"));
+    // Another session, or another stanza (an error, a delayed copy).
+    assert!(recent.first_time(b, "m1", "<message id='m1'/>"));
+    assert!(recent.first_time(a, "m1", "<message id='m1'><delay/></message>"));
+    for i in 0..RecentDeliveries::MAX {
+        recent.first_time(b, &format!("x{i}"), "s");
+    }
+    assert_eq!(recent.order.len(), RecentDeliveries::MAX);
+    assert_eq!(recent.set.len(), RecentDeliveries::MAX);
+    // The oldest were forgotten.
+    assert!(recent.first_time(a, "m1", "<message id='m1'/>"));
+}
+
 /// What a roster set asks for.
 type RosterItemRequest = (BareJid, Option<String>, Vec<String>, bool);
 

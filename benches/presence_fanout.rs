@@ -1,9 +1,10 @@
-//! Presence fan-out (issue 4 Performance) on the embedded log, in one
+//! Presence fan-out (issue 4 Performance) on the embedded log or Kafka, in one
 //! process: the presence composer (`switchboard_processors::presence`) and
 //! the roster processor (`roster_runtime`, which sends composed presence to
 //! every authorized watcher's sessions).
 //!
-//! `cargo bench --bench presence_fanout`. Set-up: `BENCH_USERS` (1,000)
+//! `cargo bench --bench presence_fanout` (`BENCH_BACKEND=kafka` for
+//! Kafka). Set-up: `BENCH_USERS` (1,000)
 //! users, each with `BENCH_CONTACTS` (200) contacts in mutual subscription
 //! (user *i* and users *i±1..i±100*), every user online with one available
 //! session. Then, with the throttle at its default (1 s; every change is on
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use switchboard_infra::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+use switchboard_infra::bus::kafka::{KafkaBus, KafkaConfig};
 use switchboard_infra::bus::{Bus, ConsumerConfig, Polled, StartFrom, TopicConfig};
 use switchboard_processors::presence::{self, PresenceConfig};
 use switchboard_processors::roster_runtime::{self, RosterConfig};
@@ -35,7 +37,24 @@ use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
 use tokio::sync::watch;
 
-const PREFIX: &str = "bench";
+/// The topic prefix: `bench` on the embedded log, a fresh one per run on
+/// Kafka (the broker keeps earlier runs' topics).
+fn prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        if kafka() {
+            format!("bench-presence-{}", uuid::Uuid::now_v7().simple())
+        } else {
+            "bench".to_owned()
+        }
+    })
+}
+
+/// `BENCH_BACKEND=kafka` runs on the broker of `infra/scripts/kafka.sh`
+/// (or `SWITCHBOARD_TEST_KAFKA`).
+fn kafka() -> bool {
+    std::env::var("BENCH_BACKEND").is_ok_and(|b| b == "kafka")
+}
 
 fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -51,7 +70,7 @@ fn user(i: usize) -> String {
 async fn produce_all(bus: &Arc<dyn Bus>, events: &[Envelope]) {
     for chunk in events.chunks(4096) {
         let futures = chunk.iter().map(|e| {
-            let topic = full_name(PREFIX, e.topic().expect("catalogued"));
+            let topic = full_name(prefix(), e.topic().expect("catalogued"));
             let bytes = e.to_json_vec().expect("encode");
             let bus = bus.clone();
             async move {
@@ -215,12 +234,19 @@ async fn bench() {
     let compose_rate = env_num("BENCH_COMPOSE_RATE", 2_000).max(1);
     let secs = env_num("BENCH_SECS", 5).max(1);
     let dir = tempfile::tempdir().expect("tempdir");
-    let bus: Arc<dyn Bus> = Arc::new(
-        EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("bus.sqlite")))
-            .await
-            .expect("embedded log"),
-    );
-    bus.create_topics(&TopicConfig::catalogue(PREFIX))
+    let bus: Arc<dyn Bus> = if kafka() {
+        let bootstrap =
+            std::env::var("SWITCHBOARD_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
+        Arc::new(KafkaBus::connect(KafkaConfig::new(bootstrap)).expect("kafka"))
+    } else {
+        Arc::new(
+            EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("bus.sqlite")))
+                .await
+                .expect("embedded log"),
+        )
+    };
+    println!("backend: {}", bus.backend());
+    bus.create_topics(&TopicConfig::catalogue(prefix()))
         .await
         .expect("topics");
 
@@ -263,7 +289,7 @@ async fn bench() {
     let mut deliveries = bus
         .consumer(ConsumerConfig {
             start: StartFrom::Latest,
-            ..ConsumerConfig::new("bench-gateway", &[&full_name(PREFIX, Topic::Deliveries)])
+            ..ConsumerConfig::new("bench-gateway", &[&full_name(prefix(), Topic::Deliveries)])
         })
         .await
         .expect("deliveries consumer");
@@ -271,7 +297,7 @@ async fn bench() {
     let (stop_composer, composer_rx) = watch::channel(false);
     let composer = tokio::spawn(presence::run(
         bus.clone(),
-        PresenceConfig::new(PREFIX, NodeId::new("node1")),
+        PresenceConfig::new(prefix(), NodeId::new("node1")),
         settings_rx.clone(),
         composer_rx,
     ));
@@ -279,7 +305,7 @@ async fn bench() {
     let roster = tokio::spawn(roster_runtime::run(
         bus.clone(),
         RosterConfig {
-            prefix: PREFIX.to_owned(),
+            prefix: prefix().to_owned(),
             node: NodeId::new("node1"),
         },
         settings::policy_limits(settings_rx.clone()),
@@ -393,8 +419,8 @@ async fn bench() {
         .consumer(ConsumerConfig {
             start: StartFrom::Latest,
             ..ConsumerConfig::new(
-                "bench-composed",
-                &[&full_name(PREFIX, Topic::PresenceState)],
+                format!("{}-composed", prefix()),
+                &[&full_name(prefix(), Topic::PresenceState)],
             )
         })
         .await

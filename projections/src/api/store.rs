@@ -534,7 +534,11 @@ const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_
 
 /// A full-text term with at least this many matching messages is searched
 /// in time order (SQLite).
-const COMMON_TERM_MATCHES: i64 = 2000;
+const COMMON_TERM_MATCHES: i64 = 2_000;
+/// With at least this many, each message is checked on its own rather than
+/// against the list of all matches (which would cost more to build than the
+/// few messages read before the page is full).
+const VERY_COMMON_TERM_MATCHES: i64 = 50_000;
 
 /// How a query runs. PostgreSQL's planner chooses from the GIN and btree
 /// statistics itself; SQLite knows nothing of how many rows an FTS5 match
@@ -555,9 +559,13 @@ enum Plan {
     SqliteArchiveFirst,
     /// SQLite, no owner, a rare term: the term's matches drive.
     SqliteMatchesFirst,
-    /// SQLite, no owner, a common term: messages in time order drive, each
-    /// checked against the FTS index, until the page is full.
-    SqliteTimeFirst,
+    /// SQLite, no owner, a common term: messages in time order drive until
+    /// the page is full, each checked against the list of matches, or (very
+    /// common terms) against the FTS index by rowid.
+    SqliteTimeFirst {
+        /// Check each message by rowid instead of building the list.
+        per_row: bool,
+    },
 }
 
 fn build<DB: sqlx::Database>(
@@ -575,7 +583,7 @@ fn build<DB: sqlx::Database>(
     // The time of an archive row is its message's time; order on the side
     // that drives.
     let (from, time) = match plan {
-        Plan::SqliteTimeFirst => (FROM_MESSAGES_BY_TIME, "m.at_us"),
+        Plan::SqliteTimeFirst { .. } => (FROM_MESSAGES_BY_TIME, "m.at_us"),
         Plan::Postgres { message_time: true } => (FROM_ARCHIVE, "m.at_us"),
         _ => (FROM_ARCHIVE, "a.at_us"),
     };
@@ -616,12 +624,12 @@ fn build<DB: sqlx::Database>(
                     .push_bind(websearch_query(terms))
                     .push(")");
             }
-            Plan::SqliteMatchesFirst => {
+            Plan::SqliteMatchesFirst | Plan::SqliteTimeFirst { per_row: false } => {
                 q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
                     .push_bind(fts5_query(terms))
                     .push(")");
             }
-            Plan::SqliteArchiveFirst | Plan::SqliteTimeFirst => {
+            Plan::SqliteArchiveFirst | Plan::SqliteTimeFirst { per_row: true } => {
                 q.push(" AND EXISTS (SELECT 1 FROM archive_fts f WHERE f.archive_fts MATCH ")
                     .push_bind(fts5_query(terms))
                     .push(" AND f.rowid = m.row_id)");
@@ -657,13 +665,15 @@ async fn sqlite_plan(pool: &sqlx::SqlitePool, search: &Search) -> Result<Plan, s
         "SELECT COUNT(*) FROM (SELECT rowid FROM archive_fts WHERE archive_fts MATCH $1 LIMIT $2)",
     )
     .bind(fts5_query(terms))
-    .bind(COMMON_TERM_MATCHES)
+    .bind(VERY_COMMON_TERM_MATCHES)
     .fetch_one(pool)
     .await?;
     Ok(if matches < COMMON_TERM_MATCHES {
         Plan::SqliteMatchesFirst
     } else {
-        Plan::SqliteTimeFirst
+        Plan::SqliteTimeFirst {
+            per_row: matches >= VERY_COMMON_TERM_MATCHES,
+        }
     })
 }
 

@@ -5,9 +5,13 @@
 //! The XML parsing ([`super::stream`]) and SASL ([`crate::sasl`]) are sans-IO;
 //! this module owns the sockets and turns what clients do into events.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use base64::Engine;
@@ -28,7 +32,7 @@ use uuid::Uuid;
 use super::csi::QuietQueue;
 use super::jid::{BareJid, FullJid};
 use super::stream::{Element, Limits, StreamError, StreamEvent, StreamParser, stream_error_xml};
-use crate::emit::EventSink;
+use crate::emit::{EmitError, EventSink};
 use crate::ratelimit::LoginLimiter;
 use crate::sasl::plain::PlainRequest;
 use crate::sasl::scram::{ChannelBindingData, ScramAwaitingFinal, ScramServer};
@@ -61,6 +65,55 @@ const MAX_ROSTER_TEXT: usize = 1024;
 const SERVER_QUERIES: [&str; 4] = [NS_DISCO_INFO, NS_DISCO_ITEMS, NS_VERSION, NS_LAST];
 /// How long a client may take to negotiate before its connection is closed.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most messages of one connection stored together (see [`Conn::settle`]).
+const MAX_PIPELINED_MESSAGES: usize = 64;
+/// Bytes taken from the transport per read (the scratch buffer's size).
+const READ_CHUNK: usize = 16 * 1024;
+/// Output buffer capacity kept between writes; a larger one (after a burst)
+/// is freed, so that an idle session holds none.
+const OUT_KEEP: usize = 1024;
+
+thread_local! {
+    /// One read buffer per worker thread, shared by the connections it runs:
+    /// a read copies what the transport has straight into the connection's
+    /// parser, so an idle session holds no read buffer of its own.
+    static READ_SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Reads what `io` has into `parser` through [`READ_SCRATCH`]; resolves to
+/// the byte count (0 at end of stream). Waiting holds no buffer: the scratch
+/// buffer is only borrowed inside a poll.
+fn read_into<'a, S: AsyncRead + Unpin>(
+    io: &'a mut S,
+    parser: &'a mut StreamParser,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        READ_SCRATCH.with_borrow_mut(|scratch| {
+            let mut read = tokio::io::ReadBuf::new(scratch);
+            match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    parser.feed(read.filled());
+                    Poll::Ready(Ok(read.filled().len()))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+    })
+}
+
+/// The store of one message (a produce, not `Sync`).
+type Store = Pin<Box<dyn Future<Output = Result<(), EmitError>> + Send>>;
+
+/// A message being stored (`message.submitted`), with its stanza for the
+/// error reply should the store fail.
+struct PendingMessage {
+    stanza: Element,
+    /// Only reached through `get_mut` (never locked): the mutex makes the
+    /// connection `Sync`, which its `&self` methods held across awaits need.
+    store: Mutex<Store>,
+    stored: Option<Result<(), EmitError>>,
+}
 
 /// Everything the listeners share.
 pub struct C2sContext {
@@ -298,6 +351,8 @@ struct Conn {
     ping_sent: Option<tokio::time::Instant>,
     /// XEP-0352 quiet mode.
     quiet: QuietQueue,
+    /// Messages parsed but not yet stored, in stream order.
+    pending: Vec<PendingMessage>,
 }
 
 /// What the connection's timer is for.
@@ -342,6 +397,7 @@ impl Conn {
             last_activity: tokio::time::Instant::now(),
             ping_sent: None,
             quiet: QuietQueue::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -357,8 +413,8 @@ impl Conn {
         &mut self,
         io: &mut S,
     ) -> std::io::Result<Next> {
-        let mut buf = vec![0u8; 16 * 1024];
-        let result = self.drive(io, &mut buf).await;
+        let result = self.drive(io).await;
+        self.settle().await;
         if let Some(bound) = self.bound.take() {
             self.ctx.sessions.unbind(
                 &bound.jid.bare().to_string(),
@@ -392,7 +448,6 @@ impl Conn {
     async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         io: &mut S,
-        buf: &mut [u8],
     ) -> std::io::Result<(Next, SessionEndReason)> {
         let negotiation_deadline = tokio::time::Instant::now() + NEGOTIATION_TIMEOUT;
         loop {
@@ -401,6 +456,7 @@ impl Conn {
                     Ok(Some(event)) => self.handle(event).await,
                     Ok(None) => break,
                     Err(e) => {
+                        self.settle().await;
                         self.stream_error(&e);
                         Step::Close(SessionEndReason::Other("stream_error".to_owned()))
                     }
@@ -412,14 +468,19 @@ impl Conn {
                         return Ok((Next::StartTls, SessionEndReason::Logout));
                     }
                     Step::Close(reason) => {
+                        self.settle().await;
                         self.out.push_str("</stream:stream>");
                         self.flush(io).await?;
                         let _ = io.shutdown().await;
-                        drain(io, buf).await;
+                        drain(io).await;
                         return Ok((Next::Closed, reason));
                     }
                 }
             }
+            // Everything parsed from this read is handled: its messages are
+            // stored together, then the replies go out in one write.
+            self.settle().await;
+            self.parser.release_idle();
             self.flush(io).await?;
             let negotiating = self.bound.is_none();
             let mut kicked_rx = self.bound.as_ref().map(|b| b.kicked.clone());
@@ -448,7 +509,7 @@ impl Conn {
                 }
             };
             let n = tokio::select! {
-                read = io.read(buf) => read?,
+                read = read_into(io, &mut self.parser) => read?,
                 Some(stanza) = delivery => {
                     if let Some(b) = self.bound.as_mut() {
                         b.deliveries = deliveries;
@@ -495,7 +556,6 @@ impl Conn {
             // Any traffic shows the peer is alive.
             self.last_activity = tokio::time::Instant::now();
             self.ping_sent = None;
-            self.parser.feed(&buf[..n]);
         }
     }
 
@@ -503,9 +563,47 @@ impl Conn {
         if !self.out.is_empty() {
             io.write_all(self.out.as_bytes()).await?;
             io.flush().await?;
-            self.out.clear();
+            if self.out.capacity() > OUT_KEEP {
+                self.out = String::new();
+            } else {
+                self.out.clear();
+            }
         }
         Ok(())
+    }
+
+    /// Waits until the pending messages are stored and answers those that
+    /// could not be with an error (RFC 6120 §8.3). Their produces start in
+    /// stream order (the first poll enqueues each, in order) and are stored
+    /// together (one group commit on the embedded log); RFC 6120 §10.1's
+    /// in-order processing holds because every other stanza settles the
+    /// messages before it first.
+    async fn settle(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        std::future::poll_fn(|cx| {
+            let mut done = true;
+            for p in pending.iter_mut().filter(|p| p.stored.is_none()) {
+                let store = p
+                    .store
+                    .get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match store.as_mut().poll(cx) {
+                    Poll::Ready(stored) => p.stored = Some(stored),
+                    Poll::Pending => done = false,
+                }
+            }
+            if done { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
+        for p in pending {
+            if let Some(Err(err)) = p.stored {
+                tracing::error!(error = %err, "message not stored");
+                self.stanza_error(&p.stanza, "wait", "internal-server-error");
+            }
+        }
     }
 
     /// RFC 6120 §4.9.1.1: an error before the header still opens a stream.
@@ -543,6 +641,9 @@ impl Conn {
     }
 
     async fn handle(&mut self, event: StreamEvent) -> Step {
+        if !matches!(&event, StreamEvent::Stanza(e) if e.name == "message") {
+            self.settle().await;
+        }
         match event {
             StreamEvent::Header(header) => {
                 let to = header.to.as_deref().map(str::to_ascii_lowercase);
@@ -1642,21 +1743,28 @@ impl Conn {
     }
 
     /// RFC 6121 §5: a message becomes `message.submitted`; delivery is the
-    /// router's. It is accepted only once durably stored.
+    /// router's. It is accepted only once durably stored: the store is
+    /// queued here and awaited by [`Conn::settle`] before anything else of
+    /// the stream is handled or answered.
     async fn message(&mut self, mut e: Element) -> Step {
-        let Some(bound) = &self.bound else {
+        if self.bound.is_none() {
             return Step::Continue;
-        };
+        }
         let Some(to) = e.attr("to").map(str::to_owned) else {
+            self.settle().await;
             self.stanza_error(&e, "modify", "bad-request");
             return Step::Continue;
         };
         let to = match super::jid::Jid::parse(&to) {
             Ok(j) => j.to_string(),
             Err(_) => {
+                self.settle().await;
                 self.stanza_error(&e, "modify", "jid-malformed");
                 return Step::Continue;
             }
+        };
+        let Some(bound) = &self.bound else {
+            return Step::Continue;
         };
         let from = bound.jid.to_string();
         e.set_attr("from", from.clone());
@@ -1679,14 +1787,17 @@ impl Conn {
             subject: child_text("subject"),
             stanza: e.to_xml(),
         };
-        if let Err(err) = self
-            .ctx
-            .events
-            .emit(&bound.jid.bare().to_string(), event)
-            .await
-        {
-            tracing::error!(error = %err, "message not stored");
-            self.stanza_error(&e, "wait", "internal-server-error");
+        let ctx = self.ctx.clone();
+        let subject = bound.jid.bare().to_string();
+        self.pending.push(PendingMessage {
+            stanza: e,
+            store: Mutex::new(Box::pin(async move {
+                ctx.events.emit(&subject, event).await.map(drop)
+            })),
+            stored: None,
+        });
+        if self.pending.len() >= MAX_PIPELINED_MESSAGES {
+            self.settle().await;
         }
         Step::Continue
     }
@@ -1792,13 +1903,14 @@ impl Lookup {
 /// Reads and discards what the peer still sends after the server closed its
 /// side (RFC 6120 §4.4), for a moment: closing a socket with unread input
 /// resets the connection, and the peer may then lose the stream error.
-async fn drain<S: AsyncRead + Unpin>(io: &mut S, buf: &mut [u8]) {
+async fn drain<S: AsyncRead + Unpin>(io: &mut S) {
     const DRAIN_LIMIT: Duration = Duration::from_secs(2);
     const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+    let mut buf = vec![0u8; 4096];
     let _ = tokio::time::timeout(DRAIN_LIMIT, async {
         let mut total = 0;
         while total < DRAIN_BYTES {
-            match io.read(buf).await {
+            match io.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => total += n,
             }

@@ -1187,6 +1187,17 @@ impl StreamParser {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Frees the input buffer when everything fed was consumed, so that an
+    /// idle stream holds no buffer; the next [`StreamParser::feed`] allocates
+    /// what it needs.
+    pub fn release_idle(&mut self) {
+        if self.head == self.buf.len() {
+            self.buf = Vec::new();
+            self.head = 0;
+            self.pos = 0;
+        }
+    }
+
     /// Starts over for a stream restart (RFC 6120 §4.3.3): after TLS
     /// negotiation (§5.4.3.3) and SASL success (§6.4.6) the client sends a
     /// new stream header. Unconsumed bytes are discarded: the client must

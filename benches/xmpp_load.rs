@@ -9,6 +9,16 @@
 //! `XMPP_RATE` (messages/s of the latency phase, 2000), `XMPP_SECS` (10),
 //! `XMPP_BURST` (messages per pair in the saturation phase, 200),
 //! `SERVER_PID` (to read the server's RSS), `XMPP_LABEL` (row label).
+//!
+//! `XMPP_MODE` picks what runs:
+//! * `messages` (default): the logins, the fixed-rate phase and the burst.
+//! * `idle`: logs `XMPP_USERS` sessions in, waits `XMPP_IDLE_SETTLE_MS`
+//!   (2000), and prints the server's RSS growth per idle session (VmRSS
+//!   after − before, ÷ sessions) while they stay connected.
+//! * `provision`: creates users `XMPP_USER_PREFIX`0.. through a running
+//!   Switchboard's admin socket (`XMPP_ADMIN_SOCKET`), 64 requests in
+//!   flight, with SCRAM keys derived once (`XMPP_ITERATIONS`, 4096) and
+//!   shared by all of them: one process instead of one CLI call per user.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,7 +121,11 @@ impl Conn {
             }
             let mut chunk = [0u8; 8192];
             let n = self.tls.read(&mut chunk).await?;
-            anyhow::ensure!(n > 0, "server closed the connection");
+            anyhow::ensure!(
+                n > 0,
+                "server closed the connection after {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -185,6 +199,83 @@ async fn login(
     Ok(c)
 }
 
+/// Creates `users` accounts through the admin socket (one JSON request per
+/// connection, as `switchboard user add` sends it).
+async fn provision(users: usize, prefix: &str, domain: &str, password: &str) -> anyhow::Result<()> {
+    use switchboard_schemas::events::ScramMechanism;
+    let socket = env("XMPP_ADMIN_SOCKET", "data/admin.sock");
+    let iterations = u32::try_from(env_num("XMPP_ITERATIONS", 4096))?;
+    let credentials = [ScramMechanism::ScramSha256, ScramMechanism::ScramSha1]
+        .into_iter()
+        .map(|m| switchboard_gateway::sasl::scram::new_credentials(m, password, iterations))
+        .collect::<Result<Vec<_>, _>>()?;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..users)
+        .map(|i| {
+            let request = serde_json::json!({
+                "op": "user_add",
+                "user": format!("{prefix}{i}@{domain}"),
+                "display_name": null,
+                "credentials": credentials,
+                "by": "xmpp_load",
+            });
+            let socket = socket.clone();
+            async move {
+                let mut stream = tokio::net::UnixStream::connect(&socket).await?;
+                let mut line = serde_json::to_vec(&request)?;
+                line.push(b'\n');
+                stream.write_all(&line).await?;
+                let mut answer = String::new();
+                stream.read_to_string(&mut answer).await?;
+                let answer: serde_json::Value = serde_json::from_str(answer.trim())?;
+                anyhow::ensure!(answer["result"] == "done", "user {i}: {answer}");
+                Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err().map(|e| e.to_string()))
+        .collect();
+    eprintln!(
+        "provisioned {} of {users} users in {:.1} s",
+        users - failed.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(first) = failed.first() {
+        anyhow::bail!("{} users not provisioned, first: {first}", failed.len());
+    }
+    Ok(())
+}
+
+/// Logs `users` sessions in, 32 at a time.
+async fn login_all(
+    users: usize,
+    addr: &str,
+    domain: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    prefix: &str,
+    password: &str,
+) -> anyhow::Result<Vec<Conn>> {
+    futures::stream::iter(0..users)
+        .map(|i| {
+            let user = format!("{prefix}{i}");
+            let tls = tls.clone();
+            async move {
+                login(addr, domain, tls, &user, password)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{user}: {e}"))
+            }
+        })
+        .buffered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
 fn rss_kib(pid: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -248,6 +339,10 @@ async fn main() -> anyhow::Result<()> {
     let burst = env_num("XMPP_BURST", 200);
     let label = env("XMPP_LABEL", "server");
     let pid = std::env::var("SERVER_PID").ok();
+    let mode = env("XMPP_MODE", "messages");
+    if mode == "provision" {
+        return provision(users, &prefix, &domain, &password).await;
+    }
     let cert_path = env("XMPP_CERT", "data/tls/cert.pem");
     let cert = CertificateDer::from_pem_file(&cert_path)
         .map_err(|e| anyhow::anyhow!("{cert_path}: {e}"))?;
@@ -260,21 +355,34 @@ async fn main() -> anyhow::Result<()> {
             .with_no_client_auth(),
     );
 
+    if mode == "idle" {
+        let rss_before = pid.as_deref().and_then(rss_kib);
+        let started = Instant::now();
+        let conns = login_all(users, &addr, &domain, &tls, &prefix, &password).await?;
+        let login_secs = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(env_num("XMPP_IDLE_SETTLE_MS", 2000))).await;
+        let rss_after = pid.as_deref().and_then(rss_kib);
+        let (before, after, per_session) = match (rss_before, rss_after) {
+            (Some(b), Some(a)) => (
+                format!("{:.1}", b as f64 / 1024.0),
+                format!("{:.1}", a as f64 / 1024.0),
+                format!("{:.1}", a.saturating_sub(b) as f64 / users as f64),
+            ),
+            _ => ("n/a".to_owned(), "n/a".to_owned(), "n/a".to_owned()),
+        };
+        println!(
+            "| {label} | {} | {:.0} | {before} | {after} | {per_session} |",
+            conns.len(),
+            users as f64 / login_secs
+        );
+        return Ok(());
+    }
+
     // Logins.
     let rss_before = pid.as_deref().and_then(rss_kib);
     let started = Instant::now();
-    let conns: Vec<anyhow::Result<Conn>> = futures::stream::iter(0..users)
-        .map(|i| {
-            let (addr, domain, tls, password) =
-                (addr.clone(), domain.clone(), tls.clone(), password.clone());
-            let user = format!("{prefix}{i}");
-            async move { login(&addr, &domain, tls, &user, &password).await }
-        })
-        .buffered(32)
-        .collect()
-        .await;
+    let conns = login_all(users, &addr, &domain, &tls, &prefix, &password).await?;
     let login_secs = started.elapsed().as_secs_f64();
-    let conns: Vec<Conn> = conns.into_iter().collect::<anyhow::Result<_>>()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = pid.as_deref().and_then(rss_kib);
     let logins_per_sec = users as f64 / login_secs;

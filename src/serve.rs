@@ -139,9 +139,21 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     .context("loading the user directory")?;
     // Live settings (`switchboard config set`): every component reads them
     // from this handle, so a change takes effect without a restart.
-    let live_settings = switchboard_processors::settings::follow(
+    // The `[messaging]` values of the file are where they start; a
+    // `setting.changed` for the same key replaces them.
+    let from_file = switchboard_processors::settings::LiveSettings {
+        offline_enabled: config.messaging.offline_enabled,
+        offline_max_per_user: u32::try_from(config.messaging.offline_max_per_user)
+            .unwrap_or(u32::MAX),
+        offline_max_per_node: u32::try_from(config.messaging.offline_max_per_node)
+            .unwrap_or(u32::MAX),
+        forking_stickiness_secs: config.messaging.sticky_timeout_secs,
+        ..Default::default()
+    };
+    let live_settings = switchboard_processors::settings::follow_from(
         bus.clone(),
         &config.bus.topic_prefix,
+        from_file,
         Duration::from_secs(60),
         shutdown_rx.clone(),
     )
@@ -254,6 +266,8 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 offline_max_per_node: config.messaging.offline_max_per_node,
                 sticky_timeout: Duration::from_secs(config.messaging.sticky_timeout_secs),
                 node_timeout: Duration::from_secs(config.messaging.node_timeout_secs),
+                // The `im.*` live settings apply from here on, over `[messaging]`.
+                settings: Some(live_settings.clone()),
                 ..switchboard_processors::runtime::RouterConfig::new(
                     config.bus.topic_prefix.clone(),
                     NodeId::new(config.node_id.clone()),

@@ -766,3 +766,50 @@ async fn a_batch_whose_output_failed_is_read_again() {
     }
     Running { stop, task }.stop().await;
 }
+
+/// SPEC.md §7 "IM on/off" and issue 4 "Live settings": with IM turned off
+/// by a live setting the sender is refused, and turned back on (no restart)
+/// the next message is delivered; the offline limit follows the live value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn im_off_and_offline_limit_follow_live_settings() {
+    use switchboard_processors::settings::LiveSettings;
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let bob_phone = format!("{BOB}/phone");
+    h.bind(&bob_phone, "gw1", 0).await;
+    let (settings_tx, settings) = watch::channel(LiveSettings {
+        im_enabled: false,
+        ..LiveSettings::default()
+    });
+    let router = h.start(RouterConfig {
+        settings: Some(settings),
+        ..config()
+    });
+    h.submit(ALICE, BOB, "off1").await;
+    h.wait("off1 refused", |h| {
+        h.bounced("off1", &BounceReason::ImDisabled) == 1
+    })
+    .await;
+    assert_eq!(h.deliveries("off1", &bob_phone), 0);
+    assert_eq!(h.errors("off1", ALICE, "service-unavailable"), 1);
+
+    settings_tx
+        .send(LiveSettings {
+            offline_max_per_user: 1,
+            ..LiveSettings::default()
+        })
+        .unwrap();
+    h.submit(ALICE, BOB, "on1").await;
+    h.wait("on1 delivered", |h| h.deliveries("on1", &bob_phone) == 1)
+        .await;
+    // The live per-user limit (1): the second stored message is refused.
+    for id in ["s1", "s2"] {
+        h.submit(ALICE, "carol@example.com", id).await;
+    }
+    h.wait("s2 refused", |h| {
+        h.bounced("s2", &BounceReason::OfflineLimit) == 1
+    })
+    .await;
+    assert_eq!(h.stored("s1"), 1);
+    router.stop().await;
+}

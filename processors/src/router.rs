@@ -653,6 +653,11 @@ impl Stickiness {
         }
     }
 
+    /// Changes the silence after which stickiness ends (a live setting).
+    pub fn set_timeout(&mut self, timeout: std::time::Duration) {
+        self.timeout = chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+    }
+
     /// `replier` (a full address of B) sent a message to `to` (A) at `at`.
     pub fn replied(&mut self, replier: &str, to: &str, at: DateTime<Utc>) {
         if !replier.contains('/') {

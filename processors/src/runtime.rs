@@ -71,6 +71,12 @@ pub struct RouterConfig {
     /// Multiple device messaging: carbon copies (XEP-0280) to the users'
     /// other sessions (SPEC.md §7, on by default).
     pub multi_device: bool,
+    /// Instant messaging for the deployment (SPEC.md §7); off: every
+    /// message is refused with `service-unavailable`.
+    pub im_enabled: bool,
+    /// Live settings: when set, `im.*` settings replace the fields above at
+    /// each batch, so `switchboard config set` applies without a restart.
+    pub settings: Option<crate::settings::SettingsHandle>,
 }
 
 impl RouterConfig {
@@ -88,6 +94,8 @@ impl RouterConfig {
             dedup_window: DEDUP_WINDOW,
             dedup_max: DEDUP_MAX,
             multi_device: true,
+            im_enabled: true,
+            settings: None,
         }
     }
 }
@@ -480,7 +488,27 @@ impl Router {
         }
     }
 
+    /// Takes the current live settings (SPEC.md §7 tunables) into the
+    /// configuration the decisions read.
+    fn refresh_settings(&mut self) {
+        let Some(handle) = &self.config.settings else {
+            return;
+        };
+        let s = handle.borrow().clone();
+        self.config.im_enabled = s.im_enabled;
+        self.config.offline_enabled = s.offline_enabled;
+        self.config.offline_max_per_user = s.offline_max_per_user as usize;
+        self.config.offline_max_per_node = s.offline_max_per_node as usize;
+        self.config.multi_device = s.multi_device_enabled;
+        let sticky = Duration::from_secs(s.forking_stickiness_secs);
+        if sticky != self.config.sticky_timeout {
+            self.config.sticky_timeout = sticky;
+            self.sticky.set_timeout(sticky);
+        }
+    }
+
     fn on_messages(&mut self, records: &[Record]) {
+        self.refresh_settings();
         for r in records {
             let Some(envelope) = decode(r) else { continue };
             match &envelope.event {
@@ -517,6 +545,18 @@ impl Router {
         }
         self.seen
             .insert(sender, &m.message_id, envelope.occurred_at);
+        if !self.config.im_enabled {
+            // SPEC.md §7: IM off for the deployment; the sender is told.
+            self.bounce(
+                &m.message_id,
+                &m.from,
+                &m.to,
+                &m.kind,
+                BounceReason::ImDisabled,
+                "service-unavailable",
+            );
+            return;
+        }
         let sticky = if m.kind == MessageKind::Chat && !m.to.contains('/') {
             self.sticky.target(
                 &self.directory,

@@ -404,6 +404,18 @@ pub async fn follow(
     bus: Arc<dyn Bus>,
     prefix: &str,
     limit: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Result<SettingsHandle, BusError> {
+    follow_from(bus, prefix, LiveSettings::default(), limit, shutdown).await
+}
+
+/// [`follow`], with the settings the topic's records are folded onto:
+/// values from the configuration file, which a `setting.changed` replaces.
+pub async fn follow_from(
+    bus: Arc<dyn Bus>,
+    prefix: &str,
+    initial: LiveSettings,
+    limit: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SettingsHandle, BusError> {
     let topic = full_name(prefix, Topic::Settings);
@@ -413,7 +425,7 @@ pub async fn follow(
             &[&topic],
         ))
         .await?;
-    let mut settings = LiveSettings::default();
+    let mut settings = initial;
     catch_up(&*bus, &topic, &mut *consumer, &mut settings, limit).await?;
     let (tx, rx) = watch::channel(settings.clone());
     tokio::spawn(async move {

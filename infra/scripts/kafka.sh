@@ -15,7 +15,7 @@
 #   KAFKA_PORT             PLAINTEXT listener port (default 9092)
 #   KAFKA_CONTROLLER_PORT  CONTROLLER listener port (default 9093)
 #   KAFKA_HEAP_OPTS        JVM heap flags (default "-Xms128m -Xmx512m")
-#   KAFKA_START_TIMEOUT    seconds to wait for the broker to serve (default 90)
+#   KAFKA_START_TIMEOUT    seconds to wait for the broker to serve (default 180)
 #   SWITCHBOARD_INFRA_DIR  state root (default <repo>/.infra)
 #
 # Tools (topics, console producer/consumer) are in the same classpath, e.g.:
@@ -32,7 +32,7 @@ KAFKA_VERSION="${KAFKA_VERSION:-4.4.0}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
-KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-180}"
 LOG4J_VERSION="2.26.1"
 
 DIST_DIR="$KAFKA_DIR/dist/$KAFKA_VERSION"
@@ -53,11 +53,13 @@ die() { echo "kafka: error: $*" >&2; exit 1; }
 
 usage() {
     cat >&2 <<EOF
-usage: $(basename "$0") install|start|stop|kill9|status|url
+usage: $(basename "$0") install|start|stop|kill9|reset|status|url
   install  fetch kafka_2.13 $KAFKA_VERSION jars from Maven Central (no-op if present)
   start    install if needed, format storage if needed, start broker, wait until it serves
   stop     graceful stop (SIGTERM, SIGKILL after 30 s); no-op if not running
   kill9    SIGKILL the broker immediately (crash tests)
+  reset    stop, delete the broker's data (every topic), start afresh: a broker
+           holding thousands of old test topics takes minutes to restart
   status   exit 0 if the broker is running and answering
   url      print the bootstrap address (127.0.0.1:$KAFKA_PORT)
 state: $KAFKA_DIR
@@ -425,6 +427,13 @@ cmd_stop() {
     log "stopped"
 }
 
+cmd_reset() {
+    cmd_stop
+    log "deleting $DATA_DIR"
+    rm -rf "$DATA_DIR" "$FORMATTED_CTRL_FILE"
+    cmd_start
+}
+
 cmd_kill9() {
     local pid
     if ! pid="$(broker_pid)"; then
@@ -458,6 +467,7 @@ case "$1" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     kill9) cmd_kill9 ;;
+    reset) cmd_reset ;;
     status) cmd_status ;;
     url) echo "127.0.0.1:$KAFKA_PORT" ;;
     -h | --help | help) usage ;;

@@ -160,8 +160,24 @@ impl SipDeployment {
     }
 
     /// `switchboard user add <jid> --password-stdin`; panics if it fails.
+    /// On Kafka the catalogue's topics are created first (`bus topics`):
+    /// the deployment's prefix is new.
     pub fn add_user(&self, jid: &str, password: &str) {
         use std::io::Write;
+        if self.kafka.is_some() {
+            let out = self
+                .command()
+                .args(["bus", "topics"])
+                .env("SWITCHBOARD_LOG", "warn")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "switchboard bus topics: {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let mut child = self
             .command()
             .args(["user", "add", jid, "--password-stdin"])

@@ -21,8 +21,9 @@ use switchboard_infra::bus::{Bus, BusError, ConsumerConfig, Polled, StartFrom};
 use switchboard_infra::config::SipSettings;
 use switchboard_schemas::events::{
     AuthMechanism, ClientInfo, ComposedPresence, DevicePresence, LineState, LoginFailureReason,
-    MessageKind, MessageSubmitted, PhoneLineState, Protocol, SessionEndReason, SessionEnded,
-    SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound,
+    MessageKind, MessageSubmitted, MessageUndelivered, PhoneLineState, Protocol, SessionEndReason,
+    SessionEnded, SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound,
+    UndeliveredReason,
 };
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -1723,7 +1724,9 @@ pub async fn follow_presence(
 }
 
 /// Reads this node's deliveries (from the end, a group of its own) and
-/// sends those for SIP sessions as SIP MESSAGEs.
+/// sends those for SIP sessions (`protocol` sip) as SIP MESSAGEs; a chat or
+/// normal message for a registration that has ended goes back to the router
+/// as `message.undelivered` (reason `session_gone`).
 pub async fn deliveries(
     bus: Arc<dyn Bus>,
     topic: String,
@@ -1752,8 +1755,37 @@ pub async fn deliveries(
             let Some(Ok(envelope)) = r.value.as_deref().map(Envelope::from_json_slice) else {
                 continue;
             };
-            if let Event::StanzaDelivery(d) = envelope.event {
-                ctx.deliver(d.session_id, &d.stanza).await;
+            let Event::StanzaDelivery(d) = envelope.event else {
+                continue;
+            };
+            // Deliveries to this node's XMPP sessions are the XMPP gateway's.
+            if d.protocol != Protocol::Sip {
+                continue;
+            }
+            if ctx.deliver(d.session_id, &d.stanza).await {
+                continue;
+            }
+            // The registration ended after the router chose it: a chat or
+            // normal message (those name their sender) goes back to the
+            // recipient's router, which routes it again or stores it.
+            let (Some(from), Some(message_id)) = (d.sender, d.message_id) else {
+                tracing::debug!(to = %d.to, "delivery to a gone sip session dropped");
+                continue;
+            };
+            let bare =
+                d.to.split_once('/')
+                    .map_or(d.to.as_str(), |(b, _)| b)
+                    .to_owned();
+            let undelivered = MessageUndelivered {
+                message_id,
+                from,
+                to: d.to,
+                reason: UndeliveredReason::SessionGone,
+                session_id: Some(d.session_id),
+                stanza: d.stanza,
+            };
+            if let Err(e) = ctx.events.emit(&bare, undelivered).await {
+                tracing::error!(error = %e, "undelivered sip message not handed back");
             }
         }
     }

@@ -39,6 +39,8 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     benches/prosody.sh stop "$work/prosody" >/dev/null 2>&1 || true
+    wait 2>/dev/null || true
+    rm -rf "$work"
 }
 trap cleanup EXIT
 

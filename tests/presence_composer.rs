@@ -398,7 +398,12 @@ async fn wait_last(bus: &Arc<dyn Bus>, users: &[String], status: &str) -> Vec<Co
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "expected every user at {status}"
+            "expected every user at {status}; not there: {:?}",
+            users
+                .iter()
+                .filter(|u| last(u).and_then(|c| c.status.as_deref()) != Some(status))
+                .map(|u| (u.clone(), last(u).and_then(|c| c.status.clone())))
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

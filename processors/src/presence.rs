@@ -166,6 +166,7 @@ pub async fn run(
         expiring: BTreeMap::new(),
         origin: Instant::now(),
     };
+    let mut settings_open = true;
     let mut expiry = tokio::time::interval(EXPIRY_CHECK);
     expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -215,10 +216,15 @@ pub async fn run(
                     break Err(e);
                 }
             }
-            changed = settings.changed() => {
+            // A handle whose sender is gone (fixed settings) never changes
+            // again: stop waiting on it, or this branch would be ready on
+            // every turn and starve the consumers.
+            changed = settings.changed(), if settings_open => {
                 if changed.is_ok() {
                     let interval = settings.borrow_and_update().presence_throttle();
                     c.throttle.set_min_interval(interval);
+                } else {
+                    settings_open = false;
                 }
             }
             _ = shutdown.changed() => break Ok(()),

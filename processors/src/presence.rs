@@ -52,6 +52,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::compose::{Composer, Throttle};
+use crate::runtime::decode;
 use crate::settings::SettingsHandle;
 
 /// How often expired manual statuses are looked for.
@@ -239,17 +240,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-fn decode(record: &Record) -> Option<Envelope> {
-    let value = record.value.as_deref()?;
-    match Envelope::from_json_slice(value) {
-        Ok(e) => Some(e),
-        Err(e) => {
-            tracing::warn!(topic = %record.topic, offset = record.offset, error = %e, "undecodable event skipped");
-            None
-        }
     }
 }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_infra::bus::{
-    Bus, BusError, ConsumerConfig, Polled, Record, StartFrom, TopicPartition, partition_for_key,
+    Bus, BusError, ConsumerConfig, Polled, StartFrom, TopicPartition, partition_for_key,
     positions_after,
 };
 use switchboard_schemas::events::{
@@ -41,6 +41,7 @@ use crate::roster::{
     item_xml,
 };
 use crate::router::{SessionDirectory, bare_of};
+use crate::runtime::decode;
 use crate::xml::{attr, escape, text_element};
 
 /// Settings of the roster processor.
@@ -184,17 +185,6 @@ pub async fn run(
     let _ = group.close().await;
     let _ = table.close().await;
     Ok(())
-}
-
-fn decode(record: &Record) -> Option<Envelope> {
-    let value = record.value.as_deref()?;
-    match Envelope::from_json_slice(value) {
-        Ok(e) => Some(e),
-        Err(e) => {
-            tracing::warn!(topic = %record.topic, offset = record.offset, error = %e, "undecodable event skipped");
-            None
-        }
-    }
 }
 
 /// RFC 6121 §4.2-§4.4: the presence stanza a watcher receives for a

@@ -268,7 +268,9 @@ pub async fn run(
     Ok(())
 }
 
-fn decode(record: &Record) -> Option<Envelope> {
+/// An event of the log, or `None` (logged) for a record this version
+/// cannot decode: processors skip it rather than stop.
+pub(crate) fn decode(record: &Record) -> Option<Envelope> {
     let value = record.value.as_deref()?;
     match Envelope::from_json_slice(value) {
         Ok(e) => Some(e),

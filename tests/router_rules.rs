@@ -813,3 +813,30 @@ async fn im_off_and_offline_limit_follow_live_settings() {
     assert_eq!(h.stored("s1"), 1);
     router.stop().await;
 }
+
+/// The session table and the messages are separate logs: a message stored
+/// after its recipient's session was bound (and acknowledged) must find that
+/// session, never overtake it into offline storage or an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_never_overtakes_the_session_it_follows() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let router = h.start(config());
+    h.submit(ALICE, BOB, "warm-up").await;
+    h.wait("the router is live", |h| h.stored("warm-up") == 1)
+        .await;
+    let rounds = 30;
+    for i in 0..rounds {
+        let full = format!("{BOB}/r{i}");
+        h.bind(&full, "gw1", 0).await;
+        h.submit(ALICE, &full, &format!("m{i}")).await;
+    }
+    h.wait("every message delivered", |h| {
+        (0..rounds).all(|i| h.deliveries(&format!("m{i}"), &format!("{BOB}/r{i}")) == 1)
+    })
+    .await;
+    for i in 0..rounds {
+        assert_eq!(h.stored(&format!("m{i}")), 0, "m{i} stored\n{}", h.dump());
+    }
+    router.stop().await;
+}

@@ -149,7 +149,7 @@ pub async fn run(
     ];
     let table_refs: Vec<&str> = table_topics.iter().map(String::as_str).collect();
     // The global table: a group of its own per instance, read from the start.
-    let mut table = bus
+    let table = bus
         .consumer(ConsumerConfig::new(
             format!("switchboard-router-table-{}", uuid::Uuid::now_v7().simple()),
             &table_refs,
@@ -190,40 +190,27 @@ pub async fn run(
         partitions,
         outbox: Vec::new(),
     };
-    let mut live = table_ends.is_empty();
+    let mut table = Table {
+        consumer: table,
+        topics: table_topics,
+        read: BTreeMap::new(),
+        live: table_ends.is_empty(),
+        catching_up: table_ends,
+    };
     let mut nodes_check = tokio::time::interval(Duration::from_secs(1));
     nodes_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            polled = table.poll(Duration::from_millis(500)) => {
+            polled = table.consumer.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
-                    if live {
-                        router.on_table(&records);
-                    } else {
-                        for r in &records {
-                            if let Some(envelope) = decode(r) {
-                                router.directory.apply(&envelope);
-                            }
-                        }
-                        let read = positions_after(&records);
-                        table_ends.retain(|(tp, end)| {
-                            !read.iter().any(|(t, position)| t == tp && position >= end)
-                        });
-                        if table_ends.is_empty() {
-                            live = true;
-                            tracing::info!(sessions = router.directory.len(), "router session table caught up");
-                            router.release_all_offline();
-                        }
-                    }
-                    // The table is not committed (read from the start by a
-                    // group of its own); what did not go out here goes out
-                    // at the user's next available presence.
+                    table.apply(&mut router, &records);
                     router.flush().await;
                 }
             }
-            polled = messages.poll(Duration::from_millis(500)), if live => {
+            polled = messages.poll(Duration::from_millis(500)), if table.live => {
                 match polled? {
                     Polled::Records(records) => {
+                        table.barrier(&mut router).await?;
                         router.on_messages(&records);
                         if router.flush().await {
                             // Outputs are durable; now the inputs may be skipped.
@@ -256,7 +243,7 @@ pub async fn run(
                     Polled::Revoked(_) | Polled::Idle => {}
                 }
             }
-            _ = nodes_check.tick(), if live => {
+            _ = nodes_check.tick(), if table.live => {
                 router.end_sessions_of_dead_nodes(Utc::now());
                 router.flush().await;
             }
@@ -264,8 +251,95 @@ pub async fn run(
         }
     }
     let _ = messages.close().await;
-    let _ = table.close().await;
+    let _ = table.consumer.close().await;
     Ok(())
+}
+
+/// Longest a batch of messages waits for the session table to catch up.
+const BARRIER_WAIT: Duration = Duration::from_secs(2);
+
+/// The router's read of the `sessions` and `presence` topics: a global
+/// table, read from the start by a group of its own.
+struct Table {
+    consumer: Box<dyn switchboard_infra::bus::Consumer>,
+    topics: [String; 2],
+    /// Position (next offset) reached in each partition.
+    read: BTreeMap<TopicPartition, i64>,
+    /// Read to the end it had at start: before that the table replays
+    /// history (old sessions, long gone), which must neither route messages
+    /// nor release stored ones.
+    live: bool,
+    /// Partitions not yet read to the end they had at start.
+    catching_up: Vec<(TopicPartition, i64)>,
+}
+
+impl Table {
+    fn apply(&mut self, router: &mut Router, records: &[Record]) {
+        if self.live {
+            router.on_table(records);
+        } else {
+            for r in records {
+                if let Some(envelope) = decode(r) {
+                    router.directory.apply(&envelope);
+                }
+            }
+        }
+        for (tp, position) in positions_after(records) {
+            let slot = self.read.entry(tp).or_insert(0);
+            *slot = (*slot).max(position);
+        }
+        if !self.live {
+            let read = &self.read;
+            self.catching_up
+                .retain(|(tp, end)| read.get(tp).is_none_or(|position| position < end));
+            if self.catching_up.is_empty() {
+                self.live = true;
+                tracing::info!(
+                    sessions = router.directory.len(),
+                    "router session table caught up"
+                );
+                router.release_all_offline();
+            }
+        }
+        // The table is not committed (read from the start by a group of its
+        // own); what did not go out here goes out at the user's next
+        // available presence.
+    }
+
+    /// Reads the table up to the ends it has now, before a batch of
+    /// messages is routed: every session event stored before those messages
+    /// (a resource's available presence, its carbons choice, XEP-0280 §4:
+    /// "enabled" once the server answers) is applied first. The topics are
+    /// separate logs, so without this a message could overtake the session
+    /// change its sender already saw acknowledged.
+    async fn barrier(&mut self, router: &mut Router) -> Result<(), BusError> {
+        let mut behind: Vec<(TopicPartition, i64)> = Vec::new();
+        for topic in &self.topics {
+            for (partition, end) in router.bus.end_offsets(topic).await?.into_iter().enumerate() {
+                let tp = TopicPartition::new(topic, partition as i32);
+                if end > self.read.get(&tp).copied().unwrap_or(0) {
+                    behind.push((tp, end));
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + BARRIER_WAIT;
+        while !behind.is_empty() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    partitions = behind.len(),
+                    "session table still behind; routing anyway"
+                );
+                break;
+            }
+            if let Polled::Records(records) = self.consumer.poll(left).await? {
+                self.apply(router, &records);
+                let read = &self.read;
+                behind.retain(|(tp, end)| read.get(tp).is_none_or(|position| position < end));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An event of the log, or `None` (logged) for a record this version

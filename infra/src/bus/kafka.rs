@@ -288,34 +288,37 @@ impl Bus for KafkaBus {
 
     async fn end_offsets(&self, topic: &str) -> Result<Vec<i64>, BusError> {
         let partitions = self.partitions(topic).await?;
-        let producer = self.producer.clone();
-        let name = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            (0..partitions)
-                .map(|p| {
-                    // Right after a topic is created its partitions may have
-                    // no leader for a moment: retriable, so wait it out.
-                    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-                    loop {
-                        match producer
-                            .client()
-                            .fetch_watermarks(&name, p, Duration::from_secs(10))
+        // One request per partition, all at once: callers (the router's
+        // session-table barrier) ask before every batch.
+        let queries = (0..partitions).map(|p| {
+            let producer = self.producer.clone();
+            let name = topic.to_owned();
+            tokio::task::spawn_blocking(move || {
+                // Right after a topic is created its partitions may have no
+                // leader for a moment: retriable, so wait it out.
+                let deadline = std::time::Instant::now() + Duration::from_secs(15);
+                loop {
+                    match producer
+                        .client()
+                        .fetch_watermarks(&name, p, Duration::from_secs(10))
+                    {
+                        Ok((_, high)) => return Ok(high),
+                        Err(e)
+                            if e.rdkafka_error_code().is_some_and(is_retriable)
+                                && std::time::Instant::now() < deadline =>
                         {
-                            Ok((_, high)) => return Ok(high),
-                            Err(e)
-                                if e.rdkafka_error_code().is_some_and(is_retriable)
-                                    && std::time::Instant::now() < deadline =>
-                            {
-                                std::thread::sleep(Duration::from_millis(100));
-                            }
-                            Err(e) => return Err(BusError::from(e)),
+                            std::thread::sleep(Duration::from_millis(100));
                         }
+                        Err(e) => return Err(BusError::from(e)),
                     }
-                })
-                .collect()
-        })
-        .await
-        .map_err(|_| BusError::Closed)?
+                }
+            })
+        });
+        futures::future::try_join_all(queries)
+            .await
+            .map_err(|_| BusError::Closed)?
+            .into_iter()
+            .collect()
     }
 
     fn backend(&self) -> &'static str {

@@ -13,4 +13,5 @@ pub mod roster_runtime;
 pub mod router;
 pub mod runtime;
 pub mod settings;
+mod table;
 pub mod xml;

@@ -42,6 +42,7 @@ use crate::roster::{
 };
 use crate::router::{SessionDirectory, bare_of};
 use crate::runtime::decode;
+use crate::table::GlobalTable;
 use crate::xml::{attr, escape, text_element};
 
 /// Settings of the roster processor.
@@ -95,32 +96,13 @@ pub async fn run(
         full_name(&config.prefix, Topic::Presence),
         full_name(&config.prefix, Topic::PresenceState),
     ];
-    let table_refs: Vec<&str> = table_topics.iter().map(String::as_str).collect();
-    let mut table = bus
-        .consumer(ConsumerConfig {
-            start: StartFrom::Earliest,
-            ..ConsumerConfig::new(
-                format!("switchboard-roster-table-{}", Uuid::now_v7().simple()),
-                &table_refs,
-            )
-        })
-        .await?;
+    let mut table = GlobalTable::open(&*bus, "switchboard-roster-table", &table_topics).await?;
     let mut group = bus
         .consumer(ConsumerConfig {
             start: StartFrom::Earliest,
             ..ConsumerConfig::new(format!("{}.roster", config.prefix), &[&roster_topic])
         })
         .await?;
-    // The tables are "live" once read to the ends they had at start; before
-    // that they replay history, which must not cause deliveries.
-    let mut table_ends = Vec::new();
-    for topic in &table_topics {
-        for (partition, end) in bus.end_offsets(topic).await?.into_iter().enumerate() {
-            if end > 0 {
-                table_ends.push((TopicPartition::new(topic, partition as i32), end));
-            }
-        }
-    }
     let mut p = RosterProcessor {
         deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
         bus,
@@ -139,29 +121,30 @@ pub async fn run(
         outbox: Vec::new(),
         pushes: 0,
     };
-    let mut live = table_ends.is_empty();
     loop {
         tokio::select! {
-            polled = table.poll(Duration::from_millis(500)) => {
+            polled = table.consumer.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
                     let envelopes: Vec<Envelope> = records.iter().filter_map(decode).collect();
-                    p.on_table(&envelopes, live);
-                    if !live {
-                        let read = positions_after(&records);
-                        table_ends.retain(|(tp, end)| {
-                            !read.iter().any(|(t, position)| t == tp && position >= end)
-                        });
-                        live = table_ends.is_empty();
-                        if live {
-                            tracing::info!(sessions = p.directory.len(), "roster processor tables caught up");
-                        }
+                    p.on_table(&envelopes, table.live());
+                    if table.track(&records) {
+                        tracing::info!(sessions = p.directory.len(), "roster processor tables caught up");
                     }
                     p.flush().await?;
                 }
             }
-            polled = group.poll(Duration::from_millis(500)), if live => {
+            polled = group.poll(Duration::from_millis(500)), if table.live() => {
                 match polled? {
                     Polled::Records(records) => {
+                        // The sessions that sent these requests are known first.
+                        let bus = p.bus.clone();
+                        table
+                            .barrier(&*bus, |records| {
+                                let envelopes: Vec<Envelope> =
+                                    records.iter().filter_map(decode).collect();
+                                p.on_table(&envelopes, true);
+                            })
+                            .await?;
                         for r in &records {
                             if let Some(envelope) = decode(r) {
                                 p.on_roster(&envelope);
@@ -183,7 +166,7 @@ pub async fn run(
         }
     }
     let _ = group.close().await;
-    let _ = table.close().await;
+    let _ = table.consumer.close().await;
     Ok(())
 }
 

@@ -41,6 +41,7 @@ use crate::router::{
     DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
     Stickiness, Target, bare_of, carbon_copies, carbons_eligible, route_with, with_delay,
 };
+use crate::table::GlobalTable;
 
 /// Settings of the router.
 #[derive(Clone, Debug)]
@@ -147,14 +148,8 @@ pub async fn run(
         full_name(&config.prefix, Topic::Sessions),
         full_name(&config.prefix, Topic::Presence),
     ];
-    let table_refs: Vec<&str> = table_topics.iter().map(String::as_str).collect();
     // The global table: a group of its own per instance, read from the start.
-    let table = bus
-        .consumer(ConsumerConfig::new(
-            format!("switchboard-router-table-{}", uuid::Uuid::now_v7().simple()),
-            &table_refs,
-        ))
-        .await?;
+    let mut table = GlobalTable::open(&*bus, "switchboard-router-table", &table_topics).await?;
     let mut messages = bus
         .consumer(ConsumerConfig::new(
             // Deployments sharing a cluster (other prefixes) get their own group.
@@ -162,17 +157,6 @@ pub async fn run(
             &[&messages_topic],
         ))
         .await?;
-    // The table is "live" once read to the end it had at start: before
-    // that it replays history (old sessions, long gone), which must neither
-    // route messages nor release stored ones.
-    let mut table_ends = Vec::new();
-    for topic in &table_topics {
-        for (partition, end) in bus.end_offsets(topic).await?.into_iter().enumerate() {
-            if end > 0 {
-                table_ends.push((TopicPartition::new(topic, partition as i32), end));
-            }
-        }
-    }
     let mut router = Router {
         deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
         sessions_topic: table_topics[0].clone(),
@@ -190,27 +174,37 @@ pub async fn run(
         partitions,
         outbox: Vec::new(),
     };
-    let mut table = Table {
-        consumer: table,
-        topics: table_topics,
-        read: BTreeMap::new(),
-        live: table_ends.is_empty(),
-        catching_up: table_ends,
-    };
     let mut nodes_check = tokio::time::interval(Duration::from_secs(1));
     nodes_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             polled = table.consumer.poll(Duration::from_millis(500)) => {
                 if let Polled::Records(records) = polled? {
-                    table.apply(&mut router, &records);
+                    if table.live() {
+                        router.on_table(&records);
+                    } else {
+                        // History: the directory only.
+                        for r in &records {
+                            if let Some(envelope) = decode(r) {
+                                router.directory.apply(&envelope);
+                            }
+                        }
+                    }
+                    if table.track(&records) {
+                        tracing::info!(sessions = router.directory.len(), "router session table caught up");
+                        router.release_all_offline();
+                    }
+                    // The table is not committed (read from the start by a
+                    // group of its own); what did not go out here goes out
+                    // at the user's next available presence.
                     router.flush().await;
                 }
             }
-            polled = messages.poll(Duration::from_millis(500)), if table.live => {
+            polled = messages.poll(Duration::from_millis(500)), if table.live() => {
                 match polled? {
                     Polled::Records(records) => {
-                        table.barrier(&mut router).await?;
+                        let bus = router.bus.clone();
+                        table.barrier(&*bus, |records| router.on_table(records)).await?;
                         router.on_messages(&records);
                         if router.flush().await {
                             // Outputs are durable; now the inputs may be skipped.
@@ -243,7 +237,7 @@ pub async fn run(
                     Polled::Revoked(_) | Polled::Idle => {}
                 }
             }
-            _ = nodes_check.tick(), if table.live => {
+            _ = nodes_check.tick(), if table.live() => {
                 router.end_sessions_of_dead_nodes(Utc::now());
                 router.flush().await;
             }
@@ -253,93 +247,6 @@ pub async fn run(
     let _ = messages.close().await;
     let _ = table.consumer.close().await;
     Ok(())
-}
-
-/// Longest a batch of messages waits for the session table to catch up.
-const BARRIER_WAIT: Duration = Duration::from_secs(2);
-
-/// The router's read of the `sessions` and `presence` topics: a global
-/// table, read from the start by a group of its own.
-struct Table {
-    consumer: Box<dyn switchboard_infra::bus::Consumer>,
-    topics: [String; 2],
-    /// Position (next offset) reached in each partition.
-    read: BTreeMap<TopicPartition, i64>,
-    /// Read to the end it had at start: before that the table replays
-    /// history (old sessions, long gone), which must neither route messages
-    /// nor release stored ones.
-    live: bool,
-    /// Partitions not yet read to the end they had at start.
-    catching_up: Vec<(TopicPartition, i64)>,
-}
-
-impl Table {
-    fn apply(&mut self, router: &mut Router, records: &[Record]) {
-        if self.live {
-            router.on_table(records);
-        } else {
-            for r in records {
-                if let Some(envelope) = decode(r) {
-                    router.directory.apply(&envelope);
-                }
-            }
-        }
-        for (tp, position) in positions_after(records) {
-            let slot = self.read.entry(tp).or_insert(0);
-            *slot = (*slot).max(position);
-        }
-        if !self.live {
-            let read = &self.read;
-            self.catching_up
-                .retain(|(tp, end)| read.get(tp).is_none_or(|position| position < end));
-            if self.catching_up.is_empty() {
-                self.live = true;
-                tracing::info!(
-                    sessions = router.directory.len(),
-                    "router session table caught up"
-                );
-                router.release_all_offline();
-            }
-        }
-        // The table is not committed (read from the start by a group of its
-        // own); what did not go out here goes out at the user's next
-        // available presence.
-    }
-
-    /// Reads the table up to the ends it has now, before a batch of
-    /// messages is routed: every session event stored before those messages
-    /// (a resource's available presence, its carbons choice, XEP-0280 §4:
-    /// "enabled" once the server answers) is applied first. The topics are
-    /// separate logs, so without this a message could overtake the session
-    /// change its sender already saw acknowledged.
-    async fn barrier(&mut self, router: &mut Router) -> Result<(), BusError> {
-        let mut behind: Vec<(TopicPartition, i64)> = Vec::new();
-        for topic in &self.topics {
-            for (partition, end) in router.bus.end_offsets(topic).await?.into_iter().enumerate() {
-                let tp = TopicPartition::new(topic, partition as i32);
-                if end > self.read.get(&tp).copied().unwrap_or(0) {
-                    behind.push((tp, end));
-                }
-            }
-        }
-        let deadline = tokio::time::Instant::now() + BARRIER_WAIT;
-        while !behind.is_empty() {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                tracing::warn!(
-                    partitions = behind.len(),
-                    "session table still behind; routing anyway"
-                );
-                break;
-            }
-            if let Polled::Records(records) = self.consumer.poll(left).await? {
-                self.apply(router, &records);
-                let read = &self.read;
-                behind.retain(|(tp, end)| read.get(tp).is_none_or(|position| position < end));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// An event of the log, or `None` (logged) for a record this version

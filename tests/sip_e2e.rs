@@ -26,6 +26,11 @@
 //!    device address as `from`;
 //! j. an XMPP message (slixmpp) reaches a registered SIP device as a SIP
 //!    MESSAGE (RFC 7572 §5);
+//! k. pjsua2 (PJSIP's user agent, `tests/e2e/sip_pjsua.py`) over UDP and
+//!    TCP with a slixmpp user: digest REGISTER (401 then 200; 403 for a
+//!    wrong password), SUBSCRIBE to the XMPP user's presence with a NOTIFY
+//!    of its change, a PUBLISH the XMPP user sees, MESSAGE both ways, an
+//!    unsubscribe within the dialog and the unregistration;
 //! h. the log holds what happened: session.login_succeeded and
 //!    session.login_failed (protocol sip), session.resource_bound (protocol
 //!    sip, with the contact), presence.device from the publication (away, note),
@@ -59,6 +64,19 @@ const ALICE: (&str, &str) = ("alice@example.com", "alice secret");
 const BOB: (&str, &str) = ("bob@example.com", "bob: secret, too");
 const CAROL: (&str, &str) = ("carol@example.com", "carol's xmpp password");
 const DAVE: (&str, &str) = ("dave@example.com", "dave's sip password");
+/// pjsua2 users (SIP) and their XMPP correspondents, one pair per transport.
+const PJSUA: [(&str, (&str, &str), (&str, &str)); 2] = [
+    (
+        "udp",
+        ("erin@example.com", "erin's pjsua password"),
+        ("frank@example.com", "frank's xmpp password"),
+    ),
+    (
+        "tcp",
+        ("grace@example.com", "grace: pjsua over tcp"),
+        ("heidi@example.com", "heidi's xmpp password"),
+    ),
+];
 
 fn local(user: &str) -> &str {
     user.split('@').next().unwrap()
@@ -325,6 +343,11 @@ fn sip_end_to_end_kafka() {
 fn suite(d: &SipDeployment) {
     for (user, password) in [ALICE, BOB, CAROL, DAVE] {
         d.add_user(user, password);
+    }
+    for (_, sip_user, xmpp_user) in PJSUA {
+        for (user, password) in [sip_user, xmpp_user] {
+            d.add_user(user, password);
+        }
     }
     let server = d
         .start()
@@ -657,6 +680,42 @@ fn suite(d: &SipDeployment) {
             })
             .and(traced(&received, &["xmpp-to-sip"])),
     );
+    // k. pjsua2 (PJSIP) as an independent SIP peer next to slixmpp, over
+    // UDP and TCP (tests/e2e/sip_pjsua.py): digest REGISTER (401, 200; a
+    // wrong password 403), SUBSCRIBE to an XMPP user's presence and a
+    // NOTIFY of its change, PUBLISH seen by the XMPP user, MESSAGE both
+    // ways, unsubscribe in the dialog and unregister.
+    for (transport, (sip_user, sip_password), (xmpp_user, xmpp_password)) in PJSUA {
+        let sip = d.sip.to_string();
+        let outcome = d.base.client(
+            &python,
+            "sip_pjsua.py",
+            "interwork",
+            75,
+            &[
+                "--sip",
+                &sip,
+                "--transport",
+                transport,
+                "--sip-user",
+                sip_user,
+                "--sip-password",
+                sip_password,
+                "--xmpp-user",
+                xmpp_user,
+                "--xmpp-password",
+                xmpp_password,
+            ],
+        );
+        check(
+            &format!("k. pjsua2 over {transport} with an xmpp user"),
+            if outcome.bool("ok") {
+                Ok(())
+            } else {
+                Err(outcome.report)
+            },
+        );
+    }
     check("stopping the server", server.stop());
     let sessions = d.events("sessions");
     let bound: Vec<_> = sessions

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Python environment of the end-to-end tests (tests/e2e/, used by tests/xmpp_e2e.rs):
-# a venv with pinned slixmpp.
+# Python environment of the end-to-end tests (tests/e2e/, used by tests/xmpp_e2e.rs
+# and tests/sip_e2e.rs): a venv with pinned slixmpp and pjsua2-python (PJSIP's
+# Python binding; its wheels are for CPython 3.11 and 3.12 on manylinux x86_64).
 #
 #   infra/scripts/python-env.sh [install]   create/update the venv; logs on stderr,
 #                                           the venv's python as the last stdout line
@@ -29,6 +30,7 @@ REQUIREMENTS=(
     "pycparser==3.12"
     "pyasn1==0.6.5"
     "pyasn1_modules==0.4.2"
+    "pjsua2-python==2.15.1.post1"
 )
 
 log() { echo "python-env: $*" >&2; }
@@ -58,7 +60,7 @@ ready() {
     want="$(fingerprint)" || return 1
     [[ "$(cat "$MARKER")" == "$want" ]] || return 1
     # the base interpreter may have gone (a venv links to it); find_spec does not import
-    "$VENV_PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("slixmpp") is None)' >/dev/null 2>&1
+    "$VENV_PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("slixmpp", "pjsua2")))' >/dev/null 2>&1
 }
 
 check_python() {
@@ -110,8 +112,9 @@ cmd_install() {
     rm -f "$MARKER"
     log "installing ${REQUIREMENTS[*]}"
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV_PY" -m pip install --quiet --no-input "${REQUIREMENTS[@]}" >&2 ||
-        die "pip install into $VENV failed (is PyPI reachable? see the pip output above)"
+        die "pip install into $VENV failed (is PyPI reachable? pjsua2-python has wheels for CPython 3.11 and 3.12 on x86_64 Linux only; see the pip output above)"
     "$VENV_PY" -c 'import slixmpp' >&2 || die "slixmpp does not import in $VENV"
+    "$VENV_PY" -c 'import pjsua2' >&2 || die "pjsua2 does not import in $VENV"
     fingerprint >"$MARKER"
     log "ready: $VENV_PY (slixmpp $("$VENV_PY" -c 'import slixmpp; print(slixmpp.__version__)'))"
 }

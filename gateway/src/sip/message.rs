@@ -263,6 +263,102 @@ pub fn tighten(value: &str) -> String {
     out
 }
 
+/// A `Contact` value (RFC 3261 §20.10, §25.1 `contact-param`): the URI and
+/// the header's parameters. rsip's tokenizer rejects a quoted parameter
+/// value holding `<`/`>`, as RFC 5626 `+sip.instance="<urn:uuid:…>"` (sent
+/// by PJSIP over TCP) does, so the parameters are split here and only the
+/// URI goes to rsip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactValue {
+    pub uri: rsip::Uri,
+    /// Header parameters in order, names lower-cased, values unquoted.
+    pub params: Vec<(String, Option<String>)>,
+}
+
+impl ContactValue {
+    /// A header parameter's value by (case-insensitive) name.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// Splits `text` at unquoted occurrences of `sep`.
+fn split_unquoted(text: &str, sep: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut quoted, mut escaped, mut start) = (false, false, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c == sep && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// Parses one `Contact` value (not `*`); None when it is not a SIP URI with
+/// well-formed parameters.
+pub fn parse_contact(value: &str) -> Option<ContactValue> {
+    let v = value.trim();
+    // `name-addr` (an optional display name, then `<URI>`) or `addr-spec`,
+    // whose `;` parameters then belong to the header (RFC 3261 §20.10).
+    let mut quoted = false;
+    let lt = v.char_indices().find_map(|(i, c)| {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        (c == '<' && !quoted).then_some(i)
+    });
+    let (uri_text, rest) = match lt {
+        Some(lt) => {
+            let gt = v[lt..].find('>')? + lt;
+            (&v[lt + 1..gt], &v[gt + 1..])
+        }
+        None => v.split_at(v.find(';').unwrap_or(v.len())),
+    };
+    let uri = rsip::Uri::try_from(uri_text.trim()).ok()?;
+    if !matches!(uri.scheme, Some(rsip::Scheme::Sip | rsip::Scheme::Sips)) {
+        return None;
+    }
+    let rest = rest.trim();
+    let mut params = Vec::new();
+    if !rest.is_empty() {
+        let rest = rest.strip_prefix(';')?;
+        for p in split_unquoted(rest, ';') {
+            let (name, value) = match p.split_once('=') {
+                Some((n, v)) => (n.trim(), Some(v.trim())),
+                None => (p.trim(), None),
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.!%*_+`'~".contains(c))
+            {
+                return None;
+            }
+            let value = match value {
+                Some(v) if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') => {
+                    Some(v[1..v.len() - 1].to_owned())
+                }
+                Some(v) if v.is_empty() || v.contains('"') => return None,
+                Some(v) => Some(v.to_owned()),
+                None => None,
+            };
+            params.push((name.to_ascii_lowercase(), value));
+        }
+    }
+    Some(ContactValue { uri, params })
+}
+
 /// `user@host` of a SIP URI (RFC 3261 §19.1.1), the host lower-cased and the
 /// port dropped; None without a user part.
 pub fn uri_address(uri: &rsip::Uri) -> Option<String> {
@@ -753,6 +849,37 @@ Content-Length: 0\r\n\r\n";
         match parse(text.as_bytes(), &Limits::default(), false).unwrap() {
             Message::Request(r) => *r,
             Message::Response(_) => panic!("a response"),
+        }
+    }
+
+    #[test]
+    fn contacts_with_outbound_parameters_parse() {
+        // PJSIP over TCP (RFC 5626 §4.2): a quoted instance id with `<>`.
+        let c = parse_contact(
+            "<sip:alice@127.0.0.1:32965;transport=TCP;ob>;reg-id=1;\
+             +sip.instance=\"<urn:uuid:00000000-0000-0000-0000-0000a30f0000>\"",
+        )
+        .unwrap();
+        assert_eq!(c.uri.host_with_port.to_string(), "127.0.0.1:32965");
+        assert_eq!(c.param("reg-id"), Some("1"));
+        assert_eq!(
+            c.param("+SIP.instance"),
+            Some("<urn:uuid:00000000-0000-0000-0000-0000a30f0000>")
+        );
+        // A display name with `<` in quotes, and addr-spec parameters.
+        let c = parse_contact("\"A <b>\" <sip:a@h>;expires=60").unwrap();
+        assert_eq!(c.param("expires"), Some("60"));
+        let c = parse_contact("sip:a@h:5070 ; expires = 30").unwrap();
+        assert_eq!(c.uri.to_string(), "sip:a@h:5070");
+        assert_eq!(c.param("expires"), Some("30"));
+        for bad in [
+            "<sip:a@h",
+            "<mailto:a@h>",
+            "<sip:a@h>x",
+            "<sip:a@h>;=1",
+            "<sip:a@h>;a=\"x",
+        ] {
+            assert!(parse_contact(bad).is_none(), "{bad}");
         }
     }
 

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use rsip::Method;
-use rsip::headers::{ToTypedHeader, UntypedHeader};
 use sha2::{Digest, Sha256};
 use switchboard_infra::bus::{Bus, BusError, ConsumerConfig, Polled, StartFrom};
 use switchboard_infra::config::SipSettings;
@@ -740,12 +739,21 @@ impl SipContext {
         let s = &self.settings;
         let mut updates = Vec::new();
         for c in contacts.iter().filter(|c| c.trim() != "*") {
-            let Ok(typed) = rsip::headers::Contact::new(message::tighten(c)).typed() else {
-                return message::response(req, 400, Some(&tag), &[], None);
+            let Some(typed) = message::parse_contact(c) else {
+                return message::response(
+                    req,
+                    400,
+                    Some(&tag),
+                    &[(
+                        "Warning",
+                        "399 switchboard \"malformed Contact\"".to_owned(),
+                    )],
+                    None,
+                );
             };
             let expires = typed
-                .expires()
-                .and_then(|e| e.value().parse::<u32>().ok())
+                .param("expires")
+                .and_then(|e| e.parse::<u32>().ok())
                 .or(header_expires)
                 .unwrap_or(s.register_default_expires_secs);
             if expires > 0 && expires < s.register_min_expires_secs {
@@ -757,14 +765,7 @@ impl SipContext {
                     None,
                 );
             }
-            let instance = typed.params.iter().find_map(|p| match p {
-                rsip::Param::Other(name, Some(value))
-                    if name.value().eq_ignore_ascii_case("+sip.instance") =>
-                {
-                    Some(value.value().trim_matches('"').to_owned())
-                }
-                _ => None,
-            });
+            let instance = typed.param("+sip.instance").map(str::to_owned);
             updates.push((
                 typed.uri.to_string(),
                 instance,
@@ -1230,26 +1231,6 @@ impl SipContext {
             Authenticated::Answered(r) => return r.into(),
             Authenticated::User => {}
         }
-        let Some(presentity) = message::uri_address(&req.uri).map(|a| a.to_lowercase()) else {
-            return message::response(req, 404, Some(&tag), &[], None).into();
-        };
-        // RFC 3857 §5.1: watcher information is for the presentity only.
-        if event == subscribe::WINFO && presentity != watcher {
-            return message::response(
-                req,
-                403,
-                Some(&tag),
-                &[(
-                    "Warning",
-                    "399 switchboard \"only your own watchers can be watched\"".to_owned(),
-                )],
-                None,
-            )
-            .into();
-        }
-        if self.directory.read().await.get(&presentity).is_none() {
-            return message::response(req, 404, Some(&tag), &[], None).into();
-        }
         let max = self.settings.subscribe_max_expires_secs;
         let expires = req.expires().unwrap_or(max).min(max);
         let now = Instant::now();
@@ -1259,7 +1240,13 @@ impl SipContext {
             // A refresh or an unsubscribe within the dialog (RFC 6665 §4.2.1.2).
             let key = dialog_key(&req.call_id, &remote_tag, local_tag);
             let mut state = self.lock();
-            if state.subscriptions.get(&key).is_none() {
+            // The Request-URI is our Contact there, not the presentity: the
+            // dialog names the subscription, and only its watcher may use it.
+            if !state
+                .subscriptions
+                .get(&key)
+                .is_some_and(|s| s.watcher == watcher && s.event == event)
+            {
                 return message::response(req, 481, None, &[], None).into();
             }
             let ok = message::response(
@@ -1288,14 +1275,30 @@ impl SipContext {
                 after: After::Notify(key),
             };
         }
+        let Some(presentity) = message::uri_address(&req.uri).map(|a| a.to_lowercase()) else {
+            return message::response(req, 404, Some(&tag), &[], None).into();
+        };
+        // RFC 3857 §5.1: watcher information is for the presentity only.
+        if event == subscribe::WINFO && presentity != watcher {
+            return message::response(
+                req,
+                403,
+                Some(&tag),
+                &[(
+                    "Warning",
+                    "399 switchboard \"only your own watchers can be watched\"".to_owned(),
+                )],
+                None,
+            )
+            .into();
+        }
+        if self.directory.read().await.get(&presentity).is_none() {
+            return message::response(req, 404, Some(&tag), &[], None).into();
+        }
         let Some(target) = req
             .header_list("Contact")
             .first()
-            .and_then(|c| {
-                rsip::headers::Contact::new(message::tighten(c))
-                    .typed()
-                    .ok()
-            })
+            .and_then(|c| message::parse_contact(c))
             .map(|c| c.uri.to_string())
         else {
             return message::response(

@@ -840,3 +840,199 @@ async fn a_message_never_overtakes_the_session_it_follows() {
     }
     router.stop().await;
 }
+
+/// A broadcast message (XEP-0033) from alice to the server with `addresses`.
+fn broadcast(id: &str, addresses: &[(&str, &str)]) -> Envelope {
+    let block: String = addresses
+        .iter()
+        .map(|(kind, jid)| format!("<address type='{kind}' jid='{jid}'/>"))
+        .collect();
+    let stanza = format!(
+        "<message xmlns='jabber:client' from='{ALICE}' to='example.com' type='chat' id='{id}'>\
+         <body>{id}</body><addresses xmlns='http://jabber.org/protocol/address'>{block}</addresses></message>"
+    );
+    Envelope::new(
+        NodeId::new("gw1"),
+        "alice@example.com",
+        MessageSubmitted {
+            message_id: id.to_owned(),
+            from: FullJid::new(ALICE),
+            to: "example.com".to_owned(),
+            kind: MessageKind::Chat,
+            body: Some(id.to_owned()),
+            thread: None,
+            subject: None,
+            stanza,
+        },
+    )
+}
+
+impl Harness {
+    /// The stanza of the (non-error) delivery of message `id` to `to`.
+    fn delivered_stanza(&self, id: &str, to: &str) -> Option<String> {
+        self.seen.iter().find_map(|e| match &e.event {
+            Event::StanzaDelivery(d)
+                if d.message_id.as_deref() == Some(id)
+                    && d.to == to
+                    && !d.stanza.contains("type='error'") =>
+            {
+                Some(d.stanza.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn stored_stanza(&self, id: &str, to: &str) -> Option<String> {
+        self.seen.iter().find_map(|e| match &e.event {
+            Event::MessageStoredOffline(s) if s.message_id == id && s.to.as_str() == to => {
+                s.stanza.clone()
+            }
+            _ => None,
+        })
+    }
+
+    fn all_deliveries(&self, id: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| {
+                matches!(&e.event, Event::StanzaDelivery(d)
+                    if d.message_id.as_deref() == Some(id) && !d.stanza.contains("type='error'"))
+            })
+            .count()
+    }
+}
+
+/// SPEC.md §7 broadcast IM through XEP-0033: one message to the server
+/// reaches every `to`/`cc`/`bcc` address with the per-recipient rules
+/// (delivered, stored offline, or an error from that recipient), `bcc`
+/// addresses hidden from everyone but themselves (§4.6.3), every address
+/// marked delivered (§4.5); over the limit, or with an address of another
+/// domain, nothing is delivered and the sender gets the error (§8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_each_address_with_the_per_recipient_rules() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let bob = format!("{BOB}/phone");
+    let dave = "dave@example.com/d";
+    h.bind(&bob, "gw1", 0).await;
+    h.bind(dave, "gw1", 0).await;
+    let router = h.start(RouterConfig {
+        broadcast_max_addresses: 5,
+        ..config()
+    });
+    // bob (to), carol (cc, offline), dave (bcc), frank (bcc, offline), and
+    // bob again as bcc (five addresses, the limit; bob gets it once,
+    // visibly).
+    h.produce(&broadcast(
+        "b1",
+        &[
+            ("to", BOB),
+            ("cc", "carol@example.com"),
+            ("bcc", "dave@example.com"),
+            ("bcc", "frank@example.com"),
+            ("bcc", BOB),
+        ],
+    ))
+    .await;
+    h.wait("b1 to everyone", |h| {
+        h.deliveries("b1", &bob) == 1 && h.deliveries("b1", dave) == 1 && h.stored("b1") == 2
+    })
+    .await;
+    let to_bob = h.delivered_stanza("b1", &bob).unwrap();
+    assert!(to_bob.contains(" to='bob@example.com'"), "{to_bob}");
+    assert!(
+        to_bob.contains("<address type='cc' jid='carol@example.com' delivered='true'/>"),
+        "{to_bob}"
+    );
+    assert!(!to_bob.contains("type='bcc'"), "bcc hidden: {to_bob}");
+    let to_dave = h.delivered_stanza("b1", dave).unwrap();
+    assert!(to_dave.contains("<address type='bcc' jid='dave@example.com' delivered='true'/>"));
+    assert!(!to_dave.contains("frank"), "{to_dave}");
+    let to_carol = h.stored_stanza("b1", "carol@example.com").unwrap();
+    assert!(to_carol.contains(" to='carol@example.com'"));
+    assert!(!to_carol.contains("type='bcc'"), "{to_carol}");
+    let to_frank = h.stored_stanza("b1", "frank@example.com").unwrap();
+    assert!(to_frank.contains("jid='frank@example.com' delivered='true'/>"));
+    assert!(!to_frank.contains("dave"), "{to_frank}");
+    assert_eq!(h.errors("b1", ALICE, "service-unavailable"), 0);
+
+    // Six addresses, limit 5: refused as a whole.
+    let six = [
+        ("to", BOB),
+        ("to", "carol@example.com"),
+        ("to", "dave@example.com"),
+        ("to", "frank@example.com"),
+        ("to", "gina@example.com"),
+        ("to", "hank@example.com"),
+    ];
+    h.produce(&broadcast("b2", &six)).await;
+    // An address on another domain: refused as a whole too.
+    h.produce(&broadcast("b3", &[("to", BOB), ("cc", "x@elsewhere.org")]))
+        .await;
+    // Exactly the limit.
+    h.produce(&broadcast("b4", &six[..5])).await;
+    h.wait("b4 delivered, b2 and b3 refused", |h| {
+        h.deliveries("b4", &bob) == 1
+            && h.errors("b2", ALICE, "not-acceptable") == 1
+            && h.errors("b3", ALICE, "forbidden") == 1
+    })
+    .await;
+    h.read_for(Duration::from_millis(300)).await;
+    for id in ["b2", "b3"] {
+        assert_eq!(h.all_deliveries(id) + h.stored(id), 0, "{id}\n{}", h.dump());
+    }
+    let refusal = h
+        .seen
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::StanzaDelivery(d)
+                if d.message_id.as_deref() == Some("b2") && d.stanza.contains("type='error'") =>
+            {
+                Some(d.stanza.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        refusal.contains("<error type='modify'><not-acceptable")
+            && refusal.contains("too many addresses: 6, at most 5 are accepted"),
+        "{refusal}"
+    );
+    assert_eq!(
+        h.bounced("b2", &BounceReason::Other("too_many_addresses".to_owned())),
+        1
+    );
+    router.stop().await;
+
+    // Offline storage off: the offline recipients' copies come back as
+    // errors from each of them; bob still gets his.
+    let router = h.start(RouterConfig {
+        offline_enabled: false,
+        ..config()
+    });
+    h.produce(&broadcast(
+        "b5",
+        &[
+            ("to", BOB),
+            ("cc", "carol@example.com"),
+            ("bcc", "frank@example.com"),
+        ],
+    ))
+    .await;
+    h.wait("b5 to bob, refused for carol and frank", |h| {
+        h.deliveries("b5", &bob) == 1 && h.errors("b5", ALICE, "service-unavailable") == 2
+    })
+    .await;
+    let from: Vec<bool> = ["carol@example.com", "frank@example.com"]
+        .iter()
+        .map(|who| {
+            h.seen.iter().any(|e| {
+                matches!(&e.event, Event::StanzaDelivery(d)
+                    if d.message_id.as_deref() == Some("b5")
+                        && d.stanza.contains(&format!("from='{who}'")))
+            })
+        })
+        .collect();
+    assert_eq!(from, [true, true], "{}", h.dump());
+    router.stop().await;
+}

@@ -6,6 +6,7 @@
 //! deliveries for the gateway node holding a session.
 
 pub mod compose;
+pub mod multicast;
 pub mod policy;
 pub mod presence;
 pub mod roster;

@@ -246,39 +246,77 @@ pub fn carbon_copies(
     stanza: &str,
     delivered: &[String],
 ) -> Vec<(Target, String)> {
-    let mut out = Vec::new();
-    let mut copy = |user: &str, direction: &str, skip: &dyn Fn(&str) -> bool| {
-        for (full, s) in directory.sessions_of(user) {
-            if !s.available || !s.carbons || skip(full) {
-                continue;
-            }
-            let wrapped = format!(
-                "<message xmlns='jabber:client' from='{user}' to='{to}' type='{kind}'>\
-                 <{direction} xmlns='urn:xmpp:carbons:2'>\
-                 <forwarded xmlns='urn:xmpp:forward:0'>{stanza}</forwarded>\
-                 </{direction}></message>",
-                user = crate::xml::escape(user),
-                to = crate::xml::escape(full),
-                kind = kind.as_str(),
-            );
-            out.push((
-                Target {
-                    full_jid: full.to_owned(),
-                    node: s.node.clone(),
-                    session_id: s.session_id,
-                },
-                wrapped,
-            ));
-        }
-    };
-    let recipient_bare = bare_of(recipient);
-    copy(recipient_bare, "received", &|full| {
-        delivered.iter().any(|d| d == full) || full == sender
-    });
-    let sender_bare = bare_of(sender);
-    copy(sender_bare, "sent", &|full| {
+    let mut out = received_copies(directory, sender, recipient, kind, stanza, delivered);
+    out.extend(sent_copies(directory, sender, kind, stanza, delivered));
+    out
+}
+
+/// XEP-0280 §6.1: the `<received/>` copies for the recipient's other
+/// available, carbons-enabled sessions (not those in `delivered`).
+pub fn received_copies(
+    directory: &SessionDirectory,
+    sender: &str,
+    recipient: &str,
+    kind: &MessageKind,
+    stanza: &str,
+    delivered: &[String],
+) -> Vec<(Target, String)> {
+    wrapped_copies(
+        directory,
+        bare_of(recipient),
+        "received",
+        kind,
+        stanza,
+        &|full| delivered.iter().any(|d| d == full) || full == sender,
+    )
+}
+
+/// XEP-0280 §6.2: the `<sent/>` copies for the sender's other available,
+/// carbons-enabled sessions (not the sending one, not those in
+/// `delivered`).
+pub fn sent_copies(
+    directory: &SessionDirectory,
+    sender: &str,
+    kind: &MessageKind,
+    stanza: &str,
+    delivered: &[String],
+) -> Vec<(Target, String)> {
+    wrapped_copies(directory, bare_of(sender), "sent", kind, stanza, &|full| {
         full == sender || delivered.iter().any(|d| d == full)
-    });
+    })
+}
+
+fn wrapped_copies(
+    directory: &SessionDirectory,
+    user: &str,
+    direction: &str,
+    kind: &MessageKind,
+    stanza: &str,
+    skip: &dyn Fn(&str) -> bool,
+) -> Vec<(Target, String)> {
+    let mut out = Vec::new();
+    for (full, s) in directory.sessions_of(user) {
+        if !s.available || !s.carbons || skip(full) {
+            continue;
+        }
+        let wrapped = format!(
+            "<message xmlns='jabber:client' from='{user}' to='{to}' type='{kind}'>\
+             <{direction} xmlns='urn:xmpp:carbons:2'>\
+             <forwarded xmlns='urn:xmpp:forward:0'>{stanza}</forwarded>\
+             </{direction}></message>",
+            user = crate::xml::escape(user),
+            to = crate::xml::escape(full),
+            kind = kind.as_str(),
+        );
+        out.push((
+            Target {
+                full_jid: full.to_owned(),
+                node: s.node.clone(),
+                session_id: s.session_id,
+            },
+            wrapped,
+        ));
+    }
     out
 }
 

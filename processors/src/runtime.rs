@@ -37,9 +37,11 @@ use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
 use tokio::sync::watch;
 
+use crate::multicast::{self, MulticastError};
 use crate::router::{
     DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
-    Stickiness, Target, bare_of, carbon_copies, carbons_eligible, route_with, with_delay,
+    Stickiness, Target, bare_of, carbons_eligible, received_copies, route_with, sent_copies,
+    with_delay,
 };
 use crate::table::GlobalTable;
 
@@ -75,6 +77,9 @@ pub struct RouterConfig {
     /// Instant messaging for the deployment (SPEC.md §7); off: every
     /// message is refused with `service-unavailable`.
     pub im_enabled: bool,
+    /// Most recipients of one broadcast message (XEP-0033; SPEC.md §7
+    /// broadcast IM).
+    pub broadcast_max_addresses: usize,
     /// Live settings: when set, `im.*` settings replace the fields above at
     /// each batch, so `switchboard config set` applies without a restart.
     pub settings: Option<crate::settings::SettingsHandle>,
@@ -96,6 +101,7 @@ impl RouterConfig {
             dedup_max: DEDUP_MAX,
             multi_device: true,
             im_enabled: true,
+            broadcast_max_addresses: crate::multicast::DEFAULT_MAX_ADDRESSES,
             settings: None,
         }
     }
@@ -483,6 +489,7 @@ impl Router {
         self.config.offline_max_per_user = s.offline_max_per_user as usize;
         self.config.offline_max_per_node = s.offline_max_per_node as usize;
         self.config.multi_device = s.multi_device_enabled;
+        self.config.broadcast_max_addresses = s.broadcast_max_addresses as usize;
         let sticky = Duration::from_secs(s.forking_stickiness_secs);
         if sticky != self.config.sticky_timeout {
             self.config.sticky_timeout = sticky;
@@ -535,39 +542,146 @@ impl Router {
                 &m.from,
                 &m.to,
                 &m.kind,
-                BounceReason::ImDisabled,
-                "service-unavailable",
+                (BounceReason::ImDisabled, "service-unavailable"),
+                None,
             );
             return;
         }
-        let sticky = if m.kind == MessageKind::Chat && !m.to.contains('/') {
-            self.sticky.target(
-                &self.directory,
-                bare_of(sender),
+        if !m.to.contains('@')
+            && !m.to.contains('/')
+            && self.config.domains.contains(&m.to)
+            && m.stanza.contains(multicast::NS_ADDRESS)
+        {
+            self.on_multicast(m, envelope);
+            return;
+        }
+        self.route_one(m, &m.to, &m.stanza, envelope, true);
+    }
+
+    /// SPEC.md §7 broadcast IM, XEP-0033: a message to a served domain
+    /// with an address block goes to each `to`, `cc` and `bcc` address
+    /// (each once, with its own copy of the stanza; see [`multicast`]),
+    /// routed by the ordinary rules: each recipient's offline storage and
+    /// limits apply, and errors come back per recipient. The block as a
+    /// whole is refused first, with nothing delivered, when it has more
+    /// recipients than `im.broadcast.max_addresses` (`not-acceptable`,
+    /// XEP-0033 §8), a `uri` address (`jid-malformed`), breaks §4
+    /// (`bad-request`), or names an address this server cannot deliver to
+    /// (another domain, or a domain itself: `forbidden`, §5 step 5).
+    /// The sender's other devices get one `<sent/>` carbon of the message
+    /// as sent (its `bcc` addresses are the sender's own).
+    fn on_multicast(&mut self, m: &MessageSubmitted, envelope: &Envelope) {
+        if m.kind == MessageKind::Error {
+            return;
+        }
+        let parsed = multicast::parse(&m.stanza, self.config.broadcast_max_addresses);
+        let refuse = |router: &mut Self, reason: &str, condition: &'static str, text: String| {
+            router.bounce(
+                &m.message_id,
+                &m.from,
                 &m.to,
-                envelope.occurred_at,
-            )
+                &m.kind,
+                (BounceReason::Other(reason.to_owned()), condition),
+                Some(&text),
+            );
+        };
+        let block = match parsed {
+            Ok(Some(block)) => block,
+            Ok(None) => {
+                // Messages to the server itself are not served.
+                self.bounce(
+                    &m.message_id,
+                    &m.from,
+                    &m.to,
+                    &m.kind,
+                    (
+                        BounceReason::Other("service_unavailable".to_owned()),
+                        "service-unavailable",
+                    ),
+                    None,
+                );
+                return;
+            }
+            Err(e) => {
+                let reason = match e {
+                    MulticastError::TooMany { .. } => "too_many_addresses",
+                    _ => "bad_addresses",
+                };
+                refuse(self, reason, e.condition(), e.to_string());
+                return;
+            }
+        };
+        let recipients = block.recipients();
+        let hosted = |jid: &str| {
+            let bare = bare_of(jid);
+            bare.rsplit_once('@')
+                .is_some_and(|(_, d)| self.config.domains.iter().any(|h| h == d))
+        };
+        if let Some((_, jid)) = recipients.iter().find(|(_, jid)| !hosted(jid)) {
+            let text = format!("cannot deliver to {jid}: not a user of this server");
+            refuse(self, "multicast_forbidden", "forbidden", text);
+            return;
+        }
+        let mut delivered_to = Vec::new();
+        for (index, jid) in recipients {
+            let copy = block.copy_for(index);
+            delivered_to.extend(self.route_one(m, jid, &copy, envelope, false));
+        }
+        if self.config.multi_device && carbons_eligible(&m.kind, m.body.is_some(), &m.stanza) {
+            for (target, stanza) in sent_copies(
+                &self.directory,
+                m.from.as_str(),
+                &m.kind,
+                &m.stanza,
+                &delivered_to,
+            ) {
+                self.push(&target, stanza, Some(m.message_id.clone()), None);
+            }
+        }
+    }
+
+    /// Routes message `m` to `to` as `stanza` (RFC 6121 §8.5, SPEC.md §7
+    /// forking and stickiness), with its carbons: the recipient's, and the
+    /// sender's when `sent_carbons`. Returns the sessions it was delivered
+    /// to.
+    fn route_one(
+        &mut self,
+        m: &MessageSubmitted,
+        to: &str,
+        stanza: &str,
+        envelope: &Envelope,
+        sent_carbons: bool,
+    ) -> Vec<String> {
+        let sender = m.from.as_str();
+        let sticky = if m.kind == MessageKind::Chat && !to.contains('/') {
+            self.sticky
+                .target(&self.directory, bare_of(sender), to, envelope.occurred_at)
         } else {
             None
         };
         let domains = &self.config.domains;
         let decision = route_with(
             &self.directory,
-            &m.to,
+            to,
             &m.kind,
             |d| domains.iter().any(|h| h == d),
             sticky.as_deref(),
         );
         let mut delivered_to = Vec::new();
         let copied = self.config.multi_device
-            && carbons_eligible(&m.kind, m.body.is_some(), &m.stanza)
+            && carbons_eligible(&m.kind, m.body.is_some(), stanza)
             && matches!(decision, Decision::Deliver(_) | Decision::StoreOffline);
         match decision {
             Decision::Deliver(targets) => {
-                let sender = returnable(&m.kind).then_some(&m.from);
+                let returned_to = returnable(&m.kind).then_some(&m.from);
                 delivered_to = targets.iter().map(|t| t.full_jid.clone()).collect();
                 for t in targets {
-                    if self.push(&t, m.stanza.clone(), Some(m.message_id.clone()), sender) {
+                    if self.push(
+                        &t,
+                        stanza.to_owned(),
+                        Some(m.message_id.clone()),
+                        returned_to,
+                    ) {
                         let delivered = MessageDelivered {
                             message_id: m.message_id.clone(),
                             from: m.from.clone(),
@@ -583,32 +697,44 @@ impl Router {
                 let undelivered = MessageUndelivered {
                     message_id: m.message_id.clone(),
                     from: m.from.clone(),
-                    to: m.to.clone(),
+                    to: to.to_owned(),
                     reason: UndeliveredReason::NoSession,
                     session_id: None,
-                    stanza: m.stanza.clone(),
+                    stanza: stanza.to_owned(),
                 };
-                self.emit(bare_of(&m.to), undelivered);
+                self.emit(bare_of(to), undelivered);
             }
             Decision::Drop => {
                 tracing::debug!(id = %m.message_id, "message dropped per RFC 6121 §8.5");
             }
             Decision::Bounce { reason, condition } => {
-                self.bounce(&m.message_id, &m.from, &m.to, &m.kind, reason, condition);
+                self.bounce(
+                    &m.message_id,
+                    &m.from,
+                    to,
+                    &m.kind,
+                    (reason, condition),
+                    None,
+                );
             }
         }
         if copied {
-            for (target, stanza) in carbon_copies(
-                &self.directory,
-                sender,
-                &m.to,
-                &m.kind,
-                &m.stanza,
-                &delivered_to,
-            ) {
+            let mut copies =
+                received_copies(&self.directory, sender, to, &m.kind, stanza, &delivered_to);
+            if sent_carbons {
+                copies.extend(sent_copies(
+                    &self.directory,
+                    sender,
+                    &m.kind,
+                    stanza,
+                    &delivered_to,
+                ));
+            }
+            for (target, stanza) in copies {
                 self.push(&target, stanza, Some(m.message_id.clone()), None);
             }
         }
+        delivered_to
     }
 
     /// A chat or normal message no session took (the recipient's partition
@@ -696,8 +822,8 @@ impl Router {
                 &u.from,
                 &u.to,
                 &MessageKind::Chat,
-                reason,
-                condition,
+                (reason, condition),
+                None,
             );
             return;
         }
@@ -720,8 +846,8 @@ impl Router {
         from: &FullJid,
         to: &str,
         kind: &MessageKind,
-        reason: BounceReason,
-        condition: &'static str,
+        (reason, condition): (BounceReason, &'static str),
+        text: Option<&str>,
     ) {
         if *kind == MessageKind::Error {
             return;
@@ -731,20 +857,28 @@ impl Router {
             from: from.clone(),
             to: to.to_owned(),
             reason,
-            text: None,
+            text: text.map(str::to_owned),
         };
         self.emit(bare_of(from.as_str()), bounced);
         let Some(session) = self.directory.session(from.as_str()).cloned() else {
             return;
         };
-        let error_type = if condition == "resource-constraint" {
-            "wait"
-        } else {
-            "cancel"
+        // RFC 6120 §8.3.3: the error type each condition usually has.
+        let error_type = match condition {
+            "resource-constraint" => "wait",
+            "not-acceptable" | "bad-request" | "jid-malformed" => "modify",
+            "forbidden" => "auth",
+            _ => "cancel",
         };
+        let text = text.map_or_else(String::new, |t| {
+            format!(
+                "<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{}</text>",
+                escape(t)
+            )
+        });
         let stanza = format!(
             "<message xmlns='jabber:client' type='error' id='{}' from='{}' to='{}'>\
-             <error type='{error_type}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+             <error type='{error_type}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>{text}</error></message>",
             escape(message_id),
             escape(to),
             escape(from.as_str()),

@@ -187,6 +187,9 @@ live_settings! {
     /// Most stanzas buffered for a client in quiet mode (XEP-0352) before
     /// the buffer is flushed.
     quiet_mode_buffer_limit: u32 = 100, "im.quiet_mode.buffer_limit", Kind::Int { min: 1, max: 100_000 };
+    /// Most recipients (`to`, `cc`, `bcc` addresses) of one broadcast
+    /// message (XEP-0033 §8: more than 20 and less than 100 recommended).
+    broadcast_max_addresses: u32 = 50, "im.broadcast.max_addresses", Kind::Int { min: 1, max: 1_000 };
 }
 
 fn unknown(key: &str) -> SettingError {

@@ -198,6 +198,11 @@ impl Admin {
         self
     }
 
+    /// Whether `user` (normalised) is provisioned.
+    pub async fn has_user(&self, user: &str) -> bool {
+        self.directory.read().await.get(user).is_some()
+    }
+
     /// Executes one request; refusals come back as [`Response::Error`].
     pub async fn execute(&self, request: Request) -> Response {
         match self.try_execute(request).await {

@@ -1,6 +1,7 @@
 //! The `switchboard` command: the server in any role, and its operator tools.
 
 mod admin;
+mod admin_http;
 mod bus_cmd;
 mod config_cmd;
 mod projections_cmd;

@@ -105,8 +105,15 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             ready: ready.clone(),
             projections: projection_status.clone(),
         });
+    // User administration over HTTP uses the admin executor, made once the
+    // bus is open below.
+    let http_admin: Arc<std::sync::OnceLock<Arc<crate::admin::Admin>>> = Arc::default();
     if let Some(db) = &projections_db {
-        app = app.merge(switchboard_projections::api::router(db.clone()));
+        let users = crate::admin_http::HttpUsers::new(http_admin.clone(), Arc::new(config.clone()));
+        app = app.merge(switchboard_projections::api::router_with_users(
+            db.clone(),
+            Some(Arc::new(users)),
+        ));
     }
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -163,6 +170,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         crate::admin::Admin::with_directory(bus.clone(), &config, directory.clone())
             .with_settings(live_settings.clone()),
     );
+    let _ = http_admin.set(admin.clone());
     let socket = crate::admin::socket_path(&config);
     let admin_socket = {
         let socket = socket.clone();
@@ -242,6 +250,8 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             bus: bus.clone(),
             deliveries: full_name(&config.bus.topic_prefix, Topic::Deliveries),
             presence_state: full_name(&config.bus.topic_prefix, Topic::PresenceState),
+            sessions: full_name(&config.bus.topic_prefix, Topic::Sessions),
+            presence: full_name(&config.bus.topic_prefix, Topic::Presence),
             node: config.node_id.clone(),
         };
         tasks.extend(

@@ -126,7 +126,7 @@ pub async fn run(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
 }
 
 /// Normalises `user` (RFC 7622) and checks that its domain is served.
-fn hosted_user(config: &Config, user: &str) -> anyhow::Result<String> {
+pub(crate) fn hosted_user(config: &Config, user: &str) -> anyhow::Result<String> {
     let jid: BareJid = user
         .parse()
         .with_context(|| format!("{user:?} is not a valid address"))?;
@@ -173,7 +173,7 @@ fn read_password(from_stdin: bool, confirm: bool) -> anyhow::Result<String> {
 
 /// SIP digest secrets (RFC 3261 §22.4, RFC 7616) of `password` for the
 /// configured realm, SHA-256 and MD5, with the localpart as the username.
-fn digest(config: &Config, user: &str, password: &str) -> Vec<DigestCredential> {
+pub(crate) fn digest(config: &Config, user: &str, password: &str) -> Vec<DigestCredential> {
     let default_domain = config.domains.first().map(String::as_str).unwrap_or("");
     let realm = config.sip.realm_or(default_domain);
     let username = user.split_once('@').map_or(user, |(local, _)| local);
@@ -188,7 +188,7 @@ fn digest(config: &Config, user: &str, password: &str) -> Vec<DigestCredential> 
 }
 
 /// SCRAM-SHA-256 and SCRAM-SHA-1 keys of `password`, with fresh salts.
-fn credentials(config: &Config, password: &str) -> anyhow::Result<Vec<ScramCredential>> {
+pub(crate) fn credentials(config: &Config, password: &str) -> anyhow::Result<Vec<ScramCredential>> {
     [ScramMechanism::ScramSha256, ScramMechanism::ScramSha1]
         .into_iter()
         .map(|m| {

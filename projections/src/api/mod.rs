@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod params;
 pub mod problem;
 pub mod store;
+pub mod users;
 
 use axum::Router;
 use axum::body::Body;
@@ -28,7 +29,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
+use axum::routing::{MethodRouter, delete, get, post, put};
 
 use crate::Database;
 use crate::compliance::QueryAudit;
@@ -44,9 +45,19 @@ const EXPORT_BUFFER: usize = 4;
 pub const AUDIT_HEADER: &str = "switchboard-audit-seq";
 
 /// State of the API's handlers.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ApiState {
     db: Database,
+    users: users::Users,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("db", &self.db)
+            .field("users", &self.users.is_some())
+            .finish()
+    }
 }
 
 type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
@@ -88,16 +99,44 @@ pub fn routes() -> Vec<(&'static str, Method, MethodRouter<ApiState>)> {
         ),
         ("/api/v1/archive/export", Method::GET, get(export)),
         ("/api/v1/tokens", Method::GET, get(tokens)),
+        ("/api/v1/users", Method::GET, get(users::list)),
+        ("/api/v1/users", Method::POST, post(users::add)),
+        (
+            "/api/v1/users/{user}/password",
+            Method::PUT,
+            put(users::passwd),
+        ),
+        (
+            "/api/v1/users/{user}/disable",
+            Method::POST,
+            post(users::disable),
+        ),
+        (
+            "/api/v1/users/{user}/enable",
+            Method::POST,
+            post(users::enable),
+        ),
+        (
+            "/api/v1/users/{user}",
+            Method::DELETE,
+            delete(users::delete),
+        ),
     ]
 }
 
-/// The API's router over a projections database.
+/// The API's router over a projections database, without user
+/// administration (its routes answer 503).
 pub fn router(db: Database) -> Router {
+    router_with_users(db, None)
+}
+
+/// The API's router, with user administration done by `users`.
+pub fn router_with_users(db: Database, users: users::Users) -> Router {
     let mut router = Router::new();
     for (path, _, handler) in routes() {
         router = router.route(path, handler);
     }
-    router.with_state(ApiState { db })
+    router.with_state(ApiState { db, users })
 }
 
 async fn openapi_json() -> impl IntoResponse {

@@ -6,6 +6,7 @@
 use serde_json::{Value, json};
 
 use super::params::{DEFAULT_LIMIT, MAX_LIMIT, MAX_QUERY_BYTES, MAX_TERMS};
+use super::users::{MAX_PASSWORD_BYTES, MAX_TEXT_BYTES};
 
 fn param(name: &str, description: &str, schema: &Value, required: bool) -> Value {
     json!({
@@ -128,6 +129,135 @@ fn page_operation(
     })
 }
 
+/// The user administration paths (`super::users`).
+fn user_paths() -> Value {
+    let admin = |operation_id: &str, summary: &str, body: Option<Value>, success: (&str, Value)| {
+        let mut responses = problem_responses(body.is_some());
+        responses["503"] = json!({
+            "description": "This process does not administer users.",
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        });
+        responses[success.0] = success.1;
+        let mut op = json!({
+            "operationId": operation_id,
+            "summary": summary,
+            "tags": ["administration"],
+            "security": [{"token": []}],
+            "responses": responses,
+        });
+        if let Some(schema) = body {
+            op["requestBody"] = json!({
+                "required": true,
+                "content": {"application/json": {"schema": schema}},
+            });
+        }
+        op
+    };
+    let problem = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        })
+    };
+    let done = || {
+        (
+            "204",
+            json!({"description": "Done; the change is on the log."}),
+        )
+    };
+    let user_param = json!([{
+        "name": "user",
+        "in": "path",
+        "required": true,
+        "description": "Bare address of the user.",
+        "schema": {"type": "string", "examples": ["alice@example.com"]},
+    }]);
+    let password = json!({"type": "string", "minLength": 1, "maxLength": MAX_PASSWORD_BYTES,
+                          "description": "Turned into salted SCRAM keys and SIP digest secrets; never stored or logged."});
+    let text = json!({"type": ["string", "null"], "maxLength": MAX_TEXT_BYTES});
+    let mut list = admin(
+        "listUsers",
+        "List users",
+        None,
+        (
+            "200",
+            json!({
+                "description": "Every user, in address order.",
+                "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["items"],
+                    "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/User"}}},
+                }}},
+            }),
+        ),
+    );
+    list["responses"].as_object_mut().map(|r| r.remove("400"));
+    let mut add = admin(
+        "addUser",
+        "Provision a user",
+        Some(json!({
+            "type": "object",
+            "required": ["user", "password"],
+            "additionalProperties": false,
+            "properties": {
+                "user": {"type": "string", "description": "Bare address in a served domain."},
+                "password": password,
+                "display_name": text,
+            },
+        })),
+        (
+            "201",
+            json!({
+                "description": "Provisioned.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/User"}}},
+            }),
+        ),
+    );
+    add["responses"]["409"] = problem("The user exists already.");
+    let with_404 = |mut op: Value| {
+        op["responses"]["404"] = problem("No such user.");
+        op
+    };
+    json!({
+        "/api/v1/users": {"get": list, "post": add},
+        "/api/v1/users/{user}/password": {
+            "parameters": user_param,
+            "put": with_404(admin(
+                "setUserPassword",
+                "Set a user's password",
+                Some(json!({
+                    "type": "object",
+                    "required": ["password"],
+                    "additionalProperties": false,
+                    "properties": {"password": password},
+                })),
+                done(),
+            )),
+        },
+        "/api/v1/users/{user}/disable": {
+            "parameters": user_param,
+            "post": with_404(admin(
+                "disableUser",
+                "Disable a user (logins fail); the body is optional",
+                Some(json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {"reason": text},
+                })),
+                done(),
+            )),
+        },
+        "/api/v1/users/{user}/enable": {
+            "parameters": user_param,
+            "post": with_404(admin("enableUser", "Enable a disabled user", None, done())),
+        },
+        "/api/v1/users/{user}": {
+            "parameters": user_param,
+            "delete": with_404(admin("deleteUser", "Delete a user", None, done())),
+        },
+    })
+}
+
 /// The document.
 pub fn document() -> Value {
     let search_filters = || {
@@ -174,14 +304,14 @@ pub fn document() -> Value {
     });
     let nullable =
         |description: &str| json!({"type": ["string", "null"], "description": description});
-    json!({
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "Switchboard compliance API",
             "version": "1.0.0",
             "description": "Search, conversation view and export of the chat archive for compliance \
-                            officers. Every archive query is recorded in the compliance log. Errors are \
-                            RFC 9457 problem details.",
+                            officers; user administration for administrators. Every archive query is \
+                            recorded in the compliance log. Errors are RFC 9457 problem details.",
         },
         "tags": [
             {"name": "archive", "description": "The chat archive (compliance-officer role)."},
@@ -289,6 +419,15 @@ pub fn document() -> Value {
                         "parameter": {"type": "string", "description": "The query parameter at fault (400)."},
                     },
                 },
+                "User": {
+                    "type": "object",
+                    "required": ["user", "enabled", "display_name"],
+                    "properties": {
+                        "user": {"type": "string", "description": "Bare address (RFC 7622 normalised)."},
+                        "enabled": {"type": "boolean", "description": "Whether logins are allowed."},
+                        "display_name": {"type": ["string", "null"]},
+                    },
+                },
                 "Token": {
                     "type": "object",
                     "required": ["id", "name", "role", "created_us", "revoked_us"],
@@ -302,7 +441,11 @@ pub fn document() -> Value {
                 },
             },
         },
-    })
+    });
+    if let (Some(paths), Value::Object(users)) = (doc["paths"].as_object_mut(), user_paths()) {
+        paths.extend(users);
+    }
+    doc
 }
 
 /// The document as served and committed: pretty JSON with a final newline.
@@ -339,7 +482,11 @@ mod tests {
         let paths = doc["paths"].as_object().expect("paths");
         let mut documented = BTreeSet::new();
         for (path, item) in paths {
+            // Path-level `parameters` is not an operation.
             for method in item.as_object().expect("path item").keys() {
+                if method == "parameters" {
+                    continue;
+                }
                 documented.insert((path.clone(), method.clone()));
             }
         }

@@ -2,17 +2,19 @@
 //! single-process default.
 //!
 //! Design:
-//! * One writer task owns the only writing connection. Produce and commit
-//!   requests queue to it; it takes everything waiting (group commit), writes
-//!   it in one transaction with multi-row inserts, and acknowledges only after
+//! * One writer thread owns the only writing connection (rusqlite, synchronous:
+//!   no hop to another thread per statement). Produce and commit requests
+//!   queue to it; it takes everything waiting (group commit), writes it in one
+//!   transaction with cached prepared statements, and acknowledges only after
 //!   `COMMIT` returned. With `journal_mode=WAL` a committed transaction is in
 //!   the WAL file before the acknowledgement, so a crash of the process (kill -9)
 //!   loses nothing acknowledged; `synchronous=FULL` extends that to power loss
 //!   at the cost of an fsync per batch.
 //! * Each partition keeps its newest records in memory (the tail), appended by
 //!   the writer after commit; consumers that keep up read from there and wake
-//!   on a watch channel, so produce-to-consume needs no SQL read. Consumers
-//!   that are behind read from a pool of reading connections.
+//!   on their topics' watch channels (a commit wakes only the consumers of
+//!   the topics it wrote), so produce-to-consume needs no SQL read. Consumers
+//!   that are behind read from a pool of reading connections (sqlx).
 //! * Consumer groups live in the process: members join and leave, partitions
 //!   are split round-robin in member order, and every change is a new
 //!   generation that each member sees on its next poll as Revoked + Assigned.
@@ -35,6 +37,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
@@ -46,8 +49,13 @@ use super::{
 const MAX_BATCH: usize = 8192;
 /// How often the write-ahead log is checkpointed into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
-/// Rows per multi-row `INSERT` statement (6 parameters each).
-const ROWS_PER_INSERT: usize = 128;
+/// Appends one record (a cached prepared statement of the writer).
+const INSERT_RECORD: &str =
+    "INSERT INTO records (tid, part, off, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// Stores a group's position (a cached prepared statement of the writer).
+const UPSERT_POSITION: &str = "INSERT INTO group_offsets (grp, topic, part, next_offset) \
+     VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (grp, topic, part) DO UPDATE SET next_offset = excluded.next_offset";
 
 /// How durable a commit is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -117,6 +125,8 @@ struct TopicState {
     cleanup: CleanupPolicy,
     retention_ms: Option<i64>,
     partitions: Vec<PartitionState>,
+    /// Bumped after every commit that appended records to this topic.
+    appended: watch::Sender<u64>,
 }
 
 /// One member's view of its group.
@@ -152,8 +162,6 @@ struct Inner {
     readers: SqlitePool,
     topics: RwLock<HashMap<String, Arc<TopicState>>>,
     groups: Mutex<HashMap<String, Group>>,
-    /// Bumped after every commit of new records.
-    appended: watch::Sender<u64>,
     /// Bumped after every group membership change.
     group_changed: watch::Sender<u64>,
     next_member: AtomicU64,
@@ -226,15 +234,24 @@ impl EmbeddedBus {
             readers,
             topics: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
-            appended: watch::channel(0).0,
             group_changed: watch::channel(0).0,
             next_member: AtomicU64::new(1),
             commits: AtomicU64::new(0),
         });
         load_topics(&inner, &mut writer_conn).await?;
-        let checkpoint_conn = SqliteConnection::connect_with(&options).await?;
-        tokio::spawn(writer_task(Arc::downgrade(&inner), writer_conn, rx));
-        tokio::spawn(checkpoint_task(Arc::downgrade(&inner), checkpoint_conn));
+        writer_conn.close().await?;
+        let writer_conn = open_writing(&inner.config)?;
+        let checkpoint_conn = open_writing(&inner.config)?;
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("embedded-log-writer".into())
+            .spawn(move || writer_thread(&weak, writer_conn, rx))
+            .map_err(|e| BusError::Config(format!("cannot start the log writer: {e}")))?;
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("embedded-log-checkpoint".into())
+            .spawn(move || checkpoint_thread(&weak, &checkpoint_conn))
+            .map_err(|e| BusError::Config(format!("cannot start the log checkpointer: {e}")))?;
         tokio::spawn(maintenance_task(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
@@ -258,6 +275,58 @@ impl EmbeddedBus {
             .get(name)
             .cloned()
             .ok_or_else(|| BusError::UnknownTopic(name.to_owned()))
+    }
+}
+
+/// A writing connection of the writer or checkpoint thread, with the same
+/// settings as the migrating one: WAL, the configured `synchronous`, no
+/// automatic checkpoints (the checkpoint thread does them).
+fn open_writing(config: &EmbeddedConfig) -> Result<rusqlite::Connection, BusError> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        &config.path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage_error(&e))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(|e| storage_error(&e))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| storage_error(&e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(BusError::Config(format!(
+            "{}: journal_mode is {mode}, the log needs wal",
+            config.path.display()
+        )));
+    }
+    let synchronous = match config.synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(|e| storage_error(&e))?;
+    conn.pragma_update(None, "cache_size", -32768)
+        .map_err(|e| storage_error(&e))?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|e| storage_error(&e))?;
+    conn.pragma_update(None, "journal_size_limit", 67_108_864)
+        .map_err(|e| storage_error(&e))?;
+    conn.set_prepared_statement_cache_capacity(16);
+    Ok(conn)
+}
+
+/// The bus's storage error for an error of the writer's SQLite connection;
+/// I/O errors stay retriable.
+fn storage_error(e: &rusqlite::Error) -> BusError {
+    BusError::Storage(storage_sqlx_error(e))
+}
+
+fn storage_sqlx_error(e: &rusqlite::Error) -> sqlx::Error {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull) => {
+            sqlx::Error::Io(std::io::Error::other(e.to_string()))
+        }
+        _ => sqlx::Error::Protocol(e.to_string()),
     }
 }
 
@@ -323,6 +392,7 @@ async fn load_topics(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), B
                     }
                 })
                 .collect(),
+            appended: watch::channel(0).0,
         };
         inner
             .topics
@@ -331,27 +401,6 @@ async fn load_topics(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), B
             .insert(name, Arc::new(state));
     }
     Ok(())
-}
-
-/// `INSERT` statements for 1..=ROWS_PER_INSERT rows, built once.
-fn insert_sql(rows: usize) -> &'static str {
-    static CACHE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let cache = CACHE.get_or_init(|| {
-        (0..=ROWS_PER_INSERT)
-            .map(|n| {
-                let mut sql =
-                    String::from("INSERT INTO records (tid, part, off, key, value, ts) VALUES ");
-                for i in 0..n {
-                    if i > 0 {
-                        sql.push(',');
-                    }
-                    sql.push_str("(?,?,?,?,?,?)");
-                }
-                sql
-            })
-            .collect()
-    });
-    &cache[rows]
 }
 
 /// A commit of group positions waiting for the writer.
@@ -370,21 +419,25 @@ struct PendingProduce {
     reply: oneshot::Sender<Result<Delivery, BusError>>,
 }
 
-async fn writer_task(
-    inner: Weak<Inner>,
-    mut conn: SqliteConnection,
+/// The writer thread: takes every waiting request (up to [`MAX_BATCH`]),
+/// writes them in one transaction and answers each once it is committed.
+fn writer_thread(
+    inner: &Weak<Inner>,
+    mut conn: rusqlite::Connection,
     mut rx: mpsc::Receiver<WriteOp>,
 ) {
     // Next offset to assign per (topic id, partition); initialised lazily
     // from the committed end of the partition.
     let mut next: HashMap<(i64, usize), i64> = HashMap::new();
-    let mut ops = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        let mut produces = Vec::with_capacity(ops.len());
-        let mut commits = Vec::new();
-        let mut maintains = Vec::new();
-        for op in ops.drain(..) {
-            match op {
+    let mut produces = Vec::with_capacity(MAX_BATCH);
+    let mut commits = Vec::new();
+    let mut maintains = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut op = Some(first);
+        let mut taken = 0;
+        while let Some(current) = op.take() {
+            taken += 1;
+            match current {
                 WriteOp::Produce {
                     topic,
                     partition,
@@ -417,22 +470,32 @@ async fn writer_task(
                 } => commits.push((group, positions, reply)),
                 WriteOp::Maintain { reply } => maintains.push(reply),
             }
+            if taken < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => op = Some(more),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => {}
+                }
+            }
         }
         let ts = now_ms();
-        let result = write_batch(&mut conn, &produces, &commits, ts).await;
+        let result = if produces.is_empty() && commits.is_empty() {
+            Ok(())
+        } else {
+            write_batch(&mut conn, &produces, &commits, ts)
+        };
         match result {
             Ok(()) => {
                 if let Some(inner) = inner.upgrade() {
                     inner.commits.fetch_add(1, Ordering::Relaxed);
                     publish(&inner, &produces, ts);
                 }
-                for p in produces {
+                for p in produces.drain(..) {
                     let _ = p.reply.send(Ok(Delivery {
                         partition: p.partition as i32,
                         offset: p.offset,
                     }));
                 }
-                for (_, _, reply) in commits {
+                for (_, _, reply) in commits.drain(..) {
                     let _ = reply.send(Ok(()));
                 }
             }
@@ -440,20 +503,17 @@ async fn writer_task(
                 tracing::error!(error = %e, "embedded log: write failed");
                 // Nothing of the batch is durable: hand the offsets out again.
                 next.clear();
-                let msg = e.to_string();
-                for p in produces {
-                    let _ = p
-                        .reply
-                        .send(Err(BusError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                for p in produces.drain(..) {
+                    let _ = p.reply.send(Err(BusError::Storage(storage_sqlx_error(&e))));
                 }
-                for (_, _, reply) in commits {
-                    let _ = reply.send(Err(BusError::Storage(sqlx::Error::Protocol(msg.clone()))));
+                for (_, _, reply) in commits.drain(..) {
+                    let _ = reply.send(Err(BusError::Storage(storage_sqlx_error(&e))));
                 }
             }
         }
-        for reply in maintains {
+        for reply in maintains.drain(..) {
             let result = match inner.upgrade() {
-                Some(inner) => maintain(&inner, &mut conn).await,
+                Some(inner) => maintain(&inner, &conn),
                 None => Err(BusError::Closed),
             };
             let _ = reply.send(result);
@@ -461,41 +521,42 @@ async fn writer_task(
     }
 }
 
-async fn write_batch(
-    conn: &mut SqliteConnection,
+/// One transaction: the records of the batch, then the groups' positions.
+/// Dropping the transaction on an error rolls it back.
+fn write_batch(
+    conn: &mut rusqlite::Connection,
     produces: &[PendingProduce],
     commits: &[PendingCommit],
     ts: i64,
-) -> Result<(), sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    for chunk in produces.chunks(ROWS_PER_INSERT) {
-        let mut query = sqlx::query(insert_sql(chunk.len()));
-        for p in chunk {
-            query = query
-                .bind(p.topic.id)
-                .bind(p.partition as i64)
-                .bind(p.offset)
-                .bind(&p.key[..])
-                .bind(p.value.as_deref())
-                .bind(ts);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    for (group, positions, _) in commits {
-        for (tp, offset) in positions {
-            sqlx::query(
-                "INSERT INTO group_offsets (grp, topic, part, next_offset) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (grp, topic, part) DO UPDATE SET next_offset = excluded.next_offset",
-            )
-            .bind(group)
-            .bind(&*tp.topic)
-            .bind(i64::from(tp.partition))
-            .bind(offset)
-            .execute(&mut *tx)
-            .await?;
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !produces.is_empty() {
+        let mut insert = tx.prepare_cached(INSERT_RECORD)?;
+        for p in produces {
+            insert.execute(rusqlite::params![
+                p.topic.id,
+                p.partition as i64,
+                p.offset,
+                &p.key[..],
+                p.value.as_deref(),
+                ts
+            ])?;
         }
     }
-    tx.commit().await
+    if !commits.is_empty() {
+        let mut upsert = tx.prepare_cached(UPSERT_POSITION)?;
+        for (group, positions, _) in commits {
+            for (tp, offset) in positions {
+                upsert.execute(rusqlite::params![
+                    group,
+                    &*tp.topic,
+                    i64::from(tp.partition),
+                    offset
+                ])?;
+            }
+        }
+    }
+    tx.commit()
 }
 
 /// Makes committed records visible to consumers.
@@ -504,7 +565,11 @@ fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
         return;
     }
     let limit = inner.config.tail_records.max(1);
+    let mut touched: Vec<&Arc<TopicState>> = Vec::new();
     for p in produces {
+        if !touched.iter().any(|t| Arc::ptr_eq(t, &p.topic)) {
+            touched.push(&p.topic);
+        }
         let mut tail = p.topic.partitions[p.partition]
             .tail
             .write()
@@ -522,7 +587,9 @@ fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
             }
         }
     }
-    inner.appended.send_modify(|v| *v = v.wrapping_add(1));
+    for topic in touched {
+        topic.appended.send_modify(|v| *v = v.wrapping_add(1));
+    }
 }
 
 /// Copies the write-ahead log into the database file every
@@ -530,11 +597,10 @@ fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
 /// inside its commits. Small, frequent checkpoints keep each one short: at
 /// 5,000 events/s, 500 ms checkpoints put the p99 latency at 2.1-2.6 ms,
 /// 100 ms ones at 1.6-1.8 ms (BENCHMARKS.md).
-async fn checkpoint_task(inner: Weak<Inner>, mut conn: SqliteConnection) {
-    let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
     let mut checkpointed = 0;
     loop {
-        ticker.tick().await;
+        std::thread::sleep(CHECKPOINT_INTERVAL);
         let Some(strong) = inner.upgrade() else {
             return;
         };
@@ -544,10 +610,7 @@ async fn checkpoint_task(inner: Weak<Inner>, mut conn: SqliteConnection) {
             continue;
         }
         checkpointed = commits;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "embedded log: checkpoint failed");
         }
     }
@@ -583,7 +646,7 @@ async fn maintenance_task(inner: Weak<Inner>) {
 
 /// Compaction of compacted topics and retention of delete topics. Runs on the
 /// writer's connection, between batches.
-async fn maintain(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusError> {
+fn maintain(inner: &Inner, conn: &rusqlite::Connection) -> Result<(), BusError> {
     let topics: Vec<Arc<TopicState>> = inner
         .topics
         .read()
@@ -600,17 +663,15 @@ async fn maintain(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusE
                         .unwrap_or(i64::MAX);
                 // Keep the newest record per key; drop tombstones once old,
                 // but never the newest record of a partition.
-                sqlx::query(
+                conn.execute(
                     "DELETE FROM records WHERE tid = ?1 AND ( \
                        off < (SELECT MAX(r.off) FROM records r \
                               WHERE r.tid = records.tid AND r.part = records.part AND r.key = records.key) \
                        OR (value IS NULL AND ts < ?2 AND off < (SELECT MAX(r.off) FROM records r \
                               WHERE r.tid = records.tid AND r.part = records.part)))",
+                    rusqlite::params![topic.id, tombstone_cutoff],
                 )
-                .bind(topic.id)
-                .bind(tombstone_cutoff)
-                .execute(&mut *conn)
-                .await?;
+                .map_err(|e| storage_error(&e))?;
                 for partition in &topic.partitions {
                     let mut tail = partition.tail.write().expect("tail lock");
                     let mut seen = HashSet::new();
@@ -630,14 +691,12 @@ async fn maintain(inner: &Inner, conn: &mut SqliteConnection) -> Result<(), BusE
                     continue;
                 };
                 let cutoff = now - retention;
-                sqlx::query(
+                conn.execute(
                     "DELETE FROM records WHERE tid = ?1 AND ts < ?2 AND off < (SELECT MAX(r.off) \
                      FROM records r WHERE r.tid = records.tid AND r.part = records.part)",
+                    rusqlite::params![topic.id, cutoff],
                 )
-                .bind(topic.id)
-                .bind(cutoff)
-                .execute(&mut *conn)
-                .await?;
+                .map_err(|e| storage_error(&e))?;
                 for partition in &topic.partitions {
                     let mut tail = partition.tail.write().expect("tail lock");
                     while tail.records.len() > 1
@@ -713,6 +772,7 @@ impl Bus for EmbeddedBus {
                         }),
                     })
                     .collect(),
+                appended: watch::channel(0).0,
             };
             self.inner
                 .topics
@@ -748,8 +808,9 @@ impl Bus for EmbeddedBus {
     }
 
     async fn consumer(&self, config: ConsumerConfig) -> Result<Box<dyn Consumer>, BusError> {
+        let mut appended = Vec::with_capacity(config.topics.len());
         for t in &config.topics {
-            self.topic(t)?;
+            appended.push(self.topic(t)?.appended.subscribe());
         }
         let member = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
         {
@@ -768,11 +829,12 @@ impl Bus for EmbeddedBus {
         Ok(Box::new(EmbeddedConsumer {
             bus: self.clone(),
             member,
-            appended: self.inner.appended.subscribe(),
+            appended,
             group_changed: self.inner.group_changed.subscribe(),
             config,
             generation: 0,
             assignment: Vec::new(),
+            assigned_topics: Vec::new(),
             positions: BTreeMap::new(),
             pending: VecDeque::new(),
             next_partition: 0,
@@ -835,10 +897,13 @@ struct EmbeddedConsumer {
     bus: EmbeddedBus,
     member: u64,
     config: ConsumerConfig,
-    appended: watch::Receiver<u64>,
+    /// One per subscribed topic: bumped when records were appended to it.
+    appended: Vec<watch::Receiver<u64>>,
     group_changed: watch::Receiver<u64>,
     generation: u64,
     assignment: Vec<TopicPartition>,
+    /// The topic of each entry of `assignment`.
+    assigned_topics: Vec<Arc<TopicState>>,
     positions: BTreeMap<TopicPartition, i64>,
     pending: VecDeque<Polled>,
     next_partition: usize,
@@ -868,7 +933,9 @@ impl EmbeddedConsumer {
         // Everything that waits comes first, so that a poll cancelled here
         // changes nothing and the next poll starts over (cancel safety).
         let mut positions = BTreeMap::new();
+        let mut assigned_topics = Vec::with_capacity(assigned.len());
         for tp in &assigned {
+            assigned_topics.push(self.bus.topic(&tp.topic)?);
             let committed: Option<i64> = sqlx::query_scalar(
                 "SELECT next_offset FROM group_offsets WHERE grp = ? AND topic = ? AND part = ?",
             )
@@ -898,6 +965,7 @@ impl EmbeddedConsumer {
         }
         self.positions = positions;
         self.assignment = assigned.clone();
+        self.assigned_topics = assigned_topics;
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
     }
@@ -913,9 +981,10 @@ impl EmbeddedConsumer {
             if out.len() >= self.config.max_batch {
                 break;
             }
-            let tp = self.assignment[(self.next_partition + i) % n].clone();
+            let index = (self.next_partition + i) % n;
+            let tp = self.assignment[index].clone();
             let position = self.positions.get(&tp).copied().unwrap_or(0);
-            let topic = self.bus.topic(&tp.topic)?;
+            let topic = self.assigned_topics[index].clone();
             let want = self.config.max_batch - out.len();
             let before = out.len();
             let from_db = {
@@ -1009,13 +1078,27 @@ impl Consumer for EmbeddedConsumer {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            self.appended.borrow_and_update();
+            for appended in &mut self.appended {
+                appended.borrow_and_update();
+            }
             let records = self.fetch().await?;
             if !records.is_empty() {
                 return Ok(Polled::Records(records));
             }
+            let appended = &mut self.appended;
+            let appended = async move {
+                match appended.as_mut_slice() {
+                    [] => std::future::pending().await,
+                    [one] => one.changed().await,
+                    many => {
+                        futures::future::select_all(many.iter_mut().map(|r| Box::pin(r.changed())))
+                            .await
+                            .0
+                    }
+                }
+            };
             tokio::select! {
-                changed = self.appended.changed() => {
+                changed = appended => {
                     if changed.is_err() {
                         return Err(BusError::Closed);
                     }

@@ -252,6 +252,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             presence_state: full_name(&config.bus.topic_prefix, Topic::PresenceState),
             sessions: full_name(&config.bus.topic_prefix, Topic::Sessions),
             presence: full_name(&config.bus.topic_prefix, Topic::Presence),
+            roster: full_name(&config.bus.topic_prefix, Topic::Roster),
             node: config.node_id.clone(),
         };
         tasks.extend(

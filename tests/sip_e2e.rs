@@ -31,6 +31,9 @@
 //!    wrong password), SUBSCRIBE to the XMPP user's presence with a NOTIFY
 //!    of its change, a PUBLISH the XMPP user sees, MESSAGE both ways, an
 //!    unsubscribe within the dialog and the unregistration;
+//! l. a SIP watcher blocked by the XMPP user it watches (XEP-0191): its
+//!    subscription ends `terminated;reason=rejected` (RFC 6665 §4.2.2), a
+//!    new SUBSCRIBE gets 403, and after the unblock it is active again;
 //! h. the log holds what happened: session.login_succeeded and
 //!    session.login_failed (protocol sip), session.resource_bound (protocol
 //!    sip, with the contact), presence.device from the publication (away, note),
@@ -716,6 +719,38 @@ fn suite(d: &SipDeployment) {
             },
         );
     }
+    // l. SPEC.md §5: a SIP subscription is authorized unless the watcher is
+    // blocked; the XMPP user blocking the pjsua2 watcher ends its
+    // subscription (terminated;reason=rejected), a new SUBSCRIBE gets 403,
+    // and after the unblock it is active again.
+    let (_, (sip_user, sip_password), (xmpp_user, xmpp_password)) = PJSUA[0];
+    let sip = d.sip.to_string();
+    let outcome = d.base.client(
+        &python,
+        "sip_pjsua.py",
+        "blocked",
+        60,
+        &[
+            "--sip",
+            &sip,
+            "--sip-user",
+            sip_user,
+            "--sip-password",
+            sip_password,
+            "--xmpp-user",
+            xmpp_user,
+            "--xmpp-password",
+            xmpp_password,
+        ],
+    );
+    check(
+        "l. a blocked sip watcher",
+        if outcome.bool("ok") {
+            Ok(())
+        } else {
+            Err(outcome.report)
+        },
+    );
     check("stopping the server", server.stop());
     let sessions = d.events("sessions");
     let bound: Vec<_> = sessions
@@ -783,4 +818,112 @@ fn suite(d: &SipDeployment) {
         failures.join("\n\n"),
         d.base.log_tail()
     );
+}
+
+/// Registrations outlive a restart of `switchboard serve` (RFC 3261 §10.2.1:
+/// a binding lasts until its expiry): bob's device registers, the server
+/// restarts, and alice's MESSAGE reaches the device without it registering
+/// again (the gateway rebuilt the binding from the log).
+#[test]
+fn sip_registration_survives_a_restart_embedded() {
+    registration_survives_a_restart(&SipDeployment::new());
+}
+
+/// The same on Kafka.
+#[test]
+fn sip_registration_survives_a_restart_kafka() {
+    registration_survives_a_restart(&SipDeployment::on_kafka());
+}
+
+fn registration_survives_a_restart(d: &SipDeployment) {
+    for (user, password) in [ALICE, BOB] {
+        d.add_user(user, password);
+    }
+    let fail = |what: &str, detail: String| -> ! {
+        panic!("{what}: {detail}\n{}", d.base.log_tail());
+    };
+    let sipp = |scenario: &str, args: &[&str]| {
+        let run = run_scenario(d.sip, scenario, args);
+        if run.ok() { Ok(()) } else { Err(run.report()) }
+    };
+    let server = d.start().unwrap_or_else(|e| fail("first start", e));
+    let device_port = support::sip::free_sip_port();
+    let port = device_port.to_string();
+    if let Err(e) = sipp(
+        "register_contact.xml",
+        &[
+            "-key",
+            "user",
+            "bob",
+            "-au",
+            "bob",
+            "-ap",
+            BOB.1,
+            "-key",
+            "contact_port",
+            &port,
+            "-m",
+            "1",
+        ],
+    ) {
+        fail("bob's registration", e);
+    }
+    if let Err(e) = server.stop() {
+        fail("first stop", e);
+    }
+    let server = d.start().unwrap_or_else(|e| fail("second start", e));
+    let sip = d.sip;
+    let device = std::thread::spawn(move || {
+        support::sip::run_scenario_at(sip, "receive_message.xml", device_port, &["-m", "1"])
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = sipp(
+        "message.xml",
+        &[
+            "-key",
+            "user",
+            "alice",
+            "-au",
+            "alice",
+            "-ap",
+            ALICE.1,
+            "-key",
+            "to",
+            "bob",
+            "-key",
+            "text",
+            "after-the-restart",
+            "-m",
+            "1",
+        ],
+    );
+    let received = device.join().unwrap();
+    let outcome = sent.and(traced(&received, &["after-the-restart"]));
+    let stopped = server.stop();
+    if let Err(e) = outcome {
+        fail("the message after the restart", e);
+    }
+    if let Err(e) = stopped {
+        fail("second stop", e);
+    }
+    // Two sessions of the same device: the registration, and the binding
+    // rebuilt at the second start.
+    let bound: Vec<_> = d
+        .events("sessions")
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::SessionResourceBound(b)
+                if b.protocol == Protocol::Sip && b.full_jid.as_str().starts_with("bob@") =>
+            {
+                Some(b)
+            }
+            _ => None,
+        })
+        .collect();
+    if bound.len() != 2
+        || bound[0].full_jid != bound[1].full_jid
+        || bound[0].session_id == bound[1].session_id
+    {
+        fail("sessions in the log", format!("{bound:?}"));
+    }
 }

@@ -48,6 +48,19 @@ interwork
     On failure "error" and "stage" name the first step that failed; "trace"
     holds the tail of pjsua2's SIP message log.
 
+blocked
+    SPEC.md §5: SIP subscriptions are authorized unless the watcher is
+    blocked. The pjsua2 account of --sip-user registers and subscribes to
+    the presence of --xmpp-user (slixmpp), which first clears its block list:
+    the subscription is active. The XMPP user blocks the SIP user (XEP-0191
+    §3.3): the subscription must end with a NOTIFY
+    `terminated;reason=rejected` (RFC 6665 §4.2.2). A new SUBSCRIBE must be
+    refused 403 (RFC 6665 §4.2.1.1). The XMPP user unblocks the SIP user
+    (§3.4): a new SUBSCRIBE is active again.
+      {"ok": true, "active": true, "terminated": {"term_reason": "rejected", ...},
+       "resubscribed": {"term_code": 403, ...}, "active_again": true}
+    Same options as interwork.
+
 pjsua2-python's wheels are CPython 3.11 and 3.12 only (manylinux x86_64).
 
 Example
@@ -381,6 +394,91 @@ async def run_interwork(args: argparse.Namespace) -> dict[str, Any]:
         await sip.close()
 
 
+async def run_blocked(args: argparse.Namespace) -> dict[str, Any]:
+    import slixmpp
+
+    result: dict[str, Any] = {"ok": False, "transport": args.transport}
+    trace = Trace(args.verbose)
+    sip = Sip(args, trace)
+    owner = RosterClient("xmpp", args.xmpp_user, args.xmpp_password, args)
+    owner.xmpp.register_plugin("xep_0191")
+    step = lambda: min(args.deadline - CLOSE_MARGIN, time.monotonic() + args.step)  # noqa: E731
+    left = lambda: max(1.0, step() - time.monotonic())  # noqa: E731
+    objects: list[Any] = []
+
+    def fail(error: str, stage: str) -> dict[str, Any]:
+        result.update({"error": error, "stage": stage, "trace": trace.tail()})
+        return result
+
+    try:
+        acc = sip.account(args.sip_password, publish=False)
+        objects.append(acc)
+        await sip.until(lambda: acc.reg_codes, step())
+        if (acc.reg_codes or [None])[0] != 200:
+            return fail("not-registered", "register")
+        try:
+            await owner.start_with_roster(step())
+        except LoginError as e:
+            result.update(e.fields())
+            return result
+        # Nothing blocked yet (an earlier run may have left the list).
+        unblock_all = owner.xmpp.make_iq_set()
+        unblock_all.enable("unblock")
+        await unblock_all.send(timeout=left())
+
+        buddy = sip.Buddy()
+        objects.append(buddy)
+        bcfg = pj.BuddyConfig()
+        bcfg.uri = f"sip:{args.xmpp_user}"
+        bcfg.subscribe = True
+        buddy.create(acc, bcfg)
+        active = lambda: any(s["sub"] == "ACTIVE" for s in buddy.states)  # noqa: E731
+        ended = lambda: next((s for s in buddy.states if s["sub"] == "TERMINATED"), None)  # noqa: E731
+        result["active"] = bool(await sip.until(active, step()))
+        if not result["active"]:
+            return fail("subscription-not-active", "subscribe")
+
+        # XEP-0191 §3.3 from the XMPP side: the SIP watcher is blocked.
+        buddy.states.clear()
+        await owner.xmpp.plugin["xep_0191"].block(args.sip_user, timeout=left())
+        end = await sip.until(ended, step())
+        result["terminated"] = end
+        if not end or end["term_reason"] != "rejected":
+            return fail("subscription-not-rejected", "block")
+
+        # A new SUBSCRIBE from the blocked watcher: 403.
+        buddy.states.clear()
+        buddy.subscribePresence(False)
+        buddy.subscribePresence(True)
+        refused = lambda: next((s for s in buddy.states  # noqa: E731
+                                if s["sub"] == "TERMINATED" and s["term_code"] >= 400), None)
+        end = await sip.until(refused, step())
+        result["resubscribed"] = end
+        if not end or end["term_code"] != 403:
+            return fail("blocked-subscribe-not-refused", "resubscribe")
+
+        # Unblocked, the watcher is authorized again.
+        await owner.xmpp.plugin["xep_0191"].unblock(args.sip_user, timeout=left())
+        await asyncio.sleep(1.0)  # the block lists follow the roster topic
+        buddy.states.clear()
+        buddy.subscribePresence(False)
+        buddy.subscribePresence(True)
+        result["active_again"] = bool(await sip.until(active, step()))
+        if not result["active_again"]:
+            result["buddy_states"] = buddy.states[-5:]
+            return fail("unblocked-subscribe-not-active", "unblock")
+        buddy.subscribePresence(False)
+        await sip.until(ended, step())
+        result["ok"] = True
+        return result
+    except (slixmpp.exceptions.IqError, slixmpp.exceptions.IqTimeout) as e:
+        return fail("iq-failed", type(e).__name__)
+    finally:
+        await close_all([owner])
+        del objects
+        await sip.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -402,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     iw.add_argument("--xmpp-user", required=True, metavar="JID")
     iw.add_argument("--xmpp-password", required=True)
     iw.add_argument("--step", type=float, default=10.0, help="seconds allowed per step")
+    bl = sub.add_parser("blocked")
+    for action in iw._actions[1:]:
+        bl._add_action(action)
     return parser
 
 
@@ -413,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"ok": False, "error": "pjsua2-missing", "detail": str(e)}))
         return 1
     pj = pjsua2
-    return run_cli(build_parser(), {"interwork": run_interwork}, argv)
+    return run_cli(build_parser(), {"interwork": run_interwork, "blocked": run_blocked}, argv)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,20 @@
 //! with PIDF/RPID bodies (RFC 3863, RFC 4480), and instant messages
 //! (RFC 3428).
 //!
-//! The cores ([`message`], [`transaction`], [`digest`], [`pidf`],
-//! [`registrar`], [`publish`], [`subscribe`]) do no I/O; [`server`] owns
-//! the UDP, TCP and TLS sockets and turns requests into events.
+//! The cores ([`message`], [`transaction`], [`digest`], [`pidf`], [`blocks`],
+//! [`registrar`], [`publish`], [`subscribe`], [`restore`]) do no I/O;
+//! [`server`] owns the UDP, TCP and TLS sockets and turns requests into
+//! events.
 
 use std::net::SocketAddr;
 
+pub mod blocks;
 pub mod digest;
 pub mod message;
 pub mod pidf;
 pub mod publish;
 pub mod registrar;
+pub mod restore;
 pub mod server;
 pub mod subscribe;
 pub mod transaction;

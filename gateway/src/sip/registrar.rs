@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::Flow;
+use super::pidf::DeviceState;
 
 /// One registered contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,11 @@ pub struct Binding {
     pub cseq: u32,
     /// The client's User-Agent.
     pub user_agent: Option<String>,
+    /// When the log last recorded the binding (`session.resource_bound`):
+    /// a restart rebuilds it from there (see [`super::restore`]).
+    pub logged_at: Instant,
+    /// The device state its publications last gave (None: registered only).
+    pub device_state: Option<DeviceState>,
 }
 
 impl Binding {
@@ -133,10 +139,31 @@ impl Registrar {
             call_id: call_id.to_owned(),
             cseq,
             user_agent: user_agent.map(str::to_owned),
+            logged_at: now,
+            device_state: None,
         };
         self.by_session.insert(binding.session_id, key.clone());
         self.bindings.insert(key, binding.clone());
         Ok(Some(Change::Added(binding)))
+    }
+
+    /// Puts back a binding rebuilt from the log after a restart; an existing
+    /// binding of the same device (a REGISTER that came first) wins.
+    pub fn restore(&mut self, binding: Binding) -> bool {
+        let key = (binding.aor.clone(), binding.resource.clone());
+        if self.bindings.contains_key(&key) {
+            return false;
+        }
+        self.by_session.insert(binding.session_id, key.clone());
+        self.bindings.insert(key, binding);
+        true
+    }
+
+    /// The binding of a device by its full address, mutably.
+    pub fn by_full_jid_mut(&mut self, full_jid: &str) -> Option<&mut Binding> {
+        let (aor, resource) = full_jid.split_once('/')?;
+        self.bindings
+            .get_mut(&(aor.to_owned(), resource.to_owned()))
     }
 
     /// Removes one binding.

@@ -30,6 +30,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{RwLock, mpsc, watch};
 use uuid::Uuid;
 
+use super::blocks::{Applied, Policies};
 use super::digest::{self, NonceCheck, Nonces};
 use super::message::{self, Limits, Message, ParseError, Request, Response};
 use super::pidf;
@@ -49,6 +50,9 @@ const T2: Duration = Duration::from_secs(4);
 const TICK: Duration = Duration::from_millis(200);
 /// The event packages served (RFC 6665 §8.2.2 `Allow-Events`).
 const ALLOW_EVENTS: &str = "presence, presence.winfo";
+/// When the device presence of registrations rebuilt at start-up is
+/// repeated (see [`SipContext::reannounce`]).
+const REANNOUNCE_AFTER: Duration = Duration::from_secs(3);
 /// Messages a connection may have queued for writing.
 const CONNECTION_QUEUE: usize = 256;
 
@@ -118,6 +122,8 @@ struct State {
     registrar: Registrar,
     publications: Publications,
     subscriptions: Subscriptions,
+    /// The users' block lists (who may not watch them).
+    policies: Policies,
     /// Requests this node sent over UDP awaiting a response, by branch
     /// (RFC 3261 §17.1.2.2 Timer E and F).
     outgoing: HashMap<String, Outgoing>,
@@ -807,7 +813,7 @@ impl SipContext {
             let result = match change {
                 Change::Added(b) => self.binding_started(b).await,
                 Change::Removed(b) => self.binding_ended(b, SessionEndReason::Logout).await,
-                Change::Refreshed(_) => Ok(()),
+                Change::Refreshed(b) => self.log_refresh(b, now).await,
             };
             if let Err(e) = result {
                 tracing::error!(error = %e, "sip registration event not stored");
@@ -836,7 +842,6 @@ impl SipContext {
     }
 
     async fn binding_started(&self, b: &super::registrar::Binding) -> Result<(), EmitError> {
-        let full = FullJid::new(b.full_jid());
         self.events
             .emit(
                 &b.aor,
@@ -849,6 +854,19 @@ impl SipContext {
                 },
             )
             .await?;
+        self.announce(b, None).await
+    }
+
+    /// `session.resource_bound` for a binding and its `presence.device`
+    /// (what its publications last said, else available): at a new
+    /// binding, at a refresh the log must cover (see [`super::restore`]),
+    /// and for a binding rebuilt after a restart.
+    async fn announce(
+        &self,
+        b: &super::registrar::Binding,
+        state: Option<&pidf::DeviceState>,
+    ) -> Result<(), EmitError> {
+        let full = FullJid::new(b.full_jid());
         self.events
             .emit(
                 &b.aor,
@@ -865,7 +883,127 @@ impl SipContext {
                 },
             )
             .await?;
-        self.device(&b.aor, &b.full_jid(), true, None).await
+        let available = state.is_none_or(|s| s.available);
+        self.device(&b.aor, &b.full_jid(), available, state).await
+    }
+
+    /// A refresh is logged again (the same session's
+    /// `session.resource_bound`, then its device presence) once the binding
+    /// would outlive `logged_at + register_max_expires_secs`, the expiry a
+    /// restart rebuilds it with (see [`super::restore`]).
+    async fn log_refresh(
+        &self,
+        b: &super::registrar::Binding,
+        now: Instant,
+    ) -> Result<(), EmitError> {
+        let max = Duration::from_secs(u64::from(self.settings.register_max_expires_secs));
+        if b.expires_at <= b.logged_at + max {
+            return Ok(());
+        }
+        self.announce(b, b.device_state.as_ref()).await?;
+        if let Some(bound) = self.lock().registrar.by_full_jid_mut(&b.full_jid()) {
+            bound.logged_at = now;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds this node's registrations from the log (`sessions`, then
+    /// `presence`, read to their ends; see [`super::restore`]) and announces
+    /// each as a new device session. Returns their session ids.
+    pub async fn restore(
+        &self,
+        bus: &Arc<dyn Bus>,
+        sessions: &str,
+        presence: &str,
+        node: &str,
+    ) -> Result<Vec<Uuid>, BusError> {
+        let mut fold = super::restore::Fold::new(node);
+        for topic in [sessions, presence] {
+            read_to_end(bus, topic, |envelope| fold.apply(envelope)).await?;
+        }
+        let now = Instant::now();
+        let mut restored = Vec::new();
+        {
+            let mut state = self.lock();
+            for (logged, left, flow) in
+                fold.live(chrono::Utc::now(), self.settings.register_max_expires_secs)
+            {
+                let binding = super::registrar::Binding {
+                    aor: logged.aor,
+                    resource: logged.resource,
+                    contact: logged.contact,
+                    session_id: Uuid::now_v7(),
+                    expires_at: now + Duration::from_secs(left),
+                    flow,
+                    // Any REGISTER of the device refreshes it (§10.3 step 7).
+                    call_id: String::new(),
+                    cseq: 0,
+                    user_agent: logged.user_agent,
+                    logged_at: now,
+                    device_state: logged.state,
+                };
+                if state.registrar.restore(binding.clone()) {
+                    restored.push(binding);
+                }
+            }
+        }
+        for b in &restored {
+            if let Err(e) = self.announce(b, b.device_state.as_ref()).await {
+                tracing::error!(error = %e, device = %b.full_jid(), "rebuilt sip registration not announced");
+                self.lock().registrar.remove(&b.aor, &b.resource);
+            }
+        }
+        Ok(restored.iter().map(|b| b.session_id).collect())
+    }
+
+    /// Folds a `roster` event into the block lists; a block ends the
+    /// presence subscriptions it now refuses with a final NOTIFY
+    /// `terminated;reason=rejected` (RFC 6665 §4.2.2: the subscription ended
+    /// through a change in authorization policy).
+    pub async fn policy_event(&self, event: &Event) {
+        let rejected: Vec<Subscription> = {
+            let mut state = self.lock();
+            let Applied::Tightened(user) = state.policies.apply(event) else {
+                return;
+            };
+            let keys: Vec<String> = state
+                .subscriptions
+                .watchers_of(&user)
+                .into_iter()
+                .filter(|s| state.policies.blocks(&user, &s.watcher))
+                .map(|s| s.key.clone())
+                .collect();
+            keys.iter()
+                .filter_map(|k| state.subscriptions.remove(k))
+                .collect()
+        };
+        for sub in rejected {
+            tracing::info!(watcher = %sub.watcher, presentity = %sub.presentity, "sip subscription rejected by a block");
+            self.final_notify(sub, "rejected").await;
+        }
+    }
+
+    /// The device presence of rebuilt bindings, again. A rebind of an
+    /// address the router already knew starts unavailable, and a router
+    /// rebuilding its table at the same start may read the `presence`
+    /// record before the `sessions` one; the repeat, once that rebuild is
+    /// over, makes the device available there (and releases what was
+    /// stored for it meanwhile).
+    pub async fn reannounce(&self, sessions: &[Uuid]) {
+        let bindings: Vec<_> = {
+            let state = self.lock();
+            sessions
+                .iter()
+                .filter_map(|id| state.registrar.by_session(*id).cloned())
+                .collect()
+        };
+        for b in bindings {
+            let state = b.device_state.as_ref();
+            let available = state.is_none_or(|s| s.available);
+            if let Err(e) = self.device(&b.aor, &b.full_jid(), available, state).await {
+                tracing::error!(error = %e, device = %b.full_jid(), "rebuilt sip registration not re-announced");
+            }
+        }
     }
 
     async fn binding_ended(
@@ -1191,16 +1329,21 @@ impl SipContext {
             Target::Device(device) => match doc {
                 Some(d) => {
                     let state = d.device_state();
+                    if let Some(b) = self.lock().registrar.by_full_jid_mut(device) {
+                        b.device_state = Some(state.clone());
+                    }
                     self.device(user, device, state.available, Some(&state))
                         .await
                 }
                 None => {
                     // Back to what the registration alone says.
-                    let registered = self
-                        .lock()
-                        .registrar
-                        .of(user)
-                        .any(|b| &b.full_jid() == device);
+                    let registered = match self.lock().registrar.by_full_jid_mut(device) {
+                        Some(b) => {
+                            b.device_state = None;
+                            true
+                        }
+                        None => false,
+                    };
                     self.device(user, device, registered, None).await
                 }
             },
@@ -1294,6 +1437,21 @@ impl SipContext {
         }
         if self.directory.read().await.get(&presentity).is_none() {
             return message::response(req, 404, Some(&tag), &[], None).into();
+        }
+        // SPEC.md §5: auto-authorized unless blocked; RFC 6665 §4.2.1.1 and
+        // RFC 3856 §6.6: an unauthorized subscriber gets 403.
+        if event == subscribe::PRESENCE && self.lock().policies.blocks(&presentity, &watcher) {
+            return message::response(
+                req,
+                403,
+                Some(&tag),
+                &[(
+                    "Warning",
+                    "399 switchboard \"not authorized to watch this presentity\"".to_owned(),
+                )],
+                None,
+            )
+            .into();
         }
         let Some(target) = req
             .header_list("Contact")
@@ -1690,6 +1848,103 @@ pub async fn timers(ctx: Arc<SipContext>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// Reads every record of `topic` from its start to the end it has now (a
+/// group of its own), handing each event to `apply` in partition order.
+async fn read_to_end(
+    bus: &Arc<dyn Bus>,
+    topic: &str,
+    mut apply: impl FnMut(&Envelope),
+) -> Result<(), BusError> {
+    let ends = bus.end_offsets(topic).await?;
+    if ends.iter().all(|e| *e <= 0) {
+        return Ok(());
+    }
+    let mut positions = vec![0i64; ends.len()];
+    let mut consumer = bus
+        .consumer(ConsumerConfig::new(
+            format!("switchboard-sip-restore-{}", Uuid::now_v7().simple()),
+            &[topic],
+        ))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while positions.iter().zip(&ends).any(|(p, e)| p < e) {
+        if Instant::now() > deadline {
+            tracing::warn!(
+                topic,
+                "sip restore: the topic was not read to its end in 120 s"
+            );
+            break;
+        }
+        if let Polled::Records(records) = consumer.poll(Duration::from_millis(200)).await? {
+            for r in records {
+                if let Some(p) = positions.get_mut(r.partition as usize) {
+                    *p = (*p).max(r.offset + 1);
+                }
+                if let Some(Ok(envelope)) = r.value.as_deref().map(Envelope::from_json_slice) {
+                    apply(&envelope);
+                }
+            }
+        }
+    }
+    let _ = consumer.close().await;
+    Ok(())
+}
+
+/// Follows the `roster` topic from its start (a group of its own) for the
+/// users' block lists (see [`super::blocks`]); other roster events are
+/// skipped before decoding.
+pub async fn follow_policies(
+    bus: Arc<dyn Bus>,
+    topic: String,
+    ctx: Arc<SipContext>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), BusError> {
+    const POLICY_TYPES: [&[u8]; 5] = [
+        b"\"roster.blocked\"",
+        b"\"roster.unblocked\"",
+        b"\"roster.allowed\"",
+        b"\"roster.disallowed\"",
+        b"\"roster.policy_set\"",
+    ];
+    let mut consumer = bus
+        .consumer(ConsumerConfig::new(
+            format!("switchboard-sip-policies-{}", Uuid::now_v7().simple()),
+            &[&topic],
+        ))
+        .await?;
+    loop {
+        let polled = tokio::select! {
+            p = consumer.poll(Duration::from_millis(500)) => p,
+            _ = shutdown.changed() => break,
+        };
+        match polled {
+            Ok(Polled::Records(records)) => {
+                for r in records {
+                    let Some(value) = r.value.as_deref() else {
+                        continue;
+                    };
+                    if !POLICY_TYPES
+                        .iter()
+                        .any(|t| value.windows(t.len()).any(|w| w == *t))
+                    {
+                        continue;
+                    }
+                    if let Ok(envelope) = Envelope::from_json_slice(value) {
+                        ctx.policy_event(&envelope.event).await;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "following the block lists");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let _ = consumer.close().await;
+    Ok(())
+}
+
 /// Follows the compacted `presence_state` topic from its start (a group of
 /// its own): the composed presence NOTIFYs carry.
 pub async fn follow_presence(
@@ -1804,6 +2059,12 @@ pub struct BusTopics {
     pub deliveries: String,
     /// The full name of the `presence_state` topic.
     pub presence_state: String,
+    /// The full name of the `sessions` topic (registrations rebuilt at start).
+    pub sessions: String,
+    /// The full name of the `presence` topic (their published states).
+    pub presence: String,
+    /// The full name of the `roster` topic (the users' block lists).
+    pub roster: String,
     /// This node's id (the deliveries key).
     pub node: String,
 }
@@ -1824,6 +2085,33 @@ pub async fn spawn(
             )
         }
     };
+    match ctx
+        .restore(
+            &topics.bus,
+            &topics.sessions,
+            &topics.presence,
+            &topics.node,
+        )
+        .await
+    {
+        Ok(restored) => {
+            tracing::info!(
+                bindings = restored.len(),
+                "sip registrations rebuilt from the log"
+            );
+            if !restored.is_empty() {
+                let ctx = ctx.clone();
+                let mut shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep(REANNOUNCE_AFTER) => ctx.reannounce(&restored).await,
+                        _ = shutdown.changed() => {}
+                    }
+                });
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "sip registrations not rebuilt from the log"),
+    }
     let s = &ctx.settings;
     let udp = UdpSocket::bind(s.udp_listen)
         .await
@@ -1860,6 +2148,17 @@ pub async fn spawn(
     tasks.push(tokio::spawn(async move {
         if let Err(e) = presence.await {
             tracing::error!(error = %e, "sip presence follower stopped");
+        }
+    }));
+    let policies = follow_policies(
+        topics.bus.clone(),
+        topics.roster,
+        ctx.clone(),
+        shutdown.clone(),
+    );
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = policies.await {
+            tracing::error!(error = %e, "sip block list follower stopped");
         }
     }));
     let deliveries = deliveries(

@@ -6,6 +6,7 @@ mod bus_cmd;
 mod config_cmd;
 mod projections_cmd;
 mod serve;
+mod supervise;
 mod token_cmd;
 mod user_cmd;
 

@@ -21,6 +21,8 @@ use switchboard_schemas::NodeId;
 use switchboard_schemas::topics::{Topic, full_name};
 use tokio::sync::watch;
 
+use crate::supervise::supervise;
+
 /// The role of one process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -221,16 +223,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 shutdown_rx.clone(),
             )));
         }
-        let deliveries = switchboard_gateway::xmpp::server::deliveries(
-            bus.clone(),
-            full_name(&config.bus.topic_prefix, Topic::Deliveries),
-            config.node_id.clone(),
-            c2s.clone(),
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = deliveries.await {
-                tracing::error!(error = %e, "deliveries consumer stopped");
+        tasks.push(supervise("deliveries consumer", shutdown_rx.clone(), {
+            let (bus, c2s, shutdown) = (bus.clone(), c2s.clone(), shutdown_rx.clone());
+            let topic = full_name(&config.bus.topic_prefix, Topic::Deliveries);
+            let node = config.node_id.clone();
+            move || {
+                switchboard_gateway::xmpp::server::deliveries(
+                    bus.clone(),
+                    topic.clone(),
+                    node.clone(),
+                    c2s.clone(),
+                    shutdown.clone(),
+                )
             }
         }));
         // SIP on 5060 (UDP, TCP) and 5061 (TLS), SPEC.md §5.
@@ -269,78 +273,83 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         )));
     }
     if role.runs_processors() {
-        let router = switchboard_processors::runtime::run(
-            bus.clone(),
-            switchboard_processors::runtime::RouterConfig {
-                offline_enabled: config.messaging.offline_enabled,
-                offline_max_per_user: config.messaging.offline_max_per_user,
-                offline_max_per_node: config.messaging.offline_max_per_node,
-                sticky_timeout: Duration::from_secs(config.messaging.sticky_timeout_secs),
-                node_timeout: Duration::from_secs(config.messaging.node_timeout_secs),
-                // The `im.*` live settings apply from here on, over `[messaging]`.
-                settings: Some(live_settings.clone()),
-                ..switchboard_processors::runtime::RouterConfig::new(
-                    config.bus.topic_prefix.clone(),
-                    NodeId::new(config.node_id.clone()),
-                    config
-                        .domains
-                        .iter()
-                        .map(|d| d.to_ascii_lowercase())
-                        .collect(),
-                )
-            },
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = router.await {
-                tracing::error!(error = %e, "router stopped");
-            }
-        }));
-        let composer = switchboard_processors::presence::run(
-            bus.clone(),
-            switchboard_processors::presence::PresenceConfig::new(
+        let router_config = switchboard_processors::runtime::RouterConfig {
+            offline_enabled: config.messaging.offline_enabled,
+            offline_max_per_user: config.messaging.offline_max_per_user,
+            offline_max_per_node: config.messaging.offline_max_per_node,
+            sticky_timeout: Duration::from_secs(config.messaging.sticky_timeout_secs),
+            node_timeout: Duration::from_secs(config.messaging.node_timeout_secs),
+            // The `im.*` live settings apply from here on, over `[messaging]`.
+            settings: Some(live_settings.clone()),
+            ..switchboard_processors::runtime::RouterConfig::new(
                 config.bus.topic_prefix.clone(),
                 NodeId::new(config.node_id.clone()),
-            ),
-            live_settings.clone(),
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = composer.await {
-                tracing::error!(error = %e, "presence composer stopped");
+                config
+                    .domains
+                    .iter()
+                    .map(|d| d.to_ascii_lowercase())
+                    .collect(),
+            )
+        };
+        tasks.push(supervise("router", shutdown_rx.clone(), {
+            let (bus, shutdown) = (bus.clone(), shutdown_rx.clone());
+            move || {
+                switchboard_processors::runtime::run(
+                    bus.clone(),
+                    router_config.clone(),
+                    shutdown.clone(),
+                )
+            }
+        }));
+        tasks.push(supervise("presence composer", shutdown_rx.clone(), {
+            let (bus, settings, shutdown) =
+                (bus.clone(), live_settings.clone(), shutdown_rx.clone());
+            let presence_config = switchboard_processors::presence::PresenceConfig::new(
+                config.bus.topic_prefix.clone(),
+                NodeId::new(config.node_id.clone()),
+            );
+            move || {
+                switchboard_processors::presence::run(
+                    bus.clone(),
+                    presence_config.clone(),
+                    settings.clone(),
+                    shutdown.clone(),
+                )
             }
         }));
         // Authorization limits, following the live settings.
         let limits = switchboard_processors::settings::policy_limits(live_settings.clone());
-        let rosters = switchboard_processors::roster_runtime::run(
-            bus.clone(),
-            switchboard_processors::roster_runtime::RosterConfig {
+        tasks.push(supervise("roster processor", shutdown_rx.clone(), {
+            let (bus, shutdown) = (bus.clone(), shutdown_rx.clone());
+            let roster_config = switchboard_processors::roster_runtime::RosterConfig {
                 prefix: config.bus.topic_prefix.clone(),
                 node: NodeId::new(config.node_id.clone()),
-            },
-            limits,
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = rosters.await {
-                tracing::error!(error = %e, "roster processor stopped");
+            };
+            move || {
+                switchboard_processors::roster_runtime::run(
+                    bus.clone(),
+                    roster_config.clone(),
+                    limits.clone(),
+                    shutdown.clone(),
+                )
             }
         }));
     }
     if let Some(db) = &projections_db {
         // XEP-0313: archive queries answered from the archive projection.
-        let mam = switchboard_projections::mam::run(
-            bus.clone(),
-            db.clone(),
-            Arc::new(switchboard_projections::mam::MamConfig::new(
+        tasks.push(supervise("archive query responder", shutdown_rx.clone(), {
+            let (bus, db, shutdown) = (bus.clone(), db.clone(), shutdown_rx.clone());
+            let mam_config = Arc::new(switchboard_projections::mam::MamConfig::new(
                 config.bus.topic_prefix.clone(),
                 NodeId::new(config.node_id.clone()),
-            )),
-            shutdown_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = mam.await {
-                tracing::error!(error = %e, "archive query responder stopped");
+            ));
+            move || {
+                switchboard_projections::mam::run(
+                    bus.clone(),
+                    db.clone(),
+                    mam_config.clone(),
+                    shutdown.clone(),
+                )
             }
         }));
         tasks.extend(switchboard_projections::spawn_all(

@@ -1036,3 +1036,212 @@ async fn a_broadcast_reaches_each_address_with_the_per_recipient_rules() {
     assert_eq!(from, [true, true], "{}", h.dump());
     router.stop().await;
 }
+
+impl Harness {
+    /// A message with exactly this stanza (and body).
+    async fn submit_stanza(
+        &self,
+        from: &str,
+        to: &str,
+        id: &str,
+        kind: MessageKind,
+        body: Option<&str>,
+        stanza: String,
+    ) {
+        self.produce(&Envelope::new(
+            NodeId::new("gw1"),
+            from.split_once('/').unwrap().0,
+            MessageSubmitted {
+                message_id: id.to_owned(),
+                from: FullJid::new(from),
+                to: to.to_owned(),
+                kind,
+                body: body.map(str::to_owned),
+                thread: None,
+                subject: None,
+                stanza,
+            },
+        ))
+        .await;
+    }
+
+    async fn enable_carbons(&self, full: &str, session_id: Uuid) {
+        let bare = full.split_once('/').unwrap().0;
+        self.produce(&Envelope::new(
+            NodeId::new("gw1"),
+            bare,
+            switchboard_schemas::events::SessionCarbons {
+                session_id,
+                full_jid: FullJid::new(full),
+                enabled: true,
+            },
+        ))
+        .await;
+    }
+
+    async fn policy(&self, event: impl Into<Event>, user: &str) {
+        self.produce(&Envelope::new(NodeId::new("proc1"), user, event))
+            .await;
+    }
+
+    fn undelivered(&self, id: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|e| matches!(&e.event, Event::MessageUndelivered(u) if u.message_id == id))
+            .count()
+    }
+}
+
+/// SPEC.md §7 read state synced across devices: an XEP-0333 marker (a
+/// body-less chat, or normal, message) reaches the recipient and, as an
+/// XEP-0280 `<sent/>` carbon, the sender's other devices; body-less
+/// messages for someone with no session are not stored offline
+/// (XEP-0160 §4) and no error comes back; XEP-0334 hints override.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markers_reach_the_other_devices_and_are_not_stored_offline() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    let laptop = format!("{BOB}/laptop");
+    h.bind(&phone, "gw1", 0).await;
+    let laptop_id = h.bind(&laptop, "gw1", 0).await;
+    h.enable_carbons(&laptop, laptop_id).await;
+    let router = h.start(config());
+    let marker = |kind: &str, id: &str, to: &str| {
+        format!(
+            "<message xmlns='jabber:client' from='{phone}' to='{to}' type='{kind}' id='{id}'>\
+             <displayed xmlns='urn:xmpp:chat-markers:0' id='m0'/></message>"
+        )
+    };
+    for (kind, id) in [(MessageKind::Chat, "k1"), (MessageKind::Normal, "k2")] {
+        let stanza = marker(kind.as_str(), id, "alice@example.com");
+        h.submit_stanza(&phone, "alice@example.com", id, kind, None, stanza)
+            .await;
+    }
+    let sent_to_laptop = |h: &Harness, id: &str| {
+        h.seen.iter().any(|e| {
+            matches!(&e.event, Event::StanzaDelivery(d)
+                if d.message_id.as_deref() == Some(id) && d.to == laptop
+                    && d.stanza.contains("<sent xmlns='urn:xmpp:carbons:2'>")
+                    && d.stanza.contains("urn:xmpp:chat-markers:0"))
+        })
+    };
+    h.wait("markers to alice and bob's laptop", |h| {
+        h.deliveries("k1", ALICE) == 1
+            && h.deliveries("k2", ALICE) == 1
+            && sent_to_laptop(h, "k1")
+            && sent_to_laptop(h, "k2")
+    })
+    .await;
+    // carol has no session: a marker and a chat state are dropped, a body
+    // with <no-store/> too; a body-less message with <store/> is stored.
+    let carol = "carol@example.com";
+    h.submit_stanza(
+        &phone,
+        carol,
+        "k3",
+        MessageKind::Chat,
+        None,
+        marker("chat", "k3", carol),
+    )
+    .await;
+    let composing = format!(
+        "<message xmlns='jabber:client' from='{phone}' to='{carol}' type='chat' id='k4'>\
+         <composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+    );
+    h.submit_stanza(&phone, carol, "k4", MessageKind::Chat, None, composing)
+        .await;
+    let no_store = format!(
+        "<message xmlns='jabber:client' from='{phone}' to='{carol}' type='chat' id='k5'>\
+         <body>x</body><no-store xmlns='urn:xmpp:hints'/></message>"
+    );
+    h.submit_stanza(&phone, carol, "k5", MessageKind::Chat, Some("x"), no_store)
+        .await;
+    let store = format!(
+        "<message xmlns='jabber:client' from='{phone}' to='{carol}' type='chat' id='k6'>\
+         <received xmlns='urn:xmpp:receipts' id='r'/><store xmlns='urn:xmpp:hints'/></message>"
+    );
+    h.submit_stanza(&phone, carol, "k6", MessageKind::Chat, None, store)
+        .await;
+    h.wait("k6 stored", |h| h.stored("k6") == 1).await;
+    h.read_for(Duration::from_millis(300)).await;
+    for id in ["k3", "k4", "k5"] {
+        assert_eq!(h.stored(id) + h.undelivered(id), 0, "{id}\n{}", h.dump());
+        assert_eq!(h.errors(id, &phone, "service-unavailable"), 0, "{id}");
+    }
+    router.stop().await;
+}
+
+/// XEP-0191 §3.3 in the router: a message from a contact the recipient
+/// blocks (by address or by domain) is not delivered or stored, and the
+/// sender gets `service-unavailable` from the recipient; a message to a
+/// contact the sender blocks gets `not-acceptable` with `<blocked/>`.
+/// Unblocking applies to the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipients_block_list_applies() {
+    use switchboard_schemas::events::{PolicyBlocked, PolicyItem, PolicyUnblocked};
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    h.bind(&phone, "gw1", 0).await;
+    let router = h.start(config());
+    h.policy(
+        PolicyBlocked {
+            user: BareJid::new(BOB),
+            item: PolicyItem::User(BareJid::new("alice@example.com")),
+        },
+        BOB,
+    )
+    .await;
+    h.policy(
+        PolicyBlocked {
+            user: BareJid::new("carol@example.com"),
+            item: PolicyItem::Domain("example.com".to_owned()),
+        },
+        "carol@example.com",
+    )
+    .await;
+    h.submit(ALICE, BOB, "x1").await;
+    h.submit(&phone, "alice@example.com", "x2").await;
+    h.submit(ALICE, "carol@example.com", "x3").await;
+    h.wait("all three refused", |h| {
+        h.bounced("x1", &BounceReason::Blocked) == 1
+            && h.bounced("x2", &BounceReason::Blocked) == 1
+            && h.bounced("x3", &BounceReason::Blocked) == 1
+    })
+    .await;
+    h.read_for(Duration::from_millis(300)).await;
+    assert_eq!(h.deliveries("x1", &phone), 0, "{}", h.dump());
+    assert_eq!(h.errors("x1", ALICE, "service-unavailable"), 1);
+    assert_eq!(h.deliveries("x2", ALICE), 0);
+    let x2 = h
+        .seen
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::StanzaDelivery(d) if d.message_id.as_deref() == Some("x2") => {
+                Some(d.stanza.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        x2.contains("<error type='cancel'><not-acceptable")
+            && x2.contains("<blocked xmlns='urn:xmpp:blocking:errors'/>"),
+        "{x2}"
+    );
+    assert_eq!(h.stored("x3") + h.undelivered("x3"), 0);
+    assert_eq!(h.errors("x3", ALICE, "service-unavailable"), 1);
+    // bob unblocks alice: her next message arrives.
+    h.policy(
+        PolicyUnblocked {
+            user: BareJid::new(BOB),
+            item: PolicyItem::User(BareJid::new("alice@example.com")),
+        },
+        BOB,
+    )
+    .await;
+    h.submit(ALICE, BOB, "x4").await;
+    h.wait("x4 delivered", |h| h.deliveries("x4", &phone) == 1)
+        .await;
+    router.stop().await;
+}

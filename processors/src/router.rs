@@ -219,13 +219,25 @@ pub struct Target {
     pub session_id: Uuid,
 }
 
+/// Payloads of instant messaging without a body: XEP-0085 chat states,
+/// XEP-0184 receipts, XEP-0333 chat markers (the read/displayed state
+/// SPEC.md §7 syncs across a user's devices).
+fn im_payload(stanza: &str) -> bool {
+    stanza.contains("urn:xmpp:chat-markers:0")
+        || stanza.contains("urn:xmpp:receipts")
+        || stanza.contains("http://jabber.org/protocol/chatstates")
+}
+
 /// XEP-0280 §6: whether a message is copied to the user's other
-/// carbons-enabled sessions: chat, or normal with a body, unless marked
-/// `<private/>` (§7) or `<no-copy/>` (XEP-0334).
+/// carbons-enabled sessions: chat; normal with a body, or with a payload
+/// of instant messaging (chat states, receipts, XEP-0333 markers: a
+/// device's "displayed" reaches the user's other devices, SPEC.md §7 read
+/// state synced); unless marked `<private/>` (§7) or `<no-copy/>`
+/// (XEP-0334).
 pub fn carbons_eligible(kind: &MessageKind, has_body: bool, stanza: &str) -> bool {
     let eligible_kind = match kind {
         MessageKind::Chat => true,
-        MessageKind::Normal => has_body,
+        MessageKind::Normal => has_body || im_payload(stanza),
         _ => false,
     };
     eligible_kind
@@ -318,6 +330,48 @@ fn wrapped_copies(
         ));
     }
     out
+}
+
+/// Whether a message nobody is available for goes to offline storage
+/// (XEP-0160 §4): one with a body. Body-less ones — XEP-0085 chat states
+/// ("SHOULD NOT be stored offline"), XEP-0184 receipts, XEP-0333 markers —
+/// are dropped without an error rather than stored as junk that would fill
+/// the recipient's quota and replay stale read state at login. XEP-0334
+/// §4 hints decide first: `<no-store/>` never, `<store/>` always.
+pub fn storable_offline(has_body: bool, stanza: &str) -> bool {
+    if stanza.contains("<no-store xmlns='urn:xmpp:hints'")
+        || stanza.contains("<no-store xmlns=\"urn:xmpp:hints\"")
+    {
+        return false;
+    }
+    has_body
+        || stanza.contains("<store xmlns='urn:xmpp:hints'")
+        || stanza.contains("<store xmlns=\"urn:xmpp:hints\"")
+}
+
+/// XEP-0191 §3.3: what happens to a message from `sender` to `recipient`
+/// (bare addresses) given their block lists: `None` when neither blocks
+/// the other; when the recipient blocks the sender, `service-unavailable`
+/// (the recipient appears offline); when the sender blocks the recipient,
+/// `not-acceptable` (with `<blocked xmlns='urn:xmpp:blocking:errors'/>`).
+/// Nothing is delivered in either case.
+pub fn blocked(
+    policies: &crate::policy::Policies,
+    sender: &str,
+    recipient: &str,
+) -> Option<&'static str> {
+    use switchboard_schemas::BareJid;
+    let (sender, recipient) = (BareJid::new(sender), BareJid::new(recipient));
+    if sender == recipient {
+        return None;
+    }
+    if policies.get(&recipient).is_blocked(&sender) {
+        Some("service-unavailable")
+    } else if policies.get(&sender).is_blocked(&recipient) {
+        Some("not-acceptable")
+    } else {
+        None
+    }
 }
 
 /// Where a message goes.
@@ -896,6 +950,22 @@ mod tests {
         ));
         assert!(carbons_eligible(&MessageKind::Normal, true, plain));
         assert!(!carbons_eligible(&MessageKind::Normal, false, "<message/>"));
+        // XEP-0280 §6: IM payloads without a body (XEP-0333 markers).
+        assert!(carbons_eligible(
+            &MessageKind::Normal,
+            false,
+            "<message><displayed xmlns='urn:xmpp:chat-markers:0' id='1'/></message>"
+        ));
+        assert!(storable_offline(true, plain));
+        assert!(!storable_offline(false, "<message><composing/></message>"));
+        assert!(!storable_offline(
+            true,
+            "<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>"
+        ));
+        assert!(storable_offline(
+            false,
+            "<message><store xmlns='urn:xmpp:hints'/></message>"
+        ));
         assert!(!carbons_eligible(&MessageKind::Headline, true, plain));
         assert!(!carbons_eligible(&MessageKind::Groupchat, true, plain));
         assert!(!carbons_eligible(

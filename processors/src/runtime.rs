@@ -38,10 +38,11 @@ use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
 use tokio::sync::watch;
 
 use crate::multicast::{self, MulticastError};
+use crate::policy::Policies;
 use crate::router::{
     DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
-    Stickiness, Target, bare_of, carbons_eligible, received_copies, route_with, sent_copies,
-    with_delay,
+    Stickiness, Target, bare_of, blocked, carbons_eligible, received_copies, route_with,
+    sent_copies, storable_offline, with_delay,
 };
 use crate::table::GlobalTable;
 
@@ -135,6 +136,9 @@ struct Router {
     deliveries_topic: String,
     sessions_topic: String,
     presence_topic: String,
+    roster_topic: String,
+    /// Every user's block list (XEP-0191), from the roster topic.
+    blocks: Policies,
     partitions: i32,
     /// Events decided but not yet produced (topic, key, value); produced
     /// together, in order, by [`Router::flush`] before positions are
@@ -150,9 +154,12 @@ pub async fn run(
 ) -> Result<(), BusError> {
     let messages_topic = full_name(&config.prefix, Topic::Messages);
     let partitions = bus.partitions(&messages_topic).await?;
+    // The roster topic is in the table for the block lists (XEP-0191):
+    // a block acknowledged before a message applies to it.
     let table_topics = [
         full_name(&config.prefix, Topic::Sessions),
         full_name(&config.prefix, Topic::Presence),
+        full_name(&config.prefix, Topic::Roster),
     ];
     // The global table: a group of its own per instance, read from the start.
     let mut table = GlobalTable::open(&*bus, "switchboard-router-table", &table_topics).await?;
@@ -167,6 +174,8 @@ pub async fn run(
         deliveries_topic: full_name(&config.prefix, Topic::Deliveries),
         sessions_topic: table_topics[0].clone(),
         presence_topic: table_topics[1].clone(),
+        roster_topic: table_topics[2].clone(),
+        blocks: Policies::default(),
         bus,
         seen: SeenIds::new(config.dedup_window, config.dedup_max),
         sticky: Stickiness::new(config.sticky_timeout, STICKY_MAX),
@@ -191,8 +200,9 @@ pub async fn run(
                     } else {
                         // History: the directory only.
                         for r in &records {
-                            if let Some(envelope) = decode(r) {
+                            if let Some(envelope) = router.decode_table(r) {
                                 router.directory.apply(&envelope);
+                                router.blocks.apply(&envelope);
                             }
                         }
                     }
@@ -429,9 +439,26 @@ impl Router {
             .map(|(full, _)| full.to_owned())
     }
 
+    /// A record of the table, decoded; of the roster topic only the block
+    /// list changes (the rest is not decoded).
+    fn decode_table(&self, r: &Record) -> Option<Envelope> {
+        if *r.topic == *self.roster_topic
+            && !r
+                .value
+                .as_deref()
+                .is_some_and(|v| has_type(v, "roster.blocked") || has_type(v, "roster.unblocked"))
+        {
+            return None;
+        }
+        decode(r)
+    }
+
     fn on_table(&mut self, records: &[Record]) {
         for r in records {
-            let Some(envelope) = decode(r) else { continue };
+            let Some(envelope) = self.decode_table(r) else {
+                continue;
+            };
+            self.blocks.apply(&envelope);
             if let Event::SessionEnded(ended) = &envelope.event {
                 self.gone.remove(&ended.session_id);
             }
@@ -653,6 +680,17 @@ impl Router {
         sent_carbons: bool,
     ) -> Vec<String> {
         let sender = m.from.as_str();
+        if let Some(condition) = blocked(&self.blocks, bare_of(sender), bare_of(to)) {
+            self.bounce(
+                &m.message_id,
+                &m.from,
+                to,
+                &m.kind,
+                (BounceReason::Blocked, condition),
+                None,
+            );
+            return Vec::new();
+        }
         let sticky = if m.kind == MessageKind::Chat && !to.contains('/') {
             self.sticky
                 .target(&self.directory, bare_of(sender), to, envelope.occurred_at)
@@ -691,6 +729,9 @@ impl Router {
                         self.emit(bare_of(&t.full_jid), delivered);
                     }
                 }
+            }
+            Decision::StoreOffline if !storable_offline(m.body.is_some(), stanza) => {
+                tracing::debug!(id = %m.message_id, "body-less message for nobody available dropped");
             }
             Decision::StoreOffline => {
                 // The recipient's router applies the offline rules.
@@ -787,6 +828,9 @@ impl Router {
                 return;
             }
         }
+        if !storable_offline(u.stanza.contains("<body"), &u.stanza) {
+            return;
+        }
         let sender_bare = bare_of(u.from.as_str()).to_owned();
         if self.offline.contains(&bare, u.from.as_str(), &u.message_id)
             || self.pending_stored.contains(&(
@@ -852,6 +896,8 @@ impl Router {
         if *kind == MessageKind::Error {
             return;
         }
+        // XEP-0191 §3.3: to a contact the sender blocks.
+        let blocked_by_sender = reason == BounceReason::Blocked && condition == "not-acceptable";
         let bounced = MessageBounced {
             message_id: message_id.to_owned(),
             from: from.clone(),
@@ -865,17 +911,21 @@ impl Router {
         };
         // RFC 6120 §8.3.3: the error type each condition usually has.
         let error_type = match condition {
+            _ if blocked_by_sender => "cancel",
             "resource-constraint" => "wait",
             "not-acceptable" | "bad-request" | "jid-malformed" => "modify",
             "forbidden" => "auth",
             _ => "cancel",
         };
-        let text = text.map_or_else(String::new, |t| {
+        let mut text = text.map_or_else(String::new, |t| {
             format!(
                 "<text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>{}</text>",
                 escape(t)
             )
         });
+        if blocked_by_sender {
+            text.push_str("<blocked xmlns='urn:xmpp:blocking:errors'/>");
+        }
         let stanza = format!(
             "<message xmlns='jabber:client' type='error' id='{}' from='{}' to='{}'>\
              <error type='{error_type}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>{text}</error></message>",

@@ -55,6 +55,31 @@ pub enum Ops {
 }
 
 impl Ops {
+    /// No rows, for a projection.
+    pub fn empty(kind: ProjectionKind) -> Self {
+        match kind {
+            ProjectionKind::Rosters => Ops::Rosters(Vec::new()),
+            ProjectionKind::Sessions => Ops::Sessions(Vec::new()),
+            ProjectionKind::Archive => Ops::Archive(Vec::new()),
+            ProjectionKind::Files => Ops::Files(Vec::new()),
+            ProjectionKind::Compliance => Ops::Compliance(Vec::new()),
+        }
+    }
+
+    /// Appends the rows of a later batch of the same projection (order is
+    /// kept). Rows of another projection are a programming error and are
+    /// dropped with a debug assertion.
+    pub fn extend(&mut self, later: Ops) {
+        match (self, later) {
+            (Ops::Rosters(a), Ops::Rosters(b)) => a.extend(b),
+            (Ops::Sessions(a), Ops::Sessions(b)) => a.extend(b),
+            (Ops::Archive(a), Ops::Archive(b)) => a.extend(b),
+            (Ops::Files(a), Ops::Files(b)) => a.extend(b),
+            (Ops::Compliance(a), Ops::Compliance(b)) => a.extend(b),
+            (a, b) => debug_assert!(false, "rows of two projections merged: {a:?} / {b:?}"),
+        }
+    }
+
     /// Rows (or row changes) this batch writes.
     pub fn len(&self) -> usize {
         match self {
@@ -215,7 +240,9 @@ impl Database {
         group: &str,
     ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
         match self {
-            Database::Sqlite { write, .. } => sqlite::positions(write, group).await,
+            // A reader sees every committed transaction (WAL), without
+            // queueing behind the writer.
+            Database::Sqlite { read, .. } => sqlite::positions(read, group).await,
             Database::Postgres(pool) => postgres::positions(pool, group).await,
         }
     }
@@ -285,9 +312,9 @@ impl Database {
 
 /// The per-backend code: the same statements over `$db`'s pool.
 macro_rules! backend {
-    ($module:ident, $db:ty, $head_sql:expr, $clear_compliance:expr) => {
+    ($module:ident, $db:ty, $inserts:ident, $head_sql:expr, $clear_compliance:expr) => {
         mod $module {
-            use sqlx::{Pool, QueryBuilder, Row, Transaction};
+            use sqlx::{Pool, Row, Transaction};
 
             use super::*;
             use crate::compliance::{self, Verifier};
@@ -455,69 +482,15 @@ macro_rules! backend {
                     .iter()
                     .filter(|r| ids.insert(r.archive_id.as_str()))
                     .collect();
-                for chunk in messages.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_MESSAGE_INSERT);
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.archive_id.as_str())
-                            .push_bind(r.at_us)
-                            .push_bind(r.kind.as_str())
-                            .push_bind(r.message_id.as_str())
-                            .push_bind(r.sender.as_str())
-                            .push_bind(r.nick.as_deref())
-                            .push_bind(r.thread.as_deref())
-                            .push_bind(r.subject.as_deref())
-                            .push_bind(r.body.as_deref())
-                            .push_bind(r.stanza.as_str());
-                    });
-                    q.push(sql::ARCHIVE_MESSAGE_ON_CONFLICT);
-                    q.build().execute(&mut **tx).await?;
-                }
-                for chunk in rows.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::ARCHIVE_INSERT);
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.owner.as_str())
-                            .push_bind(r.archive_id.as_str())
-                            .push_bind(r.at_us)
-                            .push_bind(r.peer.as_str())
-                            .push_bind(r.peer_full.as_deref())
-                            .push_bind(r.direction);
-                    });
-                    q.push(sql::ARCHIVE_ON_CONFLICT);
-                    q.build().execute(&mut **tx).await?;
-                }
-                Ok(())
+                $inserts::archive_messages(tx, &messages).await?;
+                $inserts::archive(tx, rows).await
             }
 
             async fn files(
                 tx: &mut Transaction<'static, Db>,
                 rows: &[FileRow],
             ) -> Result<(), ProjectionError> {
-                for chunk in rows.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::FILES_INSERT);
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.id.as_str())
-                            .push_bind(r.at_us)
-                            .push_bind(r.transfer_id.as_str())
-                            .push_bind(r.direction)
-                            .push_bind(r.status)
-                            .push_bind(r.uploader.as_str())
-                            .push_bind(r.downloader.as_deref())
-                            .push_bind(r.to_jid.as_str())
-                            .push_bind(r.stored_name.as_str())
-                            .push_bind(r.real_name.as_str())
-                            .push_bind(r.path.as_str())
-                            .push_bind(r.size)
-                            .push_bind(r.bytes_transferred)
-                            .push_bind(r.transport.as_str())
-                            .push_bind(r.content_type.as_deref())
-                            .push_bind(r.upload_id.as_deref())
-                            .push_bind(r.failure_reason.as_deref())
-                            .push_bind(r.failure_text.as_deref());
-                    });
-                    q.push(sql::FILES_ON_CONFLICT);
-                    q.build().execute(&mut **tx).await?;
-                }
-                Ok(())
+                $inserts::files(tx, rows).await
             }
 
             async fn compliance(
@@ -529,20 +502,7 @@ macro_rules! backend {
                 }
                 // The same event twice (in the batch or already logged) is
                 // recorded once.
-                let mut seen = BTreeSet::new();
-                for chunk in entries.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::COMPLIANCE_EXISTING);
-                    q.push("(");
-                    let mut list = q.separated(", ");
-                    for e in chunk {
-                        list.push_bind(e.event_id.as_str());
-                    }
-                    q.push(")");
-                    for row in q.build().fetch_all(&mut **tx).await? {
-                        let id: String = row.try_get(0)?;
-                        seen.insert(id);
-                    }
-                }
+                let mut seen = $inserts::existing_events(tx, entries).await?;
                 let mut fresh: Vec<ComplianceRecord> = Vec::with_capacity(entries.len());
                 for e in entries {
                     if seen.insert(e.event_id.clone()) {
@@ -556,23 +516,7 @@ macro_rules! backend {
                 let head_seq: i64 = head.try_get(0)?;
                 let head_hash: String = head.try_get(1)?;
                 let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
-                for chunk in fresh.chunks(INSERT_CHUNK) {
-                    let mut q = QueryBuilder::<Db>::new(sql::COMPLIANCE_INSERT);
-                    q.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.seq)
-                            .push_bind(r.event_id.as_str())
-                            .push_bind(r.event_type.as_str())
-                            .push_bind(r.subject.as_str())
-                            .push_bind(r.at_us)
-                            .push_bind(r.topic.as_str())
-                            .push_bind(r.partition)
-                            .push_bind(r.offset)
-                            .push_bind(r.record.as_str())
-                            .push_bind(r.prev_hash.as_str())
-                            .push_bind(r.hash.as_str());
-                    });
-                    q.build().execute(&mut **tx).await?;
-                }
+                $inserts::compliance(tx, &fresh).await?;
                 sqlx::query(sql::COMPLIANCE_SET_HEAD)
                     .bind(seq)
                     .bind(hash)
@@ -702,6 +646,7 @@ macro_rules! backend {
 backend!(
     sqlite,
     sqlx::Sqlite,
+    sqlite_inserts,
     sql::COMPLIANCE_HEAD_SQLITE,
     sql::SQLITE_COMPLIANCE_CLEAR
         .iter()
@@ -711,6 +656,355 @@ backend!(
 backend!(
     postgres,
     sqlx::Postgres,
+    postgres_inserts,
     sql::COMPLIANCE_HEAD_POSTGRES,
     [sql::POSTGRES_COMPLIANCE_CLEAR]
 );
+
+/// SQLite's batch inserts: multi-row `INSERT … VALUES` of [`INSERT_CHUNK`]
+/// rows (the statement of a full chunk is prepared once and cached).
+mod sqlite_inserts {
+    use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+    use super::*;
+
+    type Tx = Transaction<'static, Sqlite>;
+
+    pub(super) async fn archive_messages(
+        tx: &mut Tx,
+        messages: &[&ArchiveRow],
+    ) -> Result<(), ProjectionError> {
+        for chunk in messages.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_MESSAGE_INSERT);
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.archive_id.as_str())
+                    .push_bind(r.at_us)
+                    .push_bind(r.kind.as_str())
+                    .push_bind(r.message_id.as_str())
+                    .push_bind(r.sender.as_str())
+                    .push_bind(r.nick.as_deref())
+                    .push_bind(r.thread.as_deref())
+                    .push_bind(r.subject.as_deref())
+                    .push_bind(r.body.as_deref())
+                    .push_bind(r.stanza.as_str());
+            });
+            q.push(sql::ARCHIVE_MESSAGE_ON_CONFLICT);
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn archive(tx: &mut Tx, rows: &[ArchiveRow]) -> Result<(), ProjectionError> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_INSERT);
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.owner.as_str())
+                    .push_bind(r.archive_id.as_str())
+                    .push_bind(r.at_us)
+                    .push_bind(r.peer.as_str())
+                    .push_bind(r.peer_full.as_deref())
+                    .push_bind(r.direction);
+            });
+            q.push(sql::ARCHIVE_ON_CONFLICT);
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn files(tx: &mut Tx, rows: &[FileRow]) -> Result<(), ProjectionError> {
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(sql::FILES_INSERT);
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.id.as_str())
+                    .push_bind(r.at_us)
+                    .push_bind(r.transfer_id.as_str())
+                    .push_bind(r.direction)
+                    .push_bind(r.status)
+                    .push_bind(r.uploader.as_str())
+                    .push_bind(r.downloader.as_deref())
+                    .push_bind(r.to_jid.as_str())
+                    .push_bind(r.stored_name.as_str())
+                    .push_bind(r.real_name.as_str())
+                    .push_bind(r.path.as_str())
+                    .push_bind(r.size)
+                    .push_bind(r.bytes_transferred)
+                    .push_bind(r.transport.as_str())
+                    .push_bind(r.content_type.as_deref())
+                    .push_bind(r.upload_id.as_deref())
+                    .push_bind(r.failure_reason.as_deref())
+                    .push_bind(r.failure_text.as_deref());
+            });
+            q.push(sql::FILES_ON_CONFLICT);
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// The event ids of `entries` already in the compliance log.
+    pub(super) async fn existing_events(
+        tx: &mut Tx,
+        entries: &[ComplianceRecord],
+    ) -> Result<BTreeSet<String>, ProjectionError> {
+        let mut seen = BTreeSet::new();
+        for chunk in entries.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(sql::COMPLIANCE_EXISTING);
+            q.push("(");
+            let mut list = q.separated(", ");
+            for e in chunk {
+                list.push_bind(e.event_id.as_str());
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&mut **tx).await? {
+                let id: String = row.try_get(0)?;
+                seen.insert(id);
+            }
+        }
+        Ok(seen)
+    }
+
+    pub(super) async fn compliance(
+        tx: &mut Tx,
+        records: &[ComplianceRecord],
+    ) -> Result<(), ProjectionError> {
+        for chunk in records.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(sql::COMPLIANCE_INSERT);
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(r.seq)
+                    .push_bind(r.event_id.as_str())
+                    .push_bind(r.event_type.as_str())
+                    .push_bind(r.subject.as_str())
+                    .push_bind(r.at_us)
+                    .push_bind(r.topic.as_str())
+                    .push_bind(r.partition)
+                    .push_bind(r.offset)
+                    .push_bind(r.record.as_str())
+                    .push_bind(r.prev_hash.as_str())
+                    .push_bind(r.hash.as_str());
+            });
+            q.build().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+}
+
+/// PostgreSQL's batch inserts: one statement per table and batch, each
+/// column bound as one array and expanded by `UNNEST` (a few binds instead
+/// of one per value, one parse and plan for any batch size).
+mod postgres_inserts {
+    use sqlx::{Postgres, Row, Transaction};
+
+    use super::*;
+
+    type Tx = Transaction<'static, Postgres>;
+
+    /// Rows per statement: large batches are split so that one statement's
+    /// arrays stay a few megabytes.
+    const CHUNK: usize = 8192;
+
+    pub(super) async fn archive_messages(
+        tx: &mut Tx,
+        messages: &[&ArchiveRow],
+    ) -> Result<(), ProjectionError> {
+        for chunk in messages.chunks(CHUNK) {
+            sqlx::query(sql::PG_ARCHIVE_MESSAGES_UNNEST)
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.archive_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.at_us).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.message_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.sender.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.nick.as_deref()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.thread.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.subject.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.body.as_deref()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.stanza.as_str()).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn archive(tx: &mut Tx, rows: &[ArchiveRow]) -> Result<(), ProjectionError> {
+        for chunk in rows.chunks(CHUNK) {
+            sqlx::query(sql::PG_ARCHIVE_UNNEST)
+                .bind(chunk.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.archive_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.at_us).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.peer.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.peer_full.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.direction).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn files(tx: &mut Tx, rows: &[FileRow]) -> Result<(), ProjectionError> {
+        for chunk in rows.chunks(CHUNK) {
+            sqlx::query(sql::PG_FILES_UNNEST)
+                .bind(chunk.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.at_us).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.transfer_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.direction).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.status).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.uploader.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.downloader.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.to_jid.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.stored_name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.real_name.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.path.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.size).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.bytes_transferred)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.transport.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.content_type.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.upload_id.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.failure_reason.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.failure_text.as_deref())
+                        .collect::<Vec<_>>(),
+                )
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The event ids of `entries` already in the compliance log.
+    pub(super) async fn existing_events(
+        tx: &mut Tx,
+        entries: &[ComplianceRecord],
+    ) -> Result<BTreeSet<String>, ProjectionError> {
+        let mut seen = BTreeSet::new();
+        for chunk in entries.chunks(CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|e| e.event_id.as_str()).collect();
+            for row in sqlx::query(sql::PG_COMPLIANCE_EXISTING)
+                .bind(ids)
+                .fetch_all(&mut **tx)
+                .await?
+            {
+                let id: String = row.try_get(0)?;
+                seen.insert(id);
+            }
+        }
+        Ok(seen)
+    }
+
+    pub(super) async fn compliance(
+        tx: &mut Tx,
+        records: &[ComplianceRecord],
+    ) -> Result<(), ProjectionError> {
+        for chunk in records.chunks(CHUNK) {
+            sqlx::query(sql::PG_COMPLIANCE_UNNEST)
+                .bind(chunk.iter().map(|r| r.seq).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.event_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.event_type.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.subject.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.at_us).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.topic.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.partition).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.offset).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|r| r.record.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|r| r.prev_hash.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(chunk.iter().map(|r| r.hash.as_str()).collect::<Vec<_>>())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -2,9 +2,10 @@
 //!
 //! On assignment the runner reads the positions stored with the rows and
 //! seeks there (offset 0 when none is stored); the bus's committed offsets
-//! are not used. Each poll's records become one transaction: the positions
-//! move by compare-and-set from the values the runner sought to, then the
-//! rows are written. If a position moved meanwhile (a rebalance gave the
+//! are not used. The records read while the previous transaction is being
+//! written become one transaction: the positions move by compare-and-set
+//! from the values the previous transaction left (or the runner sought to),
+//! then the rows are written. If a position moved meanwhile (a rebalance gave the
 //! partition to another member that wrote first, or a rebuild reset it) the
 //! transaction writes nothing and the runner seeks to the stored positions.
 
@@ -40,19 +41,23 @@ pub struct RunnerConfig {
     pub local_domains: Vec<String>,
     /// The compliance profile.
     pub profile: Profile,
-    /// Most records per poll (one transaction).
+    /// Most records per poll.
     pub max_batch: usize,
+    /// Most records per transaction: what was read while the previous
+    /// transaction was being written, merged (at least `max_batch`).
+    pub max_transaction: usize,
 }
 
 impl RunnerConfig {
     /// Defaults under a topic prefix: every domain served, the default
-    /// profile, 8192 records per batch.
+    /// profile, 8192 records per poll, 32,768 per transaction.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
             local_domains: Vec::new(),
             profile: Profile::default(),
             max_batch: 8192,
+            max_transaction: 32_768,
         }
     }
 
@@ -179,6 +184,12 @@ impl Status {
 }
 
 /// Runs one projection until `shutdown` turns true.
+///
+/// Reading and writing overlap: while one transaction is being written (a
+/// task of its own), the runner keeps polling and decoding, and everything
+/// read meanwhile (at most [`RunnerConfig::max_transaction`] records) becomes
+/// the next transaction. Each transaction still carries the compare-and-set
+/// of its partitions' positions, from the positions the previous one left.
 pub async fn run(
     bus: Arc<dyn Bus>,
     db: Database,
@@ -202,6 +213,7 @@ pub async fn run(
             ..ConsumerConfig::new(group.clone(), &topic_refs)
         })
         .await?;
+    let max_transaction = config.max_transaction.max(config.max_batch).max(1);
     let mut runner = Runner {
         bus,
         db,
@@ -211,26 +223,54 @@ pub async fn run(
         group,
         topics,
         positions: BTreeMap::new(),
+        applied: BTreeMap::new(),
+        pending: None,
     };
+    let mut inflight: Option<InFlight> = None;
     let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
     lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
+        if inflight.is_none() {
+            inflight = runner.start_pending(&shutdown);
+        }
+        let can_read = runner.pending_records() < max_transaction;
         tokio::select! {
-            polled = consumer.poll(Duration::from_millis(500)) => {
+            polled = consumer.poll(Duration::from_millis(500)), if can_read => {
                 let step = match polled {
-                    Ok(Polled::Assigned(tps)) => runner.on_assigned(&mut *consumer, &tps, &mut shutdown).await,
+                    Ok(Polled::Assigned(tps)) => {
+                        runner.drain(&mut inflight).await;
+                        runner.on_assigned(&mut *consumer, &tps, &mut shutdown).await
+                    }
                     Ok(Polled::Revoked(tps)) => {
+                        runner.drain(&mut inflight).await;
                         for tp in &tps {
                             runner.positions.remove(tp);
+                            runner.applied.remove(tp);
                         }
+                        runner.resync(&mut *consumer, &mut shutdown).await
+                    }
+                    Ok(Polled::Records(records)) => {
+                        runner.on_records(&records);
                         Ok(())
                     }
-                    Ok(Polled::Records(records)) => runner.on_records(&mut *consumer, &records, &mut shutdown).await,
                     Ok(Polled::Idle) => Ok(()),
                     Err(e) => Err(e.into()),
                 };
                 if let Err(e) = step {
                     break Err(e);
+                }
+            }
+            finished = async { (&mut inflight.as_mut().expect("in flight").handle).await }, if inflight.is_some() => {
+                let done = inflight.take().expect("in flight");
+                match runner.on_applied(&done, finished) {
+                    Ok(Some(Applied::Done)) => {}
+                    Ok(Some(Applied::Conflict)) => {
+                        if let Err(e) = runner.resync(&mut *consumer, &mut shutdown).await {
+                            break Err(e);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
                 }
             }
             _ = lag_tick.tick() => runner.measure_lag().await,
@@ -240,8 +280,67 @@ pub async fn run(
             break Ok(());
         }
     };
+    // A transaction under way is finished (or given up, when the database
+    // fails) rather than cut off.
+    runner.drain(&mut inflight).await;
     let _ = consumer.close().await;
     result
+}
+
+/// The rows read but not yet handed to the database, and the position
+/// changes that go with them.
+struct Pending {
+    updates: BTreeMap<TopicPartition, PositionUpdate>,
+    ops: Ops,
+    records: usize,
+}
+
+/// A transaction being written by its own task.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<Option<Applied>, ProjectionError>>,
+    updates: Vec<PositionUpdate>,
+    records: usize,
+}
+
+/// Applies one transaction, retrying with backoff while the database fails;
+/// `None` when shutting down first.
+async fn apply_with_retry(
+    db: Database,
+    group: String,
+    updates: Vec<PositionUpdate>,
+    ops: Ops,
+    status: Arc<ProjectionStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Option<Applied>, ProjectionError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match db.apply(&group, &updates, &ops).await {
+            Ok(applied) => {
+                status.set_error(None);
+                return Ok(Some(applied));
+            }
+            Err(e) => {
+                tracing::warn!(projection = %status.kind, error = %e, "applying a batch failed; retrying");
+                status.set_error(Some(e.to_string()));
+                if pause(&mut backoff, &mut shutdown).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for the backoff (doubling it); true when shutting down.
+async fn pause(backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.changed() => return true,
+    }
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    *shutdown.borrow()
 }
 
 /// Result of [`catch_up`].
@@ -300,8 +399,13 @@ struct Runner {
     status: Arc<ProjectionStatus>,
     group: String,
     topics: Vec<String>,
-    /// The next offset to apply per owned partition (what the database holds).
+    /// The next offset to read per owned partition: what the database will
+    /// hold once the transaction under way and the pending rows are stored.
     positions: BTreeMap<TopicPartition, i64>,
+    /// The positions the database is known to hold (for the lag).
+    applied: BTreeMap<TopicPartition, i64>,
+    /// Rows read while a transaction was under way.
+    pending: Option<Pending>,
 }
 
 impl Runner {
@@ -320,7 +424,7 @@ impl Runner {
                 Err(e) => {
                     tracing::warn!(projection = %self.kind, error = %e, "reading positions failed; retrying");
                     self.status.set_error(Some(e.to_string()));
-                    if self.pause(&mut backoff, shutdown).await {
+                    if pause(&mut backoff, shutdown).await {
                         return Err(e);
                     }
                 }
@@ -328,14 +432,74 @@ impl Runner {
         }
     }
 
-    /// Sleeps for the backoff (doubling it); true when shutting down.
-    async fn pause(&self, backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(*backoff) => {}
-            _ = shutdown.changed() => return true,
+    fn pending_records(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.records)
+    }
+
+    /// Hands the pending rows to a task that writes them in one transaction.
+    fn start_pending(&mut self, shutdown: &watch::Receiver<bool>) -> Option<InFlight> {
+        let pending = self.pending.take()?;
+        let updates: Vec<PositionUpdate> = pending.updates.into_values().collect();
+        let handle = tokio::spawn(apply_with_retry(
+            self.db.clone(),
+            self.group.clone(),
+            updates.clone(),
+            pending.ops,
+            self.status.clone(),
+            shutdown.clone(),
+        ));
+        Some(InFlight {
+            handle,
+            updates,
+            records: pending.records,
+        })
+    }
+
+    /// The outcome of a transaction: `Some(Done)` stored, `Some(Conflict)` a
+    /// position had moved (nothing stored; the rows read after it are
+    /// dropped too and the caller seeks back), `None` given up at shutdown.
+    fn on_applied(
+        &mut self,
+        done: &InFlight,
+        finished: Result<Result<Option<Applied>, ProjectionError>, tokio::task::JoinError>,
+    ) -> Result<Option<Applied>, ProjectionError> {
+        let outcome = finished.map_err(|e| ProjectionError::Task(e.to_string()))??;
+        match outcome {
+            Some(Applied::Done) => {
+                for u in &done.updates {
+                    self.applied.insert(u.tp.clone(), u.next);
+                }
+                metrics::APPLIED
+                    .with_label_values(&[self.kind.name()])
+                    .inc_by(done.records as u64);
+            }
+            Some(Applied::Conflict) => {
+                tracing::info!(projection = %self.kind, "stored position moved; seeking to it");
+                metrics::CONFLICTS
+                    .with_label_values(&[self.kind.name()])
+                    .inc();
+                self.pending = None;
+            }
+            None => {}
         }
-        *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        *shutdown.borrow()
+        Ok(outcome)
+    }
+
+    /// Waits for the transaction under way and drops the pending rows (the
+    /// caller then seeks to the stored positions).
+    async fn drain(&mut self, inflight: &mut Option<InFlight>) {
+        if let Some(done) = inflight.take() {
+            match done.handle.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(projection = %self.kind, error = %e, "a transaction failed while stopping or rebalancing");
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %self.kind, error = %e, "a transaction task failed");
+                }
+            }
+        }
+        self.pending = None;
     }
 
     async fn on_assigned(
@@ -344,58 +508,64 @@ impl Runner {
         tps: &[TopicPartition],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ProjectionError> {
-        let stored = self.stored_positions(shutdown).await?;
         for tp in tps {
-            let position = stored.get(tp).copied().unwrap_or(0);
-            consumer.seek(tp, position).await?;
-            self.positions.insert(tp.clone(), position);
+            self.positions.insert(tp.clone(), 0);
         }
+        self.resync(consumer, shutdown).await?;
         tracing::info!(projection = %self.kind, partitions = tps.len(), "partitions assigned");
         self.measure_lag().await;
         Ok(())
     }
 
+    /// Seeks every owned partition to its stored position.
     async fn resync(
         &mut self,
         consumer: &mut dyn Consumer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ProjectionError> {
+        self.pending = None;
         let stored = self.stored_positions(shutdown).await?;
         let owned: Vec<TopicPartition> = self.positions.keys().cloned().collect();
         for tp in owned {
             let position = stored.get(&tp).copied().unwrap_or(0);
             consumer.seek(&tp, position).await?;
-            self.positions.insert(tp, position);
+            self.positions.insert(tp.clone(), position);
+            self.applied.insert(tp, position);
         }
         Ok(())
     }
 
-    async fn on_records(
-        &mut self,
-        consumer: &mut dyn Consumer,
-        records: &[Record],
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<(), ProjectionError> {
-        let mut updates: BTreeMap<TopicPartition, PositionUpdate> = BTreeMap::new();
+    /// Decodes a poll's new records into the pending rows.
+    fn on_records(&mut self, records: &[Record]) {
+        let kind = self.kind;
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            updates: BTreeMap::new(),
+            ops: Ops::empty(kind),
+            records: 0,
+        });
         let mut fresh: Vec<&Record> = Vec::with_capacity(records.len());
         for r in records {
             let tp = r.topic_partition();
-            let Some(&position) = self.positions.get(&tp) else {
+            let Some(position) = self.positions.get_mut(&tp) else {
                 continue; // not ours (any more)
             };
-            let update = updates.entry(tp.clone()).or_insert(PositionUpdate {
-                tp,
-                expected: position,
-                next: position,
-            });
-            if r.offset < update.next {
-                continue; // already applied
+            if r.offset < *position {
+                continue; // already read
             }
+            let update = pending.updates.entry(tp.clone()).or_insert(PositionUpdate {
+                tp,
+                expected: *position,
+                next: *position,
+            });
             update.next = r.offset + 1;
+            *position = r.offset + 1;
             fresh.push(r);
         }
         if fresh.is_empty() {
-            return Ok(());
+            if pending.records == 0 {
+                self.pending = None;
+            }
+            return;
         }
         let items: Vec<Item<'_>> = fresh.iter().map(|r| Item::decode(r)).collect();
         let undecodable = items
@@ -407,57 +577,13 @@ impl Runner {
                 .with_label_values(&[self.kind.name()])
                 .inc_by(undecodable as u64);
         }
-        let ops = self.ops(&items);
-        let updates: Vec<PositionUpdate> = updates.into_values().collect();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.db.apply(&self.group, &updates, &ops).await {
-                Ok(Applied::Done) => {
-                    self.status.set_error(None);
-                    for u in &updates {
-                        self.positions.insert(u.tp.clone(), u.next);
-                    }
-                    metrics::APPLIED
-                        .with_label_values(&[self.kind.name()])
-                        .inc_by(fresh.len() as u64);
-                    return Ok(());
-                }
-                Ok(Applied::Conflict) => {
-                    tracing::info!(projection = %self.kind, "stored position moved; seeking to it");
-                    metrics::CONFLICTS
-                        .with_label_values(&[self.kind.name()])
-                        .inc();
-                    return self.resync(consumer, shutdown).await;
-                }
-                Err(e) => {
-                    tracing::warn!(projection = %self.kind, error = %e, "applying a batch failed; retrying");
-                    self.status.set_error(Some(e.to_string()));
-                    if self.pause(&mut backoff, shutdown).await {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-
-    fn ops(&self, items: &[Item<'_>]) -> Ops {
-        match self.kind {
-            ProjectionKind::Rosters => Ops::Rosters(rows::roster_ops(items)),
-            ProjectionKind::Sessions => Ops::Sessions(rows::session_ops(items)),
-            ProjectionKind::Archive => {
-                let config = &self.config;
-                Ops::Archive(rows::archive_rows(items, &|d| config.is_local(d)))
-            }
-            ProjectionKind::Files => Ops::Files(rows::file_rows(items)),
-            ProjectionKind::Compliance => {
-                Ops::Compliance(rows::compliance_entries(items, &self.config.profile))
-            }
-        }
+        pending.ops.extend(ops(self.kind, &self.config, &items));
+        pending.records += fresh.len();
     }
 
     /// Lag of the owned partitions: end offsets minus applied positions.
     async fn measure_lag(&mut self) {
-        if self.positions.is_empty() {
+        if self.applied.is_empty() {
             return;
         }
         let mut lag = 0i64;
@@ -466,7 +592,7 @@ impl Runner {
                 Ok(ends) => {
                     for (partition, end) in ends.into_iter().enumerate() {
                         let tp = TopicPartition::new(topic, partition as i32);
-                        if let Some(position) = self.positions.get(&tp) {
+                        if let Some(position) = self.applied.get(&tp) {
                             lag += (end - position).max(0);
                         }
                     }
@@ -478,5 +604,18 @@ impl Runner {
             }
         }
         self.status.set_lag(lag);
+    }
+}
+
+/// The rows of decoded records for one projection.
+fn ops(kind: ProjectionKind, config: &RunnerConfig, items: &[Item<'_>]) -> Ops {
+    match kind {
+        ProjectionKind::Rosters => Ops::Rosters(rows::roster_ops(items)),
+        ProjectionKind::Sessions => Ops::Sessions(rows::session_ops(items)),
+        ProjectionKind::Archive => Ops::Archive(rows::archive_rows(items, &|d| config.is_local(d))),
+        ProjectionKind::Files => Ops::Files(rows::file_rows(items)),
+        ProjectionKind::Compliance => {
+            Ops::Compliance(rows::compliance_entries(items, &config.profile))
+        }
     }
 }

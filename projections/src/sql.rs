@@ -124,6 +124,38 @@ pub const FILES_INSERT: &str = "INSERT INTO file_transfers (id, at_us, transfer_
 /// File-transfer log inserts are idempotent.
 pub const FILES_ON_CONFLICT: &str = " ON CONFLICT (id) DO NOTHING";
 
+/// PostgreSQL: a batch of archived message contents, one array per column.
+pub const PG_ARCHIVE_MESSAGES_UNNEST: &str = "INSERT INTO archive_messages (archive_id, at_us, \
+     kind, message_id, sender, nick, thread, subject, body, stanza) \
+     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[]) \
+     ON CONFLICT (archive_id) DO NOTHING";
+
+/// PostgreSQL: a batch of archive rows, one array per column.
+pub const PG_ARCHIVE_UNNEST: &str = "INSERT INTO archive (owner, archive_id, at_us, peer, \
+     peer_full, direction) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
+     ON CONFLICT (owner, archive_id) DO NOTHING";
+
+/// PostgreSQL: a batch of file-transfer log rows, one array per column.
+pub const PG_FILES_UNNEST: &str = "INSERT INTO file_transfers (id, at_us, transfer_id, \
+     direction, status, uploader, downloader, to_jid, stored_name, real_name, path, size, \
+     bytes_transferred, transport, content_type, upload_id, failure_reason, failure_text) \
+     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int8[], \
+     $13::int8[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[]) \
+     ON CONFLICT (id) DO NOTHING";
+
+/// PostgreSQL: event ids (one array) already in the compliance log.
+pub const PG_COMPLIANCE_EXISTING: &str =
+    "SELECT event_id FROM compliance_log WHERE event_id = ANY($1::text[])";
+
+/// PostgreSQL: a batch of chained compliance records, one array per column.
+pub const PG_COMPLIANCE_UNNEST: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \
+     subject, at_us, topic, part, offs, record, prev_hash, hash) \
+     SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], \
+     $6::text[], $7::int4[], $8::int8[], $9::text[], $10::text[], $11::text[])";
+
 /// Head of a compliance log insert.
 pub const COMPLIANCE_INSERT: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \
      subject, at_us, topic, part, offs, record, prev_hash, hash) ";

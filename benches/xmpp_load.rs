@@ -113,6 +113,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 impl Conn {
+    /// Writes and flushes: tokio-rustls' `write` reports bytes as written
+    /// once the TLS library has them, which may keep them (the socket
+    /// would block) until the next flush; a client that then only reads
+    /// never sends them, and the login stalls until the server's timeout.
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.tls.write_all(bytes).await?;
+        self.tls.flush().await?;
+        Ok(())
+    }
+
     async fn read_until(&mut self, pat: &[u8]) -> anyhow::Result<Vec<u8>> {
         loop {
             if let Some(at) = find(&self.buf, pat) {
@@ -172,30 +182,26 @@ async fn login(
         tls: stream,
         buf: Vec::new(),
     };
-    c.tls.write_all(header(domain).as_bytes()).await?;
+    c.send(header(domain).as_bytes()).await?;
     c.read_until(b"</stream:features>").await?;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-    c.tls
-        .write_all(
-            format!(
-                "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
-            )
+    c.send(
+        format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>")
             .as_bytes(),
-        )
-        .await?;
+    )
+    .await?;
     let answer = c.read_until(b"success").await?;
     anyhow::ensure!(find(&answer, b"failure").is_none(), "authentication failed");
     c.read_until(b">").await?;
-    c.tls.write_all(header(domain).as_bytes()).await?;
+    c.send(header(domain).as_bytes()).await?;
     c.read_until(b"</stream:features>").await?;
-    c.tls
-        .write_all(
-            b"<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
-              <resource>load</resource></bind></iq>",
-        )
-        .await?;
+    c.send(
+        b"<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+          <resource>load</resource></bind></iq>",
+    )
+    .await?;
     c.read_until(b"</iq>").await?;
-    c.tls.write_all(b"<presence/>").await?;
+    c.send(b"<presence/>").await?;
     Ok(c)
 }
 
@@ -427,7 +433,10 @@ async fn main() -> anyhow::Result<()> {
             let stanza = format!(
                 "<message to='{to}' type='chat' id='m{n}'><body>t={now}:{n}</body></message>"
             );
-            let _ = writer.lock().await.write_all(stanza.as_bytes()).await;
+            let mut writer = writer.lock().await;
+            // Flushed: see `Conn::send`.
+            let _ = writer.write_all(stanza.as_bytes()).await;
+            let _ = writer.flush().await;
         }
     };
     // Fixed rate, for latency.

@@ -6,7 +6,7 @@
 //! this module owns the sockets and turns what clients do into events.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,7 +26,7 @@ use switchboard_schemas::events::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{RwLock, mpsc, watch};
+use tokio::sync::{RwLock, watch};
 use uuid::Uuid;
 
 use super::csi::QuietQueue;
@@ -69,9 +69,6 @@ const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_PIPELINED_MESSAGES: usize = 64;
 /// Bytes taken from the transport per read (the scratch buffer's size).
 const READ_CHUNK: usize = 16 * 1024;
-/// Output buffer capacity kept between writes; a larger one (after a burst)
-/// is freed, so that an idle session holds none.
-const OUT_KEEP: usize = 1024;
 
 thread_local! {
     /// One read buffer per worker thread, shared by the connections it runs:
@@ -149,10 +146,21 @@ impl C2sContext {
 
 /// Sessions bound on this node, per user: enforces the per-user limit and
 /// resource conflicts (RFC 6120 §7.7.2.2).
+///
+/// Kept small per session (SPEC.md §7's memory budget per idle session): a
+/// user's sessions are a short vector, and a session's queue is a
+/// [`Mailbox`] that holds no buffer while nothing waits in it.
 #[derive(Default)]
 pub struct SessionRegistry {
-    users: Mutex<HashMap<String, UserSessions>>,
-    by_id: Mutex<HashMap<Uuid, mpsc::Sender<String>>>,
+    users: Mutex<HashMap<String, Vec<Resource>>>,
+    by_id: Mutex<HashMap<Uuid, Arc<Mailbox>>>,
+}
+
+/// One bound resource of a user on this node.
+struct Resource {
+    name: String,
+    id: Uuid,
+    mailbox: Arc<Mailbox>,
 }
 
 /// Stanzas a session may have queued before it is considered stuck.
@@ -167,8 +175,65 @@ pub enum Undelivered {
     Stuck,
 }
 
-/// One user's sessions on this node: resource → (session id, kick signal).
-type UserSessions = BTreeMap<String, (Uuid, watch::Sender<bool>)>;
+/// What a bound session is told through its [`Mailbox`].
+#[derive(Debug, PartialEq, Eq)]
+enum MailboxEvent {
+    /// Stanzas routed to the session, oldest first.
+    Stanzas(VecDeque<String>),
+    /// A newer session bound the same resource (RFC 6120 §7.7.2.2).
+    Kicked,
+}
+
+/// A bound session's queue of routed stanzas and its conflict signal: one
+/// small allocation, no buffer while empty (the queue is handed over whole).
+#[derive(Default)]
+struct Mailbox {
+    state: Mutex<MailboxState>,
+    /// One waiter (the session); `notify_one` keeps a permit when the
+    /// session is not waiting, so no wake-up is lost.
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    queue: VecDeque<String>,
+    kicked: bool,
+}
+
+impl Mailbox {
+    fn push(&self, stanza: String) -> Result<(), Undelivered> {
+        let mut state = self.state.lock().expect("mailbox lock");
+        if state.queue.len() >= SESSION_QUEUE {
+            return Err(Undelivered::Stuck);
+        }
+        state.queue.push_back(stanza);
+        drop(state);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    fn kick(&self) {
+        self.state.lock().expect("mailbox lock").kicked = true;
+        self.notify.notify_one();
+    }
+
+    /// Waits for stanzas or the conflict signal; queued stanzas come first.
+    /// Cancel-safe: what it returns is taken in the poll that returns it.
+    async fn next(&self) -> MailboxEvent {
+        loop {
+            {
+                let mut state = self.state.lock().expect("mailbox lock");
+                if !state.queue.is_empty() {
+                    return MailboxEvent::Stanzas(std::mem::take(&mut state.queue));
+                }
+                if state.kicked {
+                    return MailboxEvent::Kicked;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
 
 /// Why a resource could not be bound.
 #[derive(Debug, PartialEq, Eq)]
@@ -186,38 +251,53 @@ impl SessionRegistry {
         resource: &str,
         id: Uuid,
         max: usize,
-    ) -> Result<(watch::Receiver<bool>, mpsc::Receiver<String>), BindRefused> {
+    ) -> Result<Arc<Mailbox>, BindRefused> {
         let mut users = self.users.lock().expect("sessions lock");
         let sessions = users.entry(user.to_owned()).or_default();
-        if !sessions.contains_key(resource) && sessions.len() >= max {
+        let existing = sessions.iter().position(|r| r.name == resource);
+        if existing.is_none() && sessions.len() >= max {
+            if sessions.is_empty() {
+                users.remove(user);
+            }
             return Err(BindRefused::Limit);
         }
-        let (kick, kicked) = watch::channel(false);
-        if let Some((_, old)) = sessions.insert(resource.to_owned(), (id, kick)) {
-            let _ = old.send(true);
+        let mailbox = Arc::new(Mailbox::default());
+        let new = Resource {
+            name: resource.to_owned(),
+            id,
+            mailbox: mailbox.clone(),
+        };
+        match existing {
+            Some(i) => std::mem::replace(&mut sessions[i], new).mailbox.kick(),
+            None => {
+                sessions.reserve_exact(1);
+                sessions.push(new);
+            }
         }
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        self.by_id.lock().expect("sessions lock").insert(id, tx);
-        Ok((kicked, rx))
+        self.by_id
+            .lock()
+            .expect("sessions lock")
+            .insert(id, mailbox.clone());
+        Ok(mailbox)
     }
 
     /// Queues a stanza for the session `id` of this node.
     pub fn deliver(&self, id: Uuid, stanza: String) -> Result<(), Undelivered> {
-        let by_id = self.by_id.lock().expect("sessions lock");
-        let tx = by_id.get(&id).ok_or(Undelivered::NoSession)?;
-        tx.try_send(stanza).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Undelivered::Stuck,
-            mpsc::error::TrySendError::Closed(_) => Undelivered::NoSession,
-        })
+        let mailbox = self
+            .by_id
+            .lock()
+            .expect("sessions lock")
+            .get(&id)
+            .cloned()
+            .ok_or(Undelivered::NoSession)?;
+        mailbox.push(stanza)
     }
 
     fn unbind(&self, user: &str, resource: &str, id: Uuid) {
         self.by_id.lock().expect("sessions lock").remove(&id);
         let mut users = self.users.lock().expect("sessions lock");
         if let Some(sessions) = users.get_mut(user) {
-            if sessions.get(resource).is_some_and(|(s, _)| *s == id) {
-                sessions.remove(resource);
-            }
+            sessions.retain(|r| !(r.name == resource && r.id == id));
             if sessions.is_empty() {
                 users.remove(user);
             }
@@ -230,7 +310,7 @@ impl SessionRegistry {
             .lock()
             .expect("sessions lock")
             .values()
-            .map(BTreeMap::len)
+            .map(Vec::len)
             .sum()
     }
 }
@@ -326,9 +406,9 @@ enum Sasl {
 struct Bound {
     jid: FullJid,
     session_id: Uuid,
-    kicked: watch::Receiver<bool>,
-    /// Stanzas routed to this session (from the `deliveries` topic).
-    deliveries: Option<mpsc::Receiver<String>>,
+    /// Stanzas routed to this session (from the `deliveries` topic) and
+    /// the conflict signal.
+    mailbox: Arc<Mailbox>,
 }
 
 struct Conn {
@@ -433,11 +513,9 @@ impl Conn {
                 reason,
                 text: None,
             };
-            if let Err(e) = self
-                .ctx
-                .events
-                .emit(&bound.jid.bare().to_string(), ended)
-                .await
+            // Boxed for the same reason as `handle` in `drive`.
+            if let Err(e) =
+                Box::pin(self.ctx.events.emit(&bound.jid.bare().to_string(), ended)).await
             {
                 tracing::error!(error = %e, "session end not stored");
             }
@@ -453,7 +531,10 @@ impl Conn {
         loop {
             loop {
                 let step = match self.parser.next() {
-                    Ok(Some(event)) => self.handle(event).await,
+                    // Boxed: handling a stanza needs far more state than
+                    // waiting does, and the task's future is as large as its
+                    // largest state; idle sessions keep only the small one.
+                    Ok(Some(event)) => Box::pin(self.handle(event)).await,
                     Ok(None) => break,
                     Err(e) => {
                         self.settle().await;
@@ -483,12 +564,10 @@ impl Conn {
             self.parser.release_idle();
             self.flush(io).await?;
             let negotiating = self.bound.is_none();
-            let mut kicked_rx = self.bound.as_ref().map(|b| b.kicked.clone());
-            let kicked = async {
-                match kicked_rx.as_mut() {
-                    Some(rx) => {
-                        let _ = rx.wait_for(|k| *k).await;
-                    }
+            let bound_mailbox = self.bound.as_ref().map(|b| b.mailbox.clone());
+            let mailbox = async {
+                match &bound_mailbox {
+                    Some(m) => m.next().await,
                     None => std::future::pending().await,
                 }
             };
@@ -501,30 +580,24 @@ impl Conn {
             } else {
                 (self.last_activity + self.ctx.ping_interval(), Timer::Ping)
             };
-            let mut deliveries = self.bound.as_mut().and_then(|b| b.deliveries.take());
-            let delivery = async {
-                match deliveries.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             let n = tokio::select! {
                 read = read_into(io, &mut self.parser) => read?,
-                Some(stanza) = delivery => {
-                    if let Some(b) = self.bound.as_mut() {
-                        b.deliveries = deliveries;
+                event = mailbox => match event {
+                    MailboxEvent::Stanzas(stanzas) => {
+                        for stanza in stanzas {
+                            for s in self.quiet.offer(stanza) {
+                                self.out.push_str(&s);
+                            }
+                        }
+                        continue;
                     }
-                    for s in self.quiet.offer(stanza) {
-                        self.out.push_str(&s);
+                    MailboxEvent::Kicked => {
+                        self.queue_stream_error("conflict", Some("replaced by a newer session"));
+                        self.out.push_str("</stream:stream>");
+                        self.flush(io).await?;
+                        return Ok((Next::Closed, SessionEndReason::Conflict));
                     }
-                    continue;
-                }
-                () = kicked => {
-                    self.queue_stream_error("conflict", Some("replaced by a newer session"));
-                    self.out.push_str("</stream:stream>");
-                    self.flush(io).await?;
-                    return Ok((Next::Closed, SessionEndReason::Conflict));
-                }
+                },
                 () = tokio::time::sleep_until(timer_at) => {
                     if matches!(timer, Timer::Ping) {
                         self.out.push_str(&format!(
@@ -547,9 +620,6 @@ impl Conn {
                     return Ok((Next::Closed, SessionEndReason::NodeDown));
                 }
             };
-            if let Some(b) = self.bound.as_mut() {
-                b.deliveries = deliveries;
-            }
             if n == 0 {
                 return Ok((Next::Closed, SessionEndReason::ConnectionLost));
             }
@@ -563,11 +633,8 @@ impl Conn {
         if !self.out.is_empty() {
             io.write_all(self.out.as_bytes()).await?;
             io.flush().await?;
-            if self.out.capacity() > OUT_KEEP {
-                self.out = String::new();
-            } else {
-                self.out.clear();
-            }
+            // Freed once written, so that an idle session holds no buffer.
+            self.out = String::new();
         }
         Ok(())
     }
@@ -1161,7 +1228,7 @@ impl Conn {
                 return Step::Continue;
             }
         };
-        let (kicked, deliveries) = match self.ctx.sessions.bind(
+        let mailbox = match self.ctx.sessions.bind(
             &user.to_string(),
             jid.resource(),
             self.session_id,
@@ -1211,8 +1278,7 @@ impl Conn {
         self.bound = Some(Bound {
             jid,
             session_id: self.session_id,
-            kicked,
-            deliveries: Some(deliveries),
+            mailbox,
         });
         Step::Continue
     }
@@ -2055,6 +2121,87 @@ fn recent_deliveries_drop_repeats_per_session_within_a_bound() {
     assert_eq!(recent.set.len(), RecentDeliveries::MAX);
     // The oldest were forgotten.
     assert!(recent.first_time(a, "m1", "<message id='m1'/>"));
+}
+
+/// A session's mailbox: stanzas in order, handed over whole; a full queue
+/// is `Stuck`; an ended session is `NoSession`.
+#[tokio::test]
+async fn mailbox_queues_in_order_and_bounds_the_queue() {
+    let registry = SessionRegistry::default();
+    let id = Uuid::now_v7();
+    assert_eq!(
+        registry.deliver(id, "x".into()),
+        Err(Undelivered::NoSession)
+    );
+    let mailbox = registry
+        .bind("a@example.com", "phone", id, 10)
+        .expect("bound");
+    registry.deliver(id, "<one/>".into()).expect("queued");
+    registry.deliver(id, "<two/>".into()).expect("queued");
+    assert_eq!(
+        mailbox.next().await,
+        MailboxEvent::Stanzas(["<one/>".to_owned(), "<two/>".to_owned()].into())
+    );
+    // Waiting, then woken by a delivery from another task.
+    let waiting = tokio::spawn({
+        let mailbox = mailbox.clone();
+        async move { mailbox.next().await }
+    });
+    tokio::task::yield_now().await;
+    registry.deliver(id, "<three/>".into()).expect("queued");
+    assert_eq!(
+        waiting.await.expect("joined"),
+        MailboxEvent::Stanzas(["<three/>".to_owned()].into())
+    );
+    for _ in 0..SESSION_QUEUE {
+        registry.deliver(id, "<m/>".into()).expect("queued");
+    }
+    assert_eq!(registry.deliver(id, "<m/>".into()), Err(Undelivered::Stuck));
+    registry.unbind("a@example.com", "phone", id);
+    assert_eq!(
+        registry.deliver(id, "<m/>".into()),
+        Err(Undelivered::NoSession)
+    );
+    assert_eq!(registry.count(), 0);
+}
+
+/// RFC 6120 §7.7.2.2: the newer session with a resource wins, the older one
+/// is told; the per-user limit counts resources, and an unbind of the
+/// replaced session leaves the newer one bound.
+#[tokio::test]
+async fn registry_kicks_the_older_session_and_enforces_the_limit() {
+    let registry = SessionRegistry::default();
+    let (old, new, other) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let first = registry.bind("a@example.com", "r", old, 2).expect("bound");
+    let second = registry.bind("a@example.com", "r", new, 2).expect("bound");
+    assert_eq!(first.next().await, MailboxEvent::Kicked);
+    registry
+        .bind("a@example.com", "s", other, 2)
+        .expect("bound");
+    assert_eq!(
+        registry.bind("a@example.com", "t", Uuid::now_v7(), 2).err(),
+        Some(BindRefused::Limit)
+    );
+    assert_eq!(registry.count(), 2);
+    registry.unbind("a@example.com", "r", old);
+    assert_eq!(registry.count(), 2);
+    registry
+        .deliver(new, "<m/>".into())
+        .expect("newer one still bound");
+    assert_eq!(
+        second.next().await,
+        MailboxEvent::Stanzas(["<m/>".to_owned()].into())
+    );
+    registry.unbind("a@example.com", "r", new);
+    registry.unbind("a@example.com", "s", other);
+    assert_eq!(registry.count(), 0);
+    assert!(registry.users.lock().expect("lock").is_empty());
+    // A refused bind leaves no empty entry behind.
+    assert_eq!(
+        registry.bind("b@example.com", "r", Uuid::now_v7(), 0).err(),
+        Some(BindRefused::Limit)
+    );
+    assert!(registry.users.lock().expect("lock").is_empty());
 }
 
 /// What a roster set asks for.

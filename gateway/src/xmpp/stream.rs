@@ -1189,12 +1189,17 @@ impl StreamParser {
 
     /// Frees the input buffer when everything fed was consumed, so that an
     /// idle stream holds no buffer; the next [`StreamParser::feed`] allocates
-    /// what it needs.
+    /// what it needs. The scanner's name buffers go too: with nothing
+    /// unconsumed no stanza is open.
     pub fn release_idle(&mut self) {
         if self.head == self.buf.len() {
             self.buf = Vec::new();
             self.head = 0;
             self.pos = 0;
+            if self.open.is_empty() {
+                self.open = Vec::new();
+                self.name = Vec::new();
+            }
         }
     }
 
@@ -1581,6 +1586,34 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Releasing the buffers between reads (as the server does after each
+    /// read) changes nothing in what is parsed, whatever the split.
+    #[test]
+    fn releasing_idle_buffers_between_reads_keeps_the_events() {
+        let input = format!(
+            "{HEADER}<message to='a@example.com'><body>one</body></message> \
+             <iq type='get' id='1'><query xmlns='jabber:iq:roster'><item jid='b@example.com'/>\
+             </query></iq><presence/></stream:stream>"
+        );
+        let (whole, error) = run(&input);
+        assert!(error.is_none());
+        assert_eq!(whole.len(), 5);
+        for size in [1, 2, 7, 64] {
+            let mut parser = StreamParser::new(Limits::default());
+            let mut events = Vec::new();
+            for chunk in input.as_bytes().chunks(size) {
+                parser.feed(chunk);
+                while let Some(event) = parser.next().expect("no error") {
+                    events.push(event);
+                }
+                parser.release_idle();
+            }
+            assert_eq!(events, whole, "chunks of {size}");
+            assert_eq!(parser.buf.capacity(), 0);
+            assert_eq!(parser.open.capacity() + parser.name.capacity(), 0);
+        }
     }
 
     #[test]

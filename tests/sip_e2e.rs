@@ -927,3 +927,158 @@ fn registration_survives_a_restart(d: &SipDeployment) {
         fail("sessions in the log", format!("{bound:?}"));
     }
 }
+
+/// A TCP connection to the SIP port, reading with a timeout.
+struct Tcp(std::net::TcpStream);
+
+impl Tcp {
+    fn open(server: SocketAddr) -> Self {
+        let s = std::net::TcpStream::connect(server).expect("connecting");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self(s)
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.0.write_all(bytes)
+    }
+
+    /// Reads until `want` answers (`SIP/2.0 ` start lines) came, or the
+    /// server closed the connection (None), or the timeout (what came).
+    fn answers(&mut self, want: usize) -> Option<String> {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65_536];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if text.matches("SIP/2.0 ").count() >= want {
+                return Some(text);
+            }
+            match self.0.read(&mut buf) {
+                Ok(0) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(_) => return Some(text),
+            }
+        }
+    }
+
+    /// Whether the server closes the connection within `within`.
+    fn closed_within(&mut self, within: Duration) -> bool {
+        use std::io::Read;
+        self.0.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.0.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+fn options_over_tcp(i: usize) -> String {
+    format!(
+        "OPTIONS sip:example.com SIP/2.0\r\n\
+         Via: SIP/2.0/TCP 127.0.0.1:5099;branch=z9hG4bKlim{i};rport\r\n\
+         From: <sip:probe@example.com>;tag=lim{i}\r\n\
+         To: <sip:example.com>\r\n\
+         Call-ID: lim-{i}@127.0.0.1\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// TCP connection limits: a connection that sends nothing for
+/// `sip.idle_timeout_secs` is closed, one that sends RFC 5626 §4.4.1 CRLF
+/// keepalives is not; past `sip.max_connections` a new connection is closed
+/// at once; 100 pipelined requests on a connection allowed 2 at a time are
+/// all answered.
+#[test]
+fn sip_connection_limits() {
+    let mut d = SipDeployment::new();
+    d.env = [
+        ("SWITCHBOARD__SIP__IDLE_TIMEOUT_SECS", "2"),
+        ("SWITCHBOARD__SIP__MAX_CONNECTIONS", "3"),
+        ("SWITCHBOARD__SIP__MAX_REQUESTS_PER_CONNECTION", "2"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .into();
+    let server = d
+        .start()
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.base.log_tail()));
+    let mut failures = Vec::new();
+    // The readiness probe's connections may still be counted: let them go.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut silent = Tcp::open(d.sip);
+    let mut chatty = Tcp::open(d.sip);
+    let started = std::time::Instant::now();
+    let keepalive = std::thread::spawn(move || {
+        for _ in 0..5 {
+            if chatty.send(b"\r\n\r\n").is_err() {
+                return (chatty, false);
+            }
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        (chatty, true)
+    });
+    if !silent.closed_within(Duration::from_secs(8)) {
+        failures.push("a silent connection was not closed within 8 s".to_owned());
+    } else if started.elapsed() < Duration::from_millis(1500) {
+        failures.push(format!(
+            "a silent connection was closed after {:?}, before its 2 s",
+            started.elapsed()
+        ));
+    }
+    let (mut chatty, kept) = keepalive.join().unwrap();
+    // 4 s of keepalives (twice the idle limit): still served.
+    match chatty.send(options_over_tcp(0).as_bytes()) {
+        Ok(()) if kept => match chatty.answers(1) {
+            Some(a) if a.contains("SIP/2.0 200") => {}
+            other => failures.push(format!("a kept-alive connection: {other:?}")),
+        },
+        _ => failures.push("a kept-alive connection was closed".to_owned()),
+    }
+
+    // Pipelined requests, two handled at a time: every one is answered.
+    let mut busy = Tcp::open(d.sip);
+    let burst: String = (1..=100).map(options_over_tcp).collect();
+    match busy
+        .send(burst.as_bytes())
+        .ok()
+        .and_then(|()| busy.answers(100))
+    {
+        Some(a) if a.matches("SIP/2.0 200").count() == 100 => {}
+        other => failures.push(format!(
+            "100 pipelined requests: {} answered",
+            other.map_or(0, |a| a.matches("SIP/2.0 200").count())
+        )),
+    }
+    // chatty and busy are open; a third fits, a fourth is closed at once.
+    let mut third = Tcp::open(d.sip);
+    let mut fourth = Tcp::open(d.sip);
+    if !fourth.closed_within(Duration::from_secs(1)) {
+        failures.push("a connection past sip.max_connections was kept".to_owned());
+    }
+    match third
+        .send(options_over_tcp(200).as_bytes())
+        .ok()
+        .and_then(|()| third.answers(1))
+    {
+        Some(a) if a.contains("SIP/2.0 200") => {}
+        other => failures.push(format!("the third connection: {other:?}")),
+    }
+    drop((chatty, busy, third));
+    if let Err(e) = server.stop() {
+        failures.push(e);
+    }
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        d.base.log_tail()
+    );
+}

@@ -175,6 +175,14 @@ pub struct SipSettings {
     /// Minimum seconds between two NOTIFYs about one presentity to one
     /// watcher (RFC 3856 §6.10: 5 s).
     pub notify_min_interval_secs: u64,
+    /// A TCP or TLS connection that sends nothing (not even an RFC 5626
+    /// CRLF keepalive) for this long is closed; 0: never.
+    pub idle_timeout_secs: u64,
+    /// Most TCP and TLS connections at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Requests of one TCP or TLS connection being handled at once; past
+    /// it the connection is not read until one finishes.
+    pub max_requests_per_connection: usize,
 }
 
 impl Default for SipSettings {
@@ -194,6 +202,9 @@ impl Default for SipSettings {
             subscribe_max_expires_secs: 3600,
             nonce_lifetime_secs: 300,
             notify_min_interval_secs: 5,
+            idle_timeout_secs: 600,
+            max_connections: 100_000,
+            max_requests_per_connection: 32,
         }
     }
 }

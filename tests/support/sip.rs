@@ -58,6 +58,8 @@ pub struct SipDeployment {
     /// On Kafka (one `serve` process with every role): bootstrap servers
     /// and a topic prefix of its own; else the embedded log.
     pub kafka: Option<(String, String)>,
+    /// More `SWITCHBOARD__…` settings for `serve`.
+    pub env: Vec<(String, String)>,
 }
 
 /// A free UDP and TCP port pair (the same number for both).
@@ -83,6 +85,7 @@ impl SipDeployment {
             sip: SocketAddr::from(([127, 0, 0, 1], free_udp_tcp_port())),
             sips: SocketAddr::from(([127, 0, 0, 1], free_port())),
             kafka: None,
+            env: Vec::new(),
         }
     }
 
@@ -112,7 +115,8 @@ impl SipDeployment {
             .env("SWITCHBOARD__SIP__TCP_LISTEN", self.sip.to_string())
             .env("SWITCHBOARD__SIP__TLS_LISTEN", self.sips.to_string())
             // Small enough that an oversized request fits in one datagram.
-            .env("SWITCHBOARD__SIP__MAX_MESSAGE_BYTES", "32768");
+            .env("SWITCHBOARD__SIP__MAX_MESSAGE_BYTES", "32768")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some((bootstrap, prefix)) = &self.kafka {
             cmd.env("SWITCHBOARD__BUS__BACKEND", "kafka")
                 .env("SWITCHBOARD__BUS__KAFKA__BOOTSTRAP_SERVERS", bootstrap)

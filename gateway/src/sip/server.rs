@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -114,6 +114,9 @@ pub struct SipContext {
     local: Mutex<HashMap<Transport, SocketAddr>>,
     connections: Mutex<HashMap<u64, mpsc::Sender<Vec<u8>>>>,
     next_conn: AtomicU64,
+    /// TCP and TLS connections open (with TLS handshakes under way), for
+    /// `sip.max_connections`.
+    open_connections: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -177,6 +180,7 @@ impl SipContext {
             local: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            open_connections: AtomicUsize::new(0),
         }
     }
 
@@ -382,28 +386,44 @@ pub async fn serve_tcp(
             },
             _ = shutdown.changed() => return,
         };
+        // Counted from the accept (not when the task runs): a burst of
+        // connections cannot overshoot the limit.
+        let open = ctx.open_connections.fetch_add(1, Ordering::Relaxed);
+        if open >= ctx.settings.max_connections {
+            ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, open, "sip connection refused: sip.max_connections reached");
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             match acceptor {
-                None => connection(tcp, peer, Transport::Tcp, ctx, shutdown).await,
+                None => connection(tcp, peer, Transport::Tcp, ctx.clone(), shutdown).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
                     {
-                        Ok(Ok(tls)) => connection(tls, peer, Transport::Tls, ctx, shutdown).await,
+                        Ok(Ok(tls)) => {
+                            connection(tls, peer, Transport::Tls, ctx.clone(), shutdown).await;
+                        }
                         _ => tracing::debug!(%peer, "sip tls handshake failed"),
                     }
                 }
             }
+            ctx.open_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
 /// One TCP or TLS connection: messages framed by Content-Length (RFC 3261
 /// §18.3); a framing error is answered 400 and closes the connection, as
-/// the stream cannot be resynchronised.
+/// the stream cannot be resynchronised. Limits: a connection silent for
+/// `sip.idle_timeout_secs` is closed (RFC 5626 §4.4.1 keepalives count as
+/// traffic), and at most `sip.max_requests_per_connection` of its requests
+/// are handled at once (past that it is not read: TCP flow control holds
+/// the client back).
 async fn connection<S>(
     stream: S,
     peer: SocketAddr,
@@ -434,13 +454,24 @@ async fn connection<S>(
         conn,
     };
     let limits = ctx.limits();
+    let idle = match ctx.settings.idle_timeout_secs {
+        0 => Duration::MAX,
+        secs => Duration::from_secs(secs),
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        ctx.settings.max_requests_per_connection.max(1),
+    ));
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16_384];
     'read: loop {
         let n = tokio::select! {
-            r = rd.read(&mut chunk) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            r = tokio::time::timeout(idle, rd.read(&mut chunk)) => match r {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
+                Err(_) => {
+                    tracing::debug!(%peer, "sip connection idle: closed");
+                    break;
+                }
             },
             _ = shutdown.changed() => break,
         };
@@ -457,9 +488,16 @@ async fn connection<S>(
                 }
                 Ok(message::Framed::Message(n)) => {
                     let bytes: Vec<u8> = buf.drain(..n).collect();
+                    let permit = tokio::select! {
+                        p = in_flight.clone().acquire_owned() => p.expect("never closed"),
+                        _ = shutdown.changed() => break 'read,
+                    };
                     let ctx = ctx.clone();
                     let flow = flow.clone();
-                    tokio::spawn(async move { ctx.handle(&bytes, flow).await });
+                    tokio::spawn(async move {
+                        ctx.handle(&bytes, flow).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     if let Some(answer) = message::salvage_response(&buf, 400, &e.to_string()) {

@@ -67,8 +67,10 @@ const ALICE: (&str, &str) = ("alice@example.com", "alice secret");
 const BOB: (&str, &str) = ("bob@example.com", "bob: secret, too");
 const CAROL: (&str, &str) = ("carol@example.com", "carol's xmpp password");
 const DAVE: (&str, &str) = ("dave@example.com", "dave's sip password");
+/// A user and password.
+type Account = (&'static str, &'static str);
 /// pjsua2 users (SIP) and their XMPP correspondents, one pair per transport.
-const PJSUA: [(&str, (&str, &str), (&str, &str)); 2] = [
+const PJSUA: [(&str, Account, Account); 2] = [
     (
         "udp",
         ("erin@example.com", "erin's pjsua password"),

@@ -1245,3 +1245,63 @@ async fn the_recipients_block_list_applies() {
         .await;
     router.stop().await;
 }
+
+/// SPEC.md §7 active client: the client that last sent available presence
+/// or a message within 5 minutes (event time) is notified; the others get
+/// the message without notification (`notify` false, so a quiet-mode
+/// buffer there is not flushed); with no client active every one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_active_client_is_notified_within_the_window() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw1", 0).await;
+    let phone = format!("{BOB}/phone");
+    let laptop = format!("{BOB}/laptop");
+    h.bind(&phone, "gw1", 0).await;
+    h.bind(&laptop, "gw1", 0).await;
+    let router = h.start(config());
+    // Whole seconds: event times travel in the log at microsecond precision.
+    let t0 = DateTime::from_timestamp(Utc::now().timestamp() + 1, 0).unwrap();
+    let at = |mut e: Envelope, secs: i64| {
+        e.occurred_at = t0 + chrono::Duration::seconds(secs);
+        e
+    };
+    // bob writes from the phone at t0 (to carol: alice's chat is not made
+    // sticky by a reply).
+    h.produce(&at(
+        Harness::submitted(&phone, "carol@example.com", "p1", MessageKind::Chat),
+        0,
+    ))
+    .await;
+    // (Partitions are read in no order between them: p1 first.)
+    h.wait("p1 stored", |h| h.stored("p1") == 1).await;
+    for (id, kind, secs) in [
+        ("a1", MessageKind::Chat, 300),
+        ("a3", MessageKind::Normal, 300),
+        ("a2", MessageKind::Chat, 301),
+    ] {
+        h.produce(&at(Harness::submitted(ALICE, BOB, id, kind), secs))
+            .await;
+    }
+    let notify = |h: &Harness, id: &str, to: &str| {
+        h.seen.iter().find_map(|e| match &e.event {
+            Event::StanzaDelivery(d) if d.message_id.as_deref() == Some(id) && d.to == to => {
+                Some(d.notify)
+            }
+            _ => None,
+        })
+    };
+    h.wait("a2 forked", |h| {
+        h.deliveries("a2", &phone) == 1 && h.deliveries("a2", &laptop) == 1
+    })
+    .await;
+    // Exactly 300 s after the phone's message: the phone is notified only.
+    assert_eq!(notify(&h, "a1", &phone), Some(Some(true)), "{}", h.dump());
+    assert_eq!(notify(&h, "a1", &laptop), Some(Some(false)));
+    // 301 s: no client is active, both are notified.
+    assert_eq!(notify(&h, "a2", &phone), Some(Some(true)));
+    assert_eq!(notify(&h, "a2", &laptop), Some(Some(true)));
+    // A normal message the two share by priority: the active client alone.
+    assert_eq!(h.deliveries("a3", &phone), 1, "{}", h.dump());
+    assert_eq!(h.deliveries("a3", &laptop), 0);
+    router.stop().await;
+}

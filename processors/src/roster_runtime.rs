@@ -718,6 +718,7 @@ impl RosterProcessor {
             stanza,
             message_id: None,
             sender: None,
+            notify: None,
         };
         let envelope = Envelope::new(self.config.node.clone(), node, delivery);
         let topic = self.deliveries_topic.clone();

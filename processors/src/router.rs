@@ -419,6 +419,21 @@ pub fn route_with(
     hosted: impl Fn(&str) -> bool,
     sticky: Option<&str>,
 ) -> Decision {
+    route_active(directory, to, kind, hosted, sticky, None)
+}
+
+/// [`route_with`], with the recipient's active client (SPEC.md §7, see
+/// [`ActiveClients`]): a bare-addressed normal message whose highest
+/// priority several sessions share goes to the active client alone when it
+/// is one of them.
+pub fn route_active(
+    directory: &SessionDirectory,
+    to: &str,
+    kind: &MessageKind,
+    hosted: impl Fn(&str) -> bool,
+    sticky: Option<&str>,
+    active: Option<&str>,
+) -> Decision {
     if !hosted(domain_of(to)) {
         // Server-to-server federation is not offered (yet).
         return Decision::Bounce {
@@ -462,6 +477,14 @@ pub fn route_with(
             if *kind == MessageKind::Chat
                 && let Some(sticky) = sticky
                 && let Some((full, s)) = candidates.iter().find(|(full, _)| *full == sticky)
+            {
+                return Decision::Deliver(vec![target(full, s)]);
+            }
+            if *kind == MessageKind::Normal
+                && let Some(active) = active
+                && let Some((full, s)) = candidates
+                    .iter()
+                    .find(|(full, s)| *full == active && s.priority == top)
             {
                 return Decision::Deliver(vec![target(full, s)]);
             }
@@ -850,6 +873,136 @@ impl Stickiness {
     }
 }
 
+/// SPEC.md §7 active client: per user, the session that last sent
+/// available presence or a message; it is *the active client* while that
+/// activity is at most `window` old (5 minutes by default, the live
+/// setting `im.active_client.window_secs`), its session is still bound and
+/// available. Times are event times (`occurred_at`), so the boundary is
+/// exact and replays decide the same: activity exactly `window` old is
+/// still active, a microsecond more is not.
+///
+/// What it means for routing ("gets notifications"):
+/// * every delivery of a message with a body says whether to notify on
+///   that session (`delivery.stanza` `notify`): yes on the active client,
+///   and on every session while no client is active; no on the others. A
+///   gateway holding a session in quiet mode (XEP-0352) flushes its buffer
+///   on a `notify` message, so quiet mode ends "on a message while no
+///   other client is active";
+/// * a bare-addressed normal message whose highest priority several
+///   sessions share goes to the active client alone when it is one of
+///   them (RFC 6121 §8.5.2.1.1 lets the server pick among them); chat
+///   forks as before (forking and stickiness decide chat).
+///
+/// Folded from `presence.device` (every instance reads all of it) and the
+/// `message.submitted` of the users whose `messages` partitions the
+/// instance owns: with several router instances, a user's own messages
+/// count only where that user's partition is owned (presence everywhere).
+/// One entry per user; at most `max` users (the oldest go first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveClients {
+    users: BTreeMap<String, (String, Uuid, DateTime<Utc>)>,
+    window: chrono::Duration,
+    max: usize,
+}
+
+/// Default of the active-client window (SPEC.md §7: 5 minutes).
+pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+/// Most users an instance remembers the active client of.
+pub const ACTIVE_MAX: usize = 1_000_000;
+
+impl Default for ActiveClients {
+    fn default() -> Self {
+        Self::new(ACTIVE_WINDOW, ACTIVE_MAX)
+    }
+}
+
+impl ActiveClients {
+    /// Active for `window` after the last activity, at most `max` users.
+    pub fn new(window: std::time::Duration, max: usize) -> Self {
+        Self {
+            users: BTreeMap::new(),
+            window: chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX),
+            max: max.max(1),
+        }
+    }
+
+    /// Changes the window (a live setting).
+    pub fn set_window(&mut self, window: std::time::Duration) {
+        self.window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    }
+
+    /// Session `session_id` at `full` was active at `at`.
+    pub fn touch(&mut self, full: &str, session_id: Uuid, at: DateTime<Utc>) {
+        let bare = bare_of(full);
+        if let Some(entry) = self.users.get_mut(bare) {
+            if entry.2 <= at {
+                *entry = (full.to_owned(), session_id, at);
+            }
+            return;
+        }
+        if self.users.len() >= self.max {
+            let window = self.window;
+            self.users.retain(|_, (_, _, last)| at - *last <= window);
+            if self.users.len() >= self.max
+                && let Some(oldest) = self
+                    .users
+                    .iter()
+                    .min_by_key(|(_, (_, _, last))| *last)
+                    .map(|(k, _)| k.clone())
+            {
+                self.users.remove(&oldest);
+            }
+        }
+        self.users
+            .insert(bare.to_owned(), (full.to_owned(), session_id, at));
+    }
+
+    /// Folds activity: available presence of a bound session (from the
+    /// table), a message sent by one (from the owned partitions).
+    pub fn apply(&mut self, directory: &SessionDirectory, envelope: &Envelope) {
+        let full = match &envelope.event {
+            Event::DevicePresence(p) if p.available => p.device.as_str(),
+            Event::MessageSubmitted(m) => m.from.as_str(),
+            _ => return,
+        };
+        if let Some(session) = directory.session(full) {
+            self.touch(full, session.session_id, envelope.occurred_at);
+        }
+    }
+
+    /// The active client of `bare` at `now`, if any.
+    pub fn active<'a>(
+        &'a self,
+        directory: &SessionDirectory,
+        bare: &str,
+        now: DateTime<Utc>,
+    ) -> Option<&'a str> {
+        let (full, session_id, last) = self.users.get(bare_of(bare))?;
+        let alive = now - *last <= self.window
+            && directory
+                .session(full)
+                .is_some_and(|s| s.session_id == *session_id && s.available);
+        alive.then_some(full.as_str())
+    }
+
+    /// Whether a message with a body delivered to `target` at `now` is to
+    /// notify there: `target` is the active client, or none is active.
+    pub fn notify(&self, directory: &SessionDirectory, target: &str, now: DateTime<Utc>) -> bool {
+        self.active(directory, target, now)
+            .is_none_or(|active| active == target)
+    }
+
+    /// Number of users remembered.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
 /// Adds an XEP-0203 delay element to a stored stanza, unless it has one
 /// already (a delayed message that came back undelivered keeps its first
 /// stamp: XEP-0203 §3, the time of the original storage).
@@ -1155,6 +1308,92 @@ mod tests {
                 Some("bob@example.com/phone")
             ),
             route(&dir, "bob@example.com", &MessageKind::Normal, hosted)
+        );
+    }
+
+    #[test]
+    fn the_active_client_is_the_last_active_within_the_window() {
+        use switchboard_schemas::events::MessageSubmitted;
+        let mut dir = SessionDirectory::default();
+        let mut active = ActiveClients::new(std::time::Duration::from_secs(300), 100);
+        let phone = "bob@example.com/phone";
+        let laptop = "bob@example.com/laptop";
+        let fold = |dir: &mut SessionDirectory, active: &mut ActiveClients, e: Envelope| {
+            dir.apply(&e);
+            active.apply(dir, &e);
+        };
+        bind_at(&mut dir, phone, 0);
+        active.apply(&dir, &env_at(presence(phone, true, 0), 0));
+        bind_at(&mut dir, laptop, 10);
+        active.apply(&dir, &env_at(presence(laptop, true, 0), 10));
+        // The laptop sent available presence last: active until exactly
+        // 300 s later.
+        assert_eq!(
+            active.active(&dir, "bob@example.com", at(310)),
+            Some(laptop)
+        );
+        assert!(active.notify(&dir, laptop, at(310)));
+        assert!(!active.notify(&dir, phone, at(310)));
+        assert_eq!(active.active(&dir, "bob@example.com", at(311)), None);
+        // Nobody active: every session is notified.
+        assert!(active.notify(&dir, phone, at(311)) && active.notify(&dir, laptop, at(311)));
+        // A message from the phone makes it the active client; an older
+        // event read afterwards changes nothing.
+        let sent = |from: &str, secs| {
+            env_at(
+                MessageSubmitted {
+                    message_id: "m".to_owned(),
+                    from: FullJid::new(from),
+                    to: "alice@example.com".to_owned(),
+                    kind: MessageKind::Chat,
+                    body: Some("x".to_owned()),
+                    thread: None,
+                    subject: None,
+                    stanza: String::new(),
+                },
+                secs,
+            )
+        };
+        fold(&mut dir, &mut active, sent(phone, 400));
+        fold(&mut dir, &mut active, sent(laptop, 399));
+        assert_eq!(active.active(&dir, "bob@example.com", at(450)), Some(phone));
+        // A normal message shared by equal priorities goes to it alone;
+        // chat still forks.
+        let normal = route_active(
+            &dir,
+            "bob@example.com",
+            &MessageKind::Normal,
+            hosted,
+            None,
+            active.active(&dir, "bob@example.com", at(450)),
+        );
+        assert_eq!(delivered_to(&normal), [phone]);
+        let chat = route_active(
+            &dir,
+            "bob@example.com",
+            &MessageKind::Chat,
+            hosted,
+            None,
+            Some(phone),
+        );
+        assert_eq!(delivered_to(&chat).len(), 2);
+        // Unavailable presence from the phone: no longer active.
+        fold(
+            &mut dir,
+            &mut active,
+            env_at(presence(phone, false, 0), 460),
+        );
+        assert_eq!(active.active(&dir, "bob@example.com", at(470)), None);
+        assert_eq!(
+            delivered_to(&route_active(
+                &dir,
+                "bob@example.com",
+                &MessageKind::Normal,
+                hosted,
+                None,
+                None
+            )),
+            [laptop]
         );
     }
 

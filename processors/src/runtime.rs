@@ -40,9 +40,9 @@ use tokio::sync::watch;
 use crate::multicast::{self, MulticastError};
 use crate::policy::Policies;
 use crate::router::{
-    DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX, SeenIds, SessionDirectory,
-    Stickiness, Target, bare_of, blocked, carbons_eligible, received_copies, route_with,
-    sent_copies, storable_offline, with_delay,
+    ACTIVE_MAX, ActiveClients, DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX,
+    SeenIds, SessionDirectory, Stickiness, Target, bare_of, blocked, carbons_eligible,
+    received_copies, route_active, sent_copies, storable_offline, with_delay,
 };
 use crate::table::GlobalTable;
 
@@ -78,6 +78,8 @@ pub struct RouterConfig {
     /// Instant messaging for the deployment (SPEC.md §7); off: every
     /// message is refused with `service-unavailable`.
     pub im_enabled: bool,
+    /// The active-client window (SPEC.md §7, default 5 minutes).
+    pub active_window: Duration,
     /// Most recipients of one broadcast message (XEP-0033; SPEC.md §7
     /// broadcast IM).
     pub broadcast_max_addresses: usize,
@@ -103,6 +105,7 @@ impl RouterConfig {
             multi_device: true,
             im_enabled: true,
             broadcast_max_addresses: crate::multicast::DEFAULT_MAX_ADDRESSES,
+            active_window: crate::router::ACTIVE_WINDOW,
             settings: None,
         }
     }
@@ -139,6 +142,10 @@ struct Router {
     roster_topic: String,
     /// Every user's block list (XEP-0191), from the roster topic.
     blocks: Policies,
+    /// Every user's active client (SPEC.md §7).
+    active: ActiveClients,
+    /// The time of the event being handled (decisions use event time).
+    now: DateTime<Utc>,
     partitions: i32,
     /// Events decided but not yet produced (topic, key, value); produced
     /// together, in order, by [`Router::flush`] before positions are
@@ -176,6 +183,8 @@ pub async fn run(
         presence_topic: table_topics[1].clone(),
         roster_topic: table_topics[2].clone(),
         blocks: Policies::default(),
+        active: ActiveClients::new(config.active_window, ACTIVE_MAX),
+        now: Utc::now(),
         bus,
         seen: SeenIds::new(config.dedup_window, config.dedup_max),
         sticky: Stickiness::new(config.sticky_timeout, STICKY_MAX),
@@ -203,6 +212,7 @@ pub async fn run(
                             if let Some(envelope) = router.decode_table(r) {
                                 router.directory.apply(&envelope);
                                 router.blocks.apply(&envelope);
+                                router.active.apply(&router.directory, &envelope);
                             }
                         }
                     }
@@ -458,11 +468,14 @@ impl Router {
             let Some(envelope) = self.decode_table(r) else {
                 continue;
             };
+            self.now = envelope.occurred_at;
             self.blocks.apply(&envelope);
             if let Event::SessionEnded(ended) = &envelope.event {
                 self.gone.remove(&ended.session_id);
             }
-            if let Some(full) = self.directory.apply(&envelope) {
+            let became = self.directory.apply(&envelope);
+            self.active.apply(&self.directory, &envelope);
+            if let Some(full) = became {
                 // XEP-0160 §3: stored messages go out at available presence.
                 let bare = bare_of(&full).to_owned();
                 if self.owns(&bare) && !self.offline.queued(&bare).is_empty() {
@@ -517,6 +530,11 @@ impl Router {
         self.config.offline_max_per_node = s.offline_max_per_node as usize;
         self.config.multi_device = s.multi_device_enabled;
         self.config.broadcast_max_addresses = s.broadcast_max_addresses as usize;
+        let window = Duration::from_secs(s.active_client_window_secs);
+        if window != self.config.active_window {
+            self.config.active_window = window;
+            self.active.set_window(window);
+        }
         let sticky = Duration::from_secs(s.forking_stickiness_secs);
         if sticky != self.config.sticky_timeout {
             self.config.sticky_timeout = sticky;
@@ -528,6 +546,7 @@ impl Router {
         self.refresh_settings();
         for r in records {
             let Some(envelope) = decode(r) else { continue };
+            self.now = envelope.occurred_at;
             match &envelope.event {
                 Event::MessageSubmitted(m) => self.on_submitted(m, &envelope),
                 Event::MessageUndelivered(u) => self.on_undelivered(u),
@@ -562,6 +581,7 @@ impl Router {
         }
         self.seen
             .insert(sender, &m.message_id, envelope.occurred_at);
+        self.active.apply(&self.directory, envelope);
         if !self.config.im_enabled {
             // SPEC.md §7: IM off for the deployment; the sender is told.
             self.bounce(
@@ -698,12 +718,14 @@ impl Router {
             None
         };
         let domains = &self.config.domains;
-        let decision = route_with(
+        let active = self.active.active(&self.directory, to, self.now);
+        let decision = route_active(
             &self.directory,
             to,
             &m.kind,
             |d| domains.iter().any(|h| h == d),
             sticky.as_deref(),
+            active,
         );
         let mut delivered_to = Vec::new();
         let copied = self.config.multi_device
@@ -961,6 +983,10 @@ impl Router {
                 .map_or(switchboard_schemas::events::Protocol::Xmpp, |s| {
                     s.protocol.clone()
                 }),
+            notify: stanza.contains("<body").then(|| {
+                self.active
+                    .notify(&self.directory, &target.full_jid, self.now)
+            }),
             stanza,
             message_id,
             sender: sender.cloned(),

@@ -668,6 +668,7 @@ impl Responder {
             stanza,
             message_id: None,
             sender: None,
+            notify: None,
         };
         let node = cause.node.as_str();
         let envelope = Envelope::caused_by(cause, self.config.node.clone(), node, delivery);

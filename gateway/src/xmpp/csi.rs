@@ -2,12 +2,16 @@
 //! the traffic routed to it waits here (SPEC.md §7 quiet mode), sans-IO.
 //!
 //! What waits: presence (only the newest per sender is kept, XEP-0352 §5
-//! "presence updates... may be dropped or coalesced") and messages without
-//! a body (chat states, receipts, markers). What goes out at once, and
-//! first releases everything waiting, in order: a message with a body (the
-//! user is to be notified), an iq (it expects an answer), anything else.
-//! The queue is also released when the client says it is active again, when
-//! it sends an iq itself, and when [`MAX_HELD`] stanzas wait.
+//! "presence updates... may be dropped or coalesced"), messages without
+//! a body (chat states, receipts, markers), and messages with a body that
+//! the router marked not to notify here because another of the user's
+//! clients is the active one (SPEC.md §7: quiet mode is flushed by "a
+//! message while no other client is active"). What goes out at once, and
+//! first releases everything waiting, in order: a message with a body that
+//! is to notify this client (the router's `notify` true, or no decision),
+//! an iq (it expects an answer), anything else. The queue is also released
+//! when the client says it is active again, when it sends an iq itself, and
+//! when [`MAX_HELD`] stanzas wait.
 
 /// Most stanzas held for an inactive client before they are all released.
 pub const MAX_HELD: usize = 200;
@@ -67,14 +71,17 @@ impl QuietQueue {
     }
 
     /// A stanza routed to the session: what to write now (possibly
-    /// nothing, possibly earlier held stanzas first).
-    pub fn offer(&mut self, stanza: String) -> Vec<String> {
+    /// nothing, possibly earlier held stanzas first). `notify` is the
+    /// router's decision for a message with a body (`Some(false)`: another
+    /// client of the user is active, so this one stays quiet).
+    pub fn offer(&mut self, stanza: String, notify: Option<bool>) -> Vec<String> {
         if !self.inactive {
             return vec![stanza];
         }
         let trimmed = stanza.trim_start();
         let is_presence = trimmed.starts_with("<presence");
-        let quiet_message = trimmed.starts_with("<message") && !trimmed.contains("<body");
+        let quiet_message = trimmed.starts_with("<message")
+            && (!trimmed.contains("<body") || notify == Some(false));
         if !(is_presence || quiet_message) {
             let mut out = self.release();
             out.push(stanza);
@@ -110,7 +117,7 @@ mod tests {
     fn active_client_gets_everything_at_once() {
         let mut q = QuietQueue::default();
         assert_eq!(
-            q.offer(presence("b@x", "away")),
+            q.offer(presence("b@x", "away"), None),
             vec![presence("b@x", "away")]
         );
     }
@@ -119,9 +126,9 @@ mod tests {
     fn presence_is_held_and_coalesced_per_sender() {
         let mut q = QuietQueue::default();
         q.set_inactive();
-        assert!(q.offer(presence("b@x", "away")).is_empty());
-        assert!(q.offer(presence("c@x", "dnd")).is_empty());
-        assert!(q.offer(presence("b@x", "xa")).is_empty());
+        assert!(q.offer(presence("b@x", "away"), None).is_empty());
+        assert!(q.offer(presence("c@x", "dnd"), None).is_empty());
+        assert!(q.offer(presence("b@x", "xa"), None).is_empty());
         assert_eq!(q.held(), 2);
         assert_eq!(
             q.set_active(),
@@ -135,23 +142,46 @@ mod tests {
         let mut q = QuietQueue::default();
         q.set_inactive();
         let state = "<message from=\"b@x/r\" to=\"a@x/r\"><composing xmlns='http://jabber.org/protocol/chatstates'/></message>".to_owned();
-        assert!(q.offer(presence("b@x", "away")).is_empty());
-        assert!(q.offer(state.clone()).is_empty());
+        assert!(q.offer(presence("b@x", "away"), None).is_empty());
+        assert!(q.offer(state.clone(), None).is_empty());
         let chat = "<message from='b@x/r' type='chat'><body>hi</body></message>".to_owned();
         assert_eq!(
-            q.offer(chat.clone()),
+            q.offer(chat.clone(), Some(true)),
             vec![presence("b@x", "away"), state, chat]
         );
         assert!(q.is_inactive(), "still inactive after the flush");
+    }
+
+    /// SPEC.md §7: a message while another client is active does not end
+    /// quiet mode; it waits with the rest, in order, until a message that
+    /// is to notify here (or an iq, or `<active/>`).
+    #[test]
+    fn a_message_for_another_active_client_is_held() {
+        let mut q = QuietQueue::default();
+        q.set_inactive();
+        let chat = |n: u8| format!("<message from='b@x/r' type='chat'><body>{n}</body></message>");
+        assert!(q.offer(presence("b@x", "away"), None).is_empty());
+        assert!(q.offer(chat(1), Some(false)).is_empty());
+        assert_eq!(q.held(), 2);
+        assert_eq!(
+            q.offer(chat(2), Some(true)),
+            vec![presence("b@x", "away"), chat(1), chat(2)]
+        );
+        // Not inactive: delivered whatever the decision.
+        q.set_active();
+        assert_eq!(q.offer(chat(3), Some(false)), vec![chat(3)]);
     }
 
     #[test]
     fn an_iq_is_not_held() {
         let mut q = QuietQueue::default();
         q.set_inactive();
-        assert!(q.offer(presence("b@x", "away")).is_empty());
+        assert!(q.offer(presence("b@x", "away"), None).is_empty());
         let push = "<iq type='set' id='push-1'><query xmlns='jabber:iq:roster'/></iq>".to_owned();
-        assert_eq!(q.offer(push.clone()), vec![presence("b@x", "away"), push]);
+        assert_eq!(
+            q.offer(push.clone(), None),
+            vec![presence("b@x", "away"), push]
+        );
     }
 
     #[test]
@@ -159,9 +189,12 @@ mod tests {
         let mut q = QuietQueue::default();
         q.set_inactive();
         for i in 0..MAX_HELD - 1 {
-            assert!(q.offer(presence(&format!("u{i}@x"), "away")).is_empty());
+            assert!(
+                q.offer(presence(&format!("u{i}@x"), "away"), None)
+                    .is_empty()
+            );
         }
-        let out = q.offer(presence("last@x", "away"));
+        let out = q.offer(presence("last@x", "away"), None);
         assert_eq!(out.len(), MAX_HELD);
         assert_eq!(q.held(), 0);
     }

@@ -179,7 +179,7 @@ pub enum Undelivered {
 #[derive(Debug, PartialEq, Eq)]
 enum MailboxEvent {
     /// Stanzas routed to the session, oldest first.
-    Stanzas(VecDeque<String>),
+    Stanzas(VecDeque<Routed>),
     /// A newer session bound the same resource (RFC 6120 §7.7.2.2).
     Kicked,
 }
@@ -196,12 +196,32 @@ struct Mailbox {
 
 #[derive(Default)]
 struct MailboxState {
-    queue: VecDeque<String>,
+    queue: VecDeque<Routed>,
     kicked: bool,
 }
 
+/// A stanza routed to a session, with the router's notification decision
+/// (`delivery.stanza` `notify`, SPEC.md §7 active client).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// The stanza as it is written to the client.
+    pub stanza: String,
+    /// `Some(false)`: another of the user's clients is the active one, so
+    /// this message does not end the session's quiet mode.
+    pub notify: Option<bool>,
+}
+
+impl From<String> for Routed {
+    fn from(stanza: String) -> Self {
+        Self {
+            stanza,
+            notify: None,
+        }
+    }
+}
+
 impl Mailbox {
-    fn push(&self, stanza: String) -> Result<(), Undelivered> {
+    fn push(&self, stanza: Routed) -> Result<(), Undelivered> {
         let mut state = self.state.lock().expect("mailbox lock");
         if state.queue.len() >= SESSION_QUEUE {
             return Err(Undelivered::Stuck);
@@ -282,7 +302,7 @@ impl SessionRegistry {
     }
 
     /// Queues a stanza for the session `id` of this node.
-    pub fn deliver(&self, id: Uuid, stanza: String) -> Result<(), Undelivered> {
+    pub fn deliver(&self, id: Uuid, stanza: impl Into<Routed>) -> Result<(), Undelivered> {
         let mailbox = self
             .by_id
             .lock()
@@ -290,7 +310,7 @@ impl SessionRegistry {
             .get(&id)
             .cloned()
             .ok_or(Undelivered::NoSession)?;
-        mailbox.push(stanza)
+        mailbox.push(stanza.into())
     }
 
     fn unbind(&self, user: &str, resource: &str, id: Uuid) {
@@ -584,8 +604,8 @@ impl Conn {
                 read = read_into(io, &mut self.parser) => read?,
                 event = mailbox => match event {
                     MailboxEvent::Stanzas(stanzas) => {
-                        for stanza in stanzas {
-                            for s in self.quiet.offer(stanza) {
+                        for routed in stanzas {
+                            for s in self.quiet.offer(routed.stanza, routed.notify) {
                                 self.out.push_str(&s);
                             }
                         }
@@ -2037,7 +2057,11 @@ pub async fn deliveries(
                 continue;
             }
             let returned = d.sender.as_ref().map(|_| d.stanza.clone());
-            let Err(why) = ctx.sessions.deliver(d.session_id, d.stanza) else {
+            let routed = Routed {
+                stanza: d.stanza,
+                notify: d.notify,
+            };
+            let Err(why) = ctx.sessions.deliver(d.session_id, routed) else {
                 continue;
             };
             // The session ended (or is stuck) after the router chose it: a
@@ -2130,17 +2154,17 @@ async fn mailbox_queues_in_order_and_bounds_the_queue() {
     let registry = SessionRegistry::default();
     let id = Uuid::now_v7();
     assert_eq!(
-        registry.deliver(id, "x".into()),
+        registry.deliver(id, "x".to_owned()),
         Err(Undelivered::NoSession)
     );
     let mailbox = registry
         .bind("a@example.com", "phone", id, 10)
         .expect("bound");
-    registry.deliver(id, "<one/>".into()).expect("queued");
-    registry.deliver(id, "<two/>".into()).expect("queued");
+    registry.deliver(id, "<one/>".to_owned()).expect("queued");
+    registry.deliver(id, "<two/>".to_owned()).expect("queued");
     assert_eq!(
         mailbox.next().await,
-        MailboxEvent::Stanzas(["<one/>".to_owned(), "<two/>".to_owned()].into())
+        MailboxEvent::Stanzas(["<one/>".to_owned().into(), "<two/>".to_owned().into()].into())
     );
     // Waiting, then woken by a delivery from another task.
     let waiting = tokio::spawn({
@@ -2148,18 +2172,21 @@ async fn mailbox_queues_in_order_and_bounds_the_queue() {
         async move { mailbox.next().await }
     });
     tokio::task::yield_now().await;
-    registry.deliver(id, "<three/>".into()).expect("queued");
+    registry.deliver(id, "<three/>".to_owned()).expect("queued");
     assert_eq!(
         waiting.await.expect("joined"),
-        MailboxEvent::Stanzas(["<three/>".to_owned()].into())
+        MailboxEvent::Stanzas(["<three/>".to_owned().into()].into())
     );
     for _ in 0..SESSION_QUEUE {
-        registry.deliver(id, "<m/>".into()).expect("queued");
+        registry.deliver(id, "<m/>".to_owned()).expect("queued");
     }
-    assert_eq!(registry.deliver(id, "<m/>".into()), Err(Undelivered::Stuck));
+    assert_eq!(
+        registry.deliver(id, "<m/>".to_owned()),
+        Err(Undelivered::Stuck)
+    );
     registry.unbind("a@example.com", "phone", id);
     assert_eq!(
-        registry.deliver(id, "<m/>".into()),
+        registry.deliver(id, "<m/>".to_owned()),
         Err(Undelivered::NoSession)
     );
     assert_eq!(registry.count(), 0);
@@ -2186,11 +2213,11 @@ async fn registry_kicks_the_older_session_and_enforces_the_limit() {
     registry.unbind("a@example.com", "r", old);
     assert_eq!(registry.count(), 2);
     registry
-        .deliver(new, "<m/>".into())
+        .deliver(new, "<m/>".to_owned())
         .expect("newer one still bound");
     assert_eq!(
         second.next().await,
-        MailboxEvent::Stanzas(["<m/>".to_owned()].into())
+        MailboxEvent::Stanzas(["<m/>".to_owned().into()].into())
     );
     registry.unbind("a@example.com", "r", new);
     registry.unbind("a@example.com", "s", other);

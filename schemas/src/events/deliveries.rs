@@ -30,4 +30,13 @@ pub struct StanzaDelivery {
     /// headlines and other stanzas that are dropped instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender: Option<FullJid>,
+    /// SPEC.md §7 active client: for a message with a body, whether the
+    /// user is to be notified on this session — it is the user's active
+    /// client (the last to send available presence or a message within
+    /// the window, 5 minutes by default), or no client is active. A
+    /// gateway holding the session in quiet mode (XEP-0352) flushes its
+    /// buffer for `true` and may keep buffering for `false`. Absent: not
+    /// decided (body-less stanzas, presence, older routers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<bool>,
 }

@@ -793,6 +793,7 @@ pub fn examples() -> Vec<Envelope> {
                 stanza: chat.replace(r#"to="bob@example.com""#, r#"to="bob@example.com/phone""#),
                 message_id: Some(message_id.to_owned()),
                 sender: Some(full("alice@example.com/laptop")),
+                notify: None,
             }
             .into(),
         ),

@@ -224,16 +224,21 @@ pub async fn run(
         topics,
         positions: BTreeMap::new(),
         applied: BTreeMap::new(),
-        pending: None,
+        pending: Vec::new(),
     };
-    let mut inflight: Option<InFlight> = None;
+    let lanes = lanes(kind, &runner.db);
+    runner.pending.resize_with(lanes, || None);
+    let mut inflight: Vec<Option<InFlight>> = (0..lanes).map(|_| None).collect();
     let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
     lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
-        if inflight.is_none() {
-            inflight = runner.start_pending(&shutdown);
+        for (lane, slot) in inflight.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = runner.start_pending(lane, &shutdown);
+            }
         }
         let can_read = runner.pending_records() < max_transaction;
+        let (first, rest) = inflight.split_at_mut(1);
         tokio::select! {
             polled = consumer.poll(Duration::from_millis(500)), if can_read => {
                 let step = match polled {
@@ -260,17 +265,16 @@ pub async fn run(
                     break Err(e);
                 }
             }
-            finished = async { (&mut inflight.as_mut().expect("in flight").handle).await }, if inflight.is_some() => {
-                let done = inflight.take().expect("in flight");
-                match runner.on_applied(&done, finished) {
-                    Ok(Some(Applied::Done)) => {}
-                    Ok(Some(Applied::Conflict)) => {
-                        if let Err(e) = runner.resync(&mut *consumer, &mut shutdown).await {
-                            break Err(e);
-                        }
-                    }
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
+            finished = async { (&mut first[0].as_mut().expect("in flight").handle).await }, if first[0].is_some() => {
+                let done = inflight[0].take().expect("in flight");
+                if let Some(end) = runner.after_applied(&done, finished, &mut inflight, &mut *consumer, &mut shutdown).await {
+                    break end;
+                }
+            }
+            finished = async { (&mut rest[0].as_mut().expect("in flight").handle).await }, if rest.first().is_some_and(Option::is_some) => {
+                let done = inflight[1].take().expect("in flight");
+                if let Some(end) = runner.after_applied(&done, finished, &mut inflight, &mut *consumer, &mut shutdown).await {
+                    break end;
                 }
             }
             _ = lag_tick.tick() => runner.measure_lag().await,
@@ -404,8 +408,8 @@ struct Runner {
     positions: BTreeMap<TopicPartition, i64>,
     /// The positions the database is known to hold (for the lag).
     applied: BTreeMap<TopicPartition, i64>,
-    /// Rows read while a transaction was under way.
-    pending: Option<Pending>,
+    /// Rows read while a transaction was under way, per lane.
+    pending: Vec<Option<Pending>>,
 }
 
 impl Runner {
@@ -433,12 +437,13 @@ impl Runner {
     }
 
     fn pending_records(&self) -> usize {
-        self.pending.as_ref().map_or(0, |p| p.records)
+        self.pending.iter().flatten().map(|p| p.records).sum()
     }
 
-    /// Hands the pending rows to a task that writes them in one transaction.
-    fn start_pending(&mut self, shutdown: &watch::Receiver<bool>) -> Option<InFlight> {
-        let pending = self.pending.take()?;
+    /// Hands a lane's pending rows to a task that writes them in one
+    /// transaction.
+    fn start_pending(&mut self, lane: usize, shutdown: &watch::Receiver<bool>) -> Option<InFlight> {
+        let pending = self.pending[lane].take()?;
         let updates: Vec<PositionUpdate> = pending.updates.into_values().collect();
         let handle = tokio::spawn(apply_with_retry(
             self.db.clone(),
@@ -478,17 +483,41 @@ impl Runner {
                 metrics::CONFLICTS
                     .with_label_values(&[self.kind.name()])
                     .inc();
-                self.pending = None;
             }
             None => {}
         }
         Ok(outcome)
     }
 
-    /// Waits for the transaction under way and drops the pending rows (the
+    /// Handles a finished transaction; on a conflict waits for the other
+    /// lanes' transactions and seeks to the stored positions. `Some` ends the
+    /// runner.
+    async fn after_applied(
+        &mut self,
+        done: &InFlight,
+        finished: Result<Result<Option<Applied>, ProjectionError>, tokio::task::JoinError>,
+        inflight: &mut [Option<InFlight>],
+        consumer: &mut dyn Consumer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Result<(), ProjectionError>> {
+        match self.on_applied(done, finished) {
+            Ok(Some(Applied::Done)) => None,
+            Ok(Some(Applied::Conflict)) => {
+                self.drain(inflight).await;
+                self.resync(consumer, shutdown).await.err().map(Err)
+            }
+            Ok(None) => Some(Ok(())),
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Waits for the transactions under way and drops the pending rows (the
     /// caller then seeks to the stored positions).
-    async fn drain(&mut self, inflight: &mut Option<InFlight>) {
-        if let Some(done) = inflight.take() {
+    async fn drain(&mut self, inflight: &mut [Option<InFlight>]) {
+        for slot in inflight.iter_mut() {
+            let Some(done) = slot.take() else {
+                continue;
+            };
             match done.handle.await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
@@ -499,7 +528,7 @@ impl Runner {
                 }
             }
         }
-        self.pending = None;
+        self.pending.iter_mut().for_each(|p| *p = None);
     }
 
     async fn on_assigned(
@@ -523,7 +552,7 @@ impl Runner {
         consumer: &mut dyn Consumer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ProjectionError> {
-        self.pending = None;
+        self.pending.iter_mut().for_each(|p| *p = None);
         let stored = self.stored_positions(shutdown).await?;
         let owned: Vec<TopicPartition> = self.positions.keys().cloned().collect();
         for tp in owned {
@@ -535,15 +564,31 @@ impl Runner {
         Ok(())
     }
 
-    /// Decodes a poll's new records into the pending rows.
+    /// Decodes a poll's new records into the pending rows of their lanes.
     fn on_records(&mut self, records: &[Record]) {
+        let lanes = self.pending.len();
+        if lanes <= 1 {
+            self.add_records(0, records.iter());
+        } else {
+            for lane in 0..lanes {
+                self.add_records(
+                    lane,
+                    records
+                        .iter()
+                        .filter(|r| r.partition.unsigned_abs() as usize % lanes == lane),
+                );
+            }
+        }
+    }
+
+    fn add_records<'r>(&mut self, lane: usize, records: impl Iterator<Item = &'r Record>) {
         let kind = self.kind;
-        let pending = self.pending.get_or_insert_with(|| Pending {
+        let pending = self.pending[lane].get_or_insert_with(|| Pending {
             updates: BTreeMap::new(),
             ops: Ops::empty(kind),
             records: 0,
         });
-        let mut fresh: Vec<&Record> = Vec::with_capacity(records.len());
+        let mut fresh: Vec<&Record> = Vec::new();
         for r in records {
             let tp = r.topic_partition();
             let Some(position) = self.positions.get_mut(&tp) else {
@@ -563,7 +608,7 @@ impl Runner {
         }
         if fresh.is_empty() {
             if pending.records == 0 {
-                self.pending = None;
+                self.pending[lane] = None;
             }
             return;
         }
@@ -617,5 +662,19 @@ fn ops(kind: ProjectionKind, config: &RunnerConfig, items: &[Item<'_>]) -> Ops {
         ProjectionKind::Compliance => {
             Ops::Compliance(rows::compliance_entries(items, &config.profile))
         }
+    }
+}
+
+/// How many transactions of a projection may be under way at once, each for
+/// its own partitions (a lane is the partitions `p` with `p % lanes` equal to
+/// its number). On PostgreSQL the archive, the heaviest projection, writes on
+/// two connections at once (two server processes, so two cores); the
+/// positions' compare-and-set is per partition, so lanes never write the
+/// same partition. SQLite has one writer anyway, and the compliance log is
+/// one chain whose head every transaction locks.
+fn lanes(kind: ProjectionKind, db: &Database) -> usize {
+    match (kind, db) {
+        (ProjectionKind::Archive, Database::Postgres(_)) => 2,
+        _ => 1,
     }
 }

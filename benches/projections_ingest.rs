@@ -8,7 +8,9 @@
 //! schema per run; `SWITCHBOARD_TEST_POSTGRES` names another;
 //! `BENCH_BACKENDS=sqlite` or `postgres` runs one; `BENCH_EVENTS` sets the
 //! count, default 200,000; `BENCH_PROJECTIONS=archive,compliance` runs a
-//! subset). Prints a Markdown table for BENCHMARKS.md.
+//! subset; `BENCH_BATCH` / `BENCH_TRANSACTION` set the records per poll and
+//! per transaction; `BENCH_READ_ONLY=1` first times reading the log alone).
+//! Prints a Markdown table for BENCHMARKS.md.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,15 +108,24 @@ async fn fill(bus: &Arc<dyn Bus>, n: usize) {
     }
 }
 
-async fn open_db(backend: &str, dir: &std::path::Path) -> Database {
+fn postgres_base() -> String {
+    std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
+        "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
+    })
+}
+
+/// The database, and on PostgreSQL the schema made for this run (dropped at
+/// the end: a run leaves about 500 MB).
+async fn open_db(backend: &str, dir: &std::path::Path) -> (Database, Option<String>) {
     match backend {
-        "sqlite" => Database::open_sqlite(&dir.join("switchboard.db"))
-            .await
-            .expect("sqlite"),
+        "sqlite" => (
+            Database::open_sqlite(&dir.join("switchboard.db"))
+                .await
+                .expect("sqlite"),
+            None,
+        ),
         _ => {
-            let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-                "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-            });
+            let base = postgres_base();
             let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
             let admin = sqlx::PgPool::connect(&base).await.expect("postgres");
             sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
@@ -122,14 +133,57 @@ async fn open_db(backend: &str, dir: &std::path::Path) -> Database {
                 .await
                 .expect("schema");
             admin.close().await;
-            Database::open(
+            let db = Database::open(
                 &format!("{base}?options[search_path]={schema}"),
                 std::path::Path::new(""),
             )
             .await
-            .expect("postgres")
+            .expect("postgres");
+            (db, Some(schema))
         }
     }
+}
+
+/// What reading costs alone: one consumer group per projection reads that
+/// projection's topics to the end, all at once, decoding and writing nothing.
+async fn read_only(bus: &Arc<dyn Bus>, n: usize) {
+    use switchboard_infra::bus::{ConsumerConfig, Polled};
+    let config = RunnerConfig::new(PREFIX);
+    let mut tasks = tokio::task::JoinSet::new();
+    for kind in ProjectionKind::ALL {
+        let topics = config.topics(kind);
+        let bus = bus.clone();
+        let max_batch = config.max_batch;
+        tasks.spawn(async move {
+            let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let mut end = 0i64;
+            for t in &topics {
+                end += bus.end_offsets(t).await.expect("ends").iter().sum::<i64>();
+            }
+            let mut consumer = bus
+                .consumer(ConsumerConfig {
+                    max_batch,
+                    ..ConsumerConfig::new(format!("read-only-{kind}"), &refs)
+                })
+                .await
+                .expect("consumer");
+            let mut read = 0i64;
+            while read < end {
+                if let Polled::Records(r) = consumer
+                    .poll(Duration::from_millis(500))
+                    .await
+                    .expect("poll")
+                {
+                    read += r.len() as i64;
+                }
+            }
+            let _ = consumer.close().await;
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("reader");
+    }
+    let _ = n;
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +207,16 @@ async fn main() {
         let filled = Instant::now();
         fill(&bus, n).await;
         eprintln!("{backend}: {n} events on the log in {:?}", filled.elapsed());
-        let db = open_db(backend, dir.path()).await;
+        if std::env::var("BENCH_READ_ONLY").is_ok_and(|v| v == "1") {
+            let t = Instant::now();
+            read_only(&bus, n).await;
+            let s = t.elapsed().as_secs_f64();
+            eprintln!(
+                "{backend}: the log read alone (each projection's topics, no decoding, no writes): {s:.2} s, {:.0} events/s",
+                n as f64 / s
+            );
+        }
+        let (db, schema) = open_db(backend, dir.path()).await;
         let mut config = RunnerConfig {
             local_domains: vec!["example.com".to_owned()],
             ..RunnerConfig::new(PREFIX)
@@ -163,6 +226,12 @@ async fn main() {
             .and_then(|v| v.parse().ok())
         {
             config.max_batch = b;
+        }
+        if let Some(t) = std::env::var("BENCH_TRANSACTION")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config.max_transaction = t;
         }
         let config = Arc::new(config);
         let started = Instant::now();
@@ -205,6 +274,16 @@ async fn main() {
             compliance.records
         ));
         db.close().await;
+        if let Some(schema) = schema {
+            let admin = sqlx::PgPool::connect(&postgres_base())
+                .await
+                .expect("postgres");
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&admin)
+                .await
+                .expect("drop schema");
+            admin.close().await;
+        }
     }
     println!("| database | events | seconds | events/s | archive rows | compliance records |");
     println!("|---|---|---|---|---|---|");

@@ -26,6 +26,10 @@ RATE="${SIP_RATE:-5000}"
 CALLS="${SIP_CALLS:-30000}"
 LIMIT="${SIP_LIMIT:-2000}"   # concurrent calls
 PORT="${SIP_PORT:-25060}"
+# SIPp's socket buffers (its default, 64 KiB, drops datagrams in bursts: each
+# drop is a 500 ms retransmission in the latency); the kernel caps them at
+# net.core.rmem_max / wmem_max.
+BUFF="${SIP_BUFF:-4194304}"
 
 SIPP="$(infra/scripts/sipp.sh path)"
 # SIP_NO_BUILD=1: use the release binary as it is.
@@ -92,7 +96,7 @@ run() {
     start=$(date +%s.%N)
     (cd "$dir" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/$scenario" \
         -i 127.0.0.1 -p "$port" -nostdin -key domain example.com \
-        -r "$RATE" -m "$CALLS" -l "$LIMIT" -timeout 600s \
+        -r "$RATE" -m "$CALLS" -l "$LIMIT" -timeout 600s -buff_size "$BUFF" \
         -trace_rtt -rtt_freq 1000 -trace_stat -fd 1 "$@" >"$dir/sipp.out" 2>&1) || true
     end=$(date +%s.%N)
     python3 - "$dir" "$name" "$start" "$end" "$CALLS" <<'EOF'
@@ -130,7 +134,7 @@ if [ "$WHAT" = message ] || [ "$WHAT" = all ]; then
     RECV_PORT=$((PORT + 3))
     mkdir -p "$WORK/receiver"
     (cd "$WORK/receiver" && exec "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/receive_message.xml" \
-        -i 127.0.0.1 -p "$RECV_PORT" -nostdin -key text "bench" -trace_stat -fd 1 -trace_err \
+        -i 127.0.0.1 -p "$RECV_PORT" -nostdin -key text "bench" -trace_stat -fd 1 -trace_err -buff_size "$BUFF" \
         >"$WORK/receiver/sipp.out" 2>&1) &
     RECEIVER_PID=$!
     (cd "$WORK" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/register_contact.xml" \

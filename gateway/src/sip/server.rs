@@ -2107,6 +2107,28 @@ pub struct BusTopics {
     pub node: String,
 }
 
+/// Socket buffers of the UDP listener: at thousands of requests per second
+/// the Linux default (208 KiB) overflows during a burst, and each dropped
+/// request costs its client a retransmission (RFC 3261 §17.1.2.2: 500 ms,
+/// then doubling). The kernel caps the size at `net.core.rmem_max` /
+/// `wmem_max`.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// The UDP listener, with [`UDP_BUFFER_BYTES`] buffers.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket
+        .set_recv_buffer_size(UDP_BUFFER_BYTES)
+        .and_then(|()| socket.set_send_buffer_size(UDP_BUFFER_BYTES))
+    {
+        tracing::warn!(error = %e, "sip udp socket buffers left at the system default");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Binds the UDP, TCP and TLS listeners of `ctx.settings` and spawns them
 /// with the timers, the presence follower and the deliveries reader.
 pub async fn spawn(
@@ -2151,9 +2173,7 @@ pub async fn spawn(
         Err(e) => tracing::error!(error = %e, "sip registrations not rebuilt from the log"),
     }
     let s = &ctx.settings;
-    let udp = UdpSocket::bind(s.udp_listen)
-        .await
-        .map_err(named("UDP", s.udp_listen))?;
+    let udp = udp_socket(s.udp_listen).map_err(named("UDP", s.udp_listen))?;
     let tcp = TcpListener::bind(s.tcp_listen)
         .await
         .map_err(named("TCP", s.tcp_listen))?;

@@ -69,6 +69,11 @@ struct RosterProcessor {
     /// RFC 6121 §4.6.3: where each session of an owned user sent directed
     /// available presence (in memory: directed presence is not replayed).
     directed: BTreeMap<String, BTreeSet<String>>,
+    /// Directed presence and the unavailable presence of §4.6.3 read from
+    /// the table, in order, waiting for the table to reach the ends it had
+    /// when they were read (the addressee's bind and initial presence,
+    /// stored before, may sit in partitions not read yet): (to, stanza).
+    deferred: Vec<(String, String)>,
     owned: BTreeSet<i32>,
     partitions: i32,
     roster_topic: String,
@@ -114,6 +119,7 @@ pub async fn run(
         policies: Policies::default(),
         vcards: BTreeMap::new(),
         directed: BTreeMap::new(),
+        deferred: Vec::new(),
         owned: BTreeSet::new(),
         partitions,
         roster_topic,
@@ -130,6 +136,17 @@ pub async fn run(
                     if table.track(&records) {
                         tracing::info!(sessions = p.directory.len(), "roster processor tables caught up");
                     }
+                    if !p.deferred.is_empty() {
+                        let bus = p.bus.clone();
+                        table
+                            .barrier(&*bus, |records| {
+                                let envelopes: Vec<Envelope> =
+                                    records.iter().filter_map(decode).collect();
+                                p.on_table(&envelopes, true);
+                            })
+                            .await?;
+                        p.release_deferred();
+                    }
                     p.flush().await?;
                 }
             }
@@ -145,6 +162,7 @@ pub async fn run(
                                 p.on_table(&envelopes, true);
                             })
                             .await?;
+                        p.release_deferred();
                         for r in &records {
                             if let Some(envelope) = decode(r) {
                                 p.on_roster(&envelope);
@@ -289,7 +307,8 @@ impl RosterProcessor {
                         && let Some(targets) = self.directed.remove(full.as_str())
                     {
                         for to in targets {
-                            self.presence_to(&to, &unavailable(full.as_str(), &to));
+                            let stanza = unavailable(full.as_str(), &to);
+                            self.deferred.push((to, stanza));
                         }
                     }
                 }
@@ -339,7 +358,11 @@ impl RosterProcessor {
 
     /// RFC 6121 §4.6.2: directed presence goes to the addressee's session
     /// (full JID) or available sessions (bare JID); the addressees of
-    /// available presence are remembered for §4.6.3.
+    /// available presence are remembered for §4.6.3. The delivery waits in
+    /// `deferred` for the table's barrier: the topics' partitions are read
+    /// in no order between them, so the addressee's bind or initial
+    /// presence, stored before the directed presence was sent, can still be
+    /// unread.
     fn directed_presence(&mut self, d: &switchboard_schemas::events::DirectedPresence) {
         let from = d.from.as_str().to_owned();
         if d.available {
@@ -350,7 +373,15 @@ impl RosterProcessor {
         } else if let Some(targets) = self.directed.get_mut(&from) {
             targets.remove(&d.to);
         }
-        self.presence_to(&d.to, &d.stanza);
+        self.deferred.push((d.to.clone(), d.stanza.clone()));
+    }
+
+    /// Delivers the deferred directed presence, in the order read; the
+    /// caller has read the table to the ends it had after they were read.
+    fn release_deferred(&mut self) {
+        for (to, stanza) in std::mem::take(&mut self.deferred) {
+            self.presence_to(&to, &stanza);
+        }
     }
 
     /// Delivers `stanza` to `to`: that session for a full JID, every

@@ -105,7 +105,8 @@ class RosterClient(Client):
         self.changed.set()
 
     async def start_with_roster(self, deadline: float) -> None:
-        """Logs in, fetches the roster, then sends initial presence."""
+        """Logs in, fetches the roster, then sends initial presence and
+        pings the server."""
         send_presence = self.xmpp.send_presence
         self.xmpp.send_presence = lambda *a, **k: None  # held until the roster is in
         try:
@@ -114,6 +115,12 @@ class RosterClient(Client):
             self.xmpp.send_presence = send_presence
         await self.xmpp.get_roster(timeout=max(1.0, deadline - time.monotonic()))
         self.xmpp.send_presence()
+        # A round trip after it: the server has stored the initial presence
+        # (stanzas of a stream are handled in order) before anyone counts
+        # on this client being available (RFC 6121 §8.5.2.2.1: presence to
+        # a user without available resources is ignored).
+        await self.xmpp.plugin["xep_0199"].ping(
+            jid=self.xmpp.boundjid.domain, timeout=max(1.0, deadline - time.monotonic()))
 
     def item(self, jid: str) -> dict[str, Any] | None:
         roster = self.xmpp.client_roster

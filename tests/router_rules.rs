@@ -1305,3 +1305,82 @@ async fn the_active_client_is_notified_within_the_window() {
     assert_eq!(h.deliveries("a3", &laptop), 0);
     router.stop().await;
 }
+
+/// Issue 4 "Sessions": messages routed to a gateway node that then stops
+/// heartbeating are not lost with it. Those routed since its last heartbeat
+/// less one interval go back to the recipient's router (`message.undelivered`,
+/// `node_down`) and are stored offline once; an older one (which the node
+/// had time to write out) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_routed_to_a_node_that_dies_are_stored_offline() {
+    let mut h = Harness::new().await;
+    h.bind(ALICE, "gw-b", 0).await;
+    let bob = format!("{BOB}/phone");
+    h.bind(&bob, "gw-a", 0).await;
+    let beat = Utc::now();
+    // A process started before the sessions were bound.
+    let started = beat - chrono::Duration::seconds(60);
+    h.heartbeat("gw-a", started).await;
+    let router = h.start(RouterConfig {
+        node_timeout: Duration::from_secs(2),
+        ..config()
+    });
+    // Whole microseconds: event times travel in the log at that precision.
+    let at = |mut e: Envelope, millis: i64| {
+        e.occurred_at = DateTime::from_timestamp_micros(beat.timestamp_micros()).unwrap()
+            + chrono::Duration::milliseconds(millis);
+        e
+    };
+    // gw-b keeps beating (alice's node), gw-a never again.
+    let alive = {
+        let bus = h.bus.clone();
+        tokio::spawn(async move {
+            loop {
+                let e = Envelope::new(
+                    NodeId::new("gw-b"),
+                    "gw-b",
+                    NodeHeartbeat {
+                        node: NodeId::new("gw-b"),
+                        started_at: started,
+                        interval_secs: 1,
+                        sessions: Default::default(),
+                    },
+                );
+                let _ = bus
+                    .produce(
+                        &full_name(PREFIX, Topic::Sessions),
+                        b"gw-b",
+                        Some(&e.to_json_vec().unwrap()),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    // 1.5 s before gw-a's heartbeat (its interval is 1 s), and after it.
+    for (id, millis) in [("early", -1500), ("late1", 200), ("late2", 300)] {
+        h.produce(&at(
+            Harness::submitted(ALICE, BOB, id, MessageKind::Chat),
+            millis,
+        ))
+        .await;
+    }
+    h.wait("routed to gw-a", |h| {
+        ["early", "late1", "late2"]
+            .iter()
+            .all(|id| h.deliveries(id, &bob) == 1)
+    })
+    .await;
+    h.wait("late ones stored offline", |h| {
+        h.stored("late1") == 1 && h.stored("late2") == 1
+    })
+    .await;
+    h.read_for(Duration::from_secs(3)).await;
+    assert_eq!(h.stored("late1"), 1, "{}", h.dump());
+    assert_eq!(h.stored("late2"), 1);
+    assert_eq!(h.undelivered("late1"), 1, "handed back once");
+    assert_eq!(h.stored("early"), 0);
+    assert_eq!(h.undelivered("early"), 0);
+    alive.abort();
+    router.stop().await;
+}

@@ -45,6 +45,8 @@ pub struct NodeState {
     pub started_at: DateTime<Utc>,
     /// Time of its latest heartbeat.
     pub last_heartbeat: DateTime<Utc>,
+    /// The heartbeat interval it announced.
+    pub interval: chrono::Duration,
 }
 
 /// Every bound session, by full address, and the gateway nodes' heartbeats.
@@ -111,7 +113,9 @@ impl SessionDirectory {
                     .or_insert(NodeState {
                         started_at: beat.started_at,
                         last_heartbeat: envelope.occurred_at,
+                        interval: chrono::Duration::zero(),
                     });
+                state.interval = chrono::Duration::seconds(i64::from(beat.interval_secs));
                 state.started_at = state.started_at.max(beat.started_at);
                 state.last_heartbeat = state.last_heartbeat.max(envelope.occurred_at);
                 None
@@ -1003,6 +1007,114 @@ impl ActiveClients {
     }
 }
 
+/// Issue 4 "Sessions": the chat and normal messages an instance handed to
+/// gateway nodes lately. A delivery is a record of `deliveries` that the
+/// node's gateway reads; a gateway that dies never reads (or never writes
+/// out) the last ones, and nothing else would. When the node is declared
+/// down, the deliveries to its sessions since its last heartbeat less one
+/// interval (the last moment it is known to have kept up) go back to the
+/// recipients' routers as `message.undelivered` (`node_down`), which send
+/// them to another session or store them offline (XEP-0160): at least
+/// once. A message the gateway wrote out just before dying may come
+/// twice (same id); none is lost. After a restart of the node (a later
+/// process start), every retained delivery to its earlier sessions goes
+/// back, as the time of the crash is not known.
+///
+/// Retained for `window` of event time and at most `max` deliveries (the
+/// oldest go first).
+#[derive(Debug)]
+pub struct RecentDeliveries {
+    entries: std::collections::VecDeque<RecentDelivery>,
+    window: chrono::Duration,
+    max: usize,
+}
+
+/// A delivery remembered by [`RecentDeliveries`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentDelivery {
+    /// Event time of the routing decision.
+    pub at: DateTime<Utc>,
+    /// The session's gateway node.
+    pub node: String,
+    /// The session.
+    pub session_id: Uuid,
+    /// Its full address.
+    pub to: String,
+    /// The stanza delivered.
+    pub stanza: String,
+    /// The message id.
+    pub message_id: String,
+    /// The original sender.
+    pub sender: String,
+}
+
+/// Most deliveries an instance remembers for node failover.
+pub const RECENT_MAX: usize = 200_000;
+
+impl RecentDeliveries {
+    /// Remembers deliveries for `window`, at most `max` of them.
+    pub fn new(window: std::time::Duration, max: usize) -> Self {
+        Self {
+            entries: std::collections::VecDeque::new(),
+            window: chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX),
+            max: max.max(1),
+        }
+    }
+
+    /// Remembers one delivery; forgets those older than the window before
+    /// it (event time) and the oldest over the limit.
+    pub fn record(&mut self, delivery: RecentDelivery) {
+        let horizon = delivery.at - self.window;
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| e.at < horizon || self.entries.len() >= self.max)
+        {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(delivery);
+    }
+
+    /// Forgets deliveries older than the window at `now` (called while
+    /// nothing is routed, so memory does not stay taken).
+    pub fn expire(&mut self, now: DateTime<Utc>) {
+        let horizon = now - self.window;
+        while self.entries.front().is_some_and(|e| e.at < horizon) {
+            self.entries.pop_front();
+        }
+        if self.entries.is_empty() && self.entries.capacity() > 1024 {
+            self.entries.shrink_to_fit();
+        }
+    }
+
+    /// Takes the deliveries to sessions in `gone` (session id → deliveries
+    /// at or after this time count) out of the memory, in order.
+    pub fn take(&mut self, gone: &BTreeMap<Uuid, DateTime<Utc>>) -> Vec<RecentDelivery> {
+        if gone.is_empty() || self.entries.is_empty() {
+            return Vec::new();
+        }
+        let mut taken = Vec::new();
+        self.entries.retain(|e| match gone.get(&e.session_id) {
+            Some(since) if e.at >= *since => {
+                taken.push(e.clone());
+                false
+            }
+            _ => true,
+        });
+        taken
+    }
+
+    /// Deliveries remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Adds an XEP-0203 delay element to a stored stanza, unless it has one
 /// already (a delayed message that came back undelivered keeps its first
 /// stamp: XEP-0203 §3, the time of the original storage).
@@ -1395,6 +1507,43 @@ mod tests {
             )),
             [laptop]
         );
+    }
+
+    #[test]
+    fn recent_deliveries_are_taken_once_from_the_cutoff() {
+        let t0 = at(1000);
+        let delivery = |secs: i64, session: Uuid, id: &str| RecentDelivery {
+            at: t0 + chrono::Duration::seconds(secs),
+            node: "gw".to_owned(),
+            session_id: session,
+            to: "bob@example.com/r".to_owned(),
+            stanza: format!("<message id='{id}'/>"),
+            message_id: id.to_owned(),
+            sender: "alice@example.com/r".to_owned(),
+        };
+        let (dead, alive) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut recent = RecentDeliveries::new(std::time::Duration::from_secs(30), 4);
+        recent.record(delivery(0, dead, "old"));
+        recent.record(delivery(10, dead, "before-cutoff"));
+        recent.record(delivery(20, dead, "at-cutoff"));
+        recent.record(delivery(21, alive, "other-session"));
+        // The limit drops the oldest.
+        recent.record(delivery(25, dead, "last"));
+        assert_eq!(recent.len(), 4);
+        let gone = BTreeMap::from([(dead, t0 + chrono::Duration::seconds(20))]);
+        let ids: Vec<String> = recent
+            .take(&gone)
+            .into_iter()
+            .map(|d| d.message_id)
+            .collect();
+        assert_eq!(ids, ["at-cutoff", "last"]);
+        assert!(recent.take(&gone).is_empty(), "taken once");
+        assert_eq!(recent.len(), 2);
+        // The window: 30 s of event time.
+        recent.expire(t0 + chrono::Duration::seconds(45));
+        assert_eq!(recent.len(), 1);
+        recent.expire(t0 + chrono::Duration::seconds(52));
+        assert!(recent.is_empty());
     }
 
     #[test]

@@ -40,9 +40,10 @@ use tokio::sync::watch;
 use crate::multicast::{self, MulticastError};
 use crate::policy::Policies;
 use crate::router::{
-    ACTIVE_MAX, ActiveClients, DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, STICKY_MAX,
-    SeenIds, SessionDirectory, Stickiness, Target, bare_of, blocked, carbons_eligible,
-    received_copies, route_active, sent_copies, storable_offline, with_delay,
+    ACTIVE_MAX, ActiveClients, DEDUP_MAX, DEDUP_WINDOW, Decision, OfflineStore, RECENT_MAX,
+    RecentDeliveries, RecentDelivery, STICKY_MAX, SeenIds, SessionDirectory, Stickiness, Target,
+    bare_of, blocked, carbons_eligible, received_copies, route_active, sent_copies,
+    storable_offline, with_delay,
 };
 use crate::table::GlobalTable;
 
@@ -146,6 +147,9 @@ struct Router {
     active: ActiveClients,
     /// The time of the event being handled (decisions use event time).
     now: DateTime<Utc>,
+    /// Deliveries of chat and normal messages handed to gateway nodes
+    /// lately, handed back when a node is declared down.
+    recent: RecentDeliveries,
     partitions: i32,
     /// Events decided but not yet produced (topic, key, value); produced
     /// together, in order, by [`Router::flush`] before positions are
@@ -185,6 +189,9 @@ pub async fn run(
         blocks: Policies::default(),
         active: ActiveClients::new(config.active_window, ACTIVE_MAX),
         now: Utc::now(),
+        // Longer than a node is given to be declared down, plus its
+        // heartbeat interval and some clock skew between nodes.
+        recent: RecentDeliveries::new(config.node_timeout + Duration::from_secs(30), RECENT_MAX),
         bus,
         seen: SeenIds::new(config.dedup_window, config.dedup_max),
         sticky: Stickiness::new(config.sticky_timeout, STICKY_MAX),
@@ -384,12 +391,15 @@ impl Router {
     /// instance per user); the events are applied at once, so the next check
     /// does not repeat them, and after a restart the log has them.
     fn end_sessions_of_dead_nodes(&mut self, now: DateTime<Utc>) {
+        let timeout =
+            chrono::Duration::from_std(self.config.node_timeout).unwrap_or(chrono::Duration::MAX);
+        let stale = self.directory.stale_sessions(now, timeout);
+        self.hand_back_deliveries(&stale);
+        self.recent.expire(now);
         if self.owned.is_empty() {
             return;
         }
-        let timeout =
-            chrono::Duration::from_std(self.config.node_timeout).unwrap_or(chrono::Duration::MAX);
-        for (full, session) in self.directory.stale_sessions(now, timeout) {
+        for (full, session) in stale {
             let bare = bare_of(&full).to_owned();
             if !self.owns(&bare) {
                 continue;
@@ -423,6 +433,38 @@ impl Router {
                     self.directory.apply(&envelope);
                 }
             }
+        }
+    }
+
+    /// Issue 4 "Sessions" ([`RecentDeliveries`]): what this instance
+    /// delivered to the sessions of a node declared down, since its last
+    /// heartbeat less one interval (everything retained after a restart of
+    /// the node), goes back to the recipients' routers. Every instance does
+    /// this for its own deliveries, whoever owns the recipients.
+    fn hand_back_deliveries(&mut self, stale: &[(String, crate::router::Session)]) {
+        let mut gone = BTreeMap::new();
+        for (_, session) in stale {
+            let Some(node) = self.directory.node(&session.node) else {
+                continue;
+            };
+            let since = if session.bound_at < node.started_at {
+                DateTime::<Utc>::MIN_UTC
+            } else {
+                node.last_heartbeat - node.interval
+            };
+            gone.insert(session.session_id, since);
+        }
+        for d in self.recent.take(&gone) {
+            tracing::info!(to = %d.to, node = %d.node, message = %d.message_id, "delivery to a node declared down handed back");
+            let undelivered = MessageUndelivered {
+                message_id: d.message_id,
+                from: FullJid::new(d.sender),
+                to: d.to.clone(),
+                reason: UndeliveredReason::NodeDown,
+                session_id: Some(d.session_id),
+                stanza: d.stanza,
+            };
+            self.emit(bare_of(&d.to), undelivered);
         }
     }
 
@@ -817,6 +859,16 @@ impl Router {
                 }
                 self.gone.insert(id);
             }
+            let timeout = chrono::Duration::from_std(self.config.node_timeout)
+                .unwrap_or(chrono::Duration::MAX);
+            let now = Utc::now();
+            // Not a session of a node that stopped heartbeating either (its
+            // end may not be read yet): the message would be lost there.
+            let alive = |node: &str| {
+                self.directory
+                    .node(node)
+                    .is_none_or(|n| now - n.last_heartbeat <= timeout)
+            };
             let other = self
                 .directory
                 .sessions_of(&bare)
@@ -825,6 +877,7 @@ impl Router {
                         && s.priority >= 0
                         && Some(s.session_id) != u.session_id
                         && !self.gone.contains(&s.session_id)
+                        && alive(&s.node)
                 })
                 .max_by_key(|(_, s)| s.priority)
                 .map(|(full, s)| Target {
@@ -991,6 +1044,17 @@ impl Router {
             message_id,
             sender: sender.cloned(),
         };
+        if let (Some(sender), Some(message_id)) = (&delivery.sender, &delivery.message_id) {
+            self.recent.record(RecentDelivery {
+                at: self.now,
+                node: target.node.clone(),
+                session_id: target.session_id,
+                to: target.full_jid.clone(),
+                stanza: delivery.stanza.clone(),
+                message_id: message_id.clone(),
+                sender: sender.as_str().to_owned(),
+            });
+        }
         let hint = delivery.stanza.len() + 512;
         let envelope = Envelope::new(self.config.node.clone(), target.node.clone(), delivery);
         let Some(bytes) = encode(&envelope, hint) else {

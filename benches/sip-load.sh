@@ -6,10 +6,11 @@
 #
 # register: digest REGISTER (tests/sip/register.xml: REGISTER, 401, REGISTER
 #           with credentials, 200) at SIP_RATE calls/s for SIP_CALLS calls.
-# message:  SIP→SIP MESSAGE: bob's device (receive_message.xml, a SIPp UAS)
-#           registered, alice sends tests/sip/message.xml (MESSAGE, 401,
-#           MESSAGE with credentials, 202) at SIP_RATE/s; the router delivers
-#           each to bob's device.
+# message:  SIP→SIP MESSAGE: bob's device (benches/sip_receiver.py, which
+#           answers 200) registered, alice sends benches/sip/message_timed.xml
+#           (MESSAGE, 401, MESSAGE with credentials, 202) at SIP_RATE/s; the
+#           router delivers each to bob's device, which times it from the
+#           send stamp in its body (sender → device p50/p99/max).
 # subscribe: SIP_SUBSCRIPTIONS (default 20,000) presence subscriptions
 #           (tests/sip/subscribe_hold.xml: SUBSCRIBE, 401, SUBSCRIBE with
 #           credentials, 200, NOTIFY) left active; prints the server's
@@ -94,7 +95,7 @@ run() {
     mkdir -p "$dir"
     local start end
     start=$(date +%s.%N)
-    (cd "$dir" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/$scenario" \
+    (cd "$dir" && "$SIPP" "127.0.0.1:$PORT" -sf "${SCENARIOS:-$ROOT/tests/sip}/$scenario" \
         -i 127.0.0.1 -p "$port" -nostdin -key domain example.com \
         -r "$RATE" -m "$CALLS" -l "$LIMIT" -timeout 600s -buff_size "$BUFF" \
         -trace_rtt -rtt_freq 1000 -trace_stat -fd 1 "$@" >"$dir/sipp.out" 2>&1) || true
@@ -132,28 +133,26 @@ fi
 if [ "$WHAT" = message ] || [ "$WHAT" = all ]; then
     start_server
     RECV_PORT=$((PORT + 3))
-    mkdir -p "$WORK/receiver"
-    (cd "$WORK/receiver" && exec "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/receive_message.xml" \
-        -i 127.0.0.1 -p "$RECV_PORT" -nostdin -key text "bench" -trace_stat -fd 1 -trace_err -buff_size "$BUFF" \
-        >"$WORK/receiver/sipp.out" 2>&1) &
+    # Bob's device: answers 200 and times each MESSAGE from its sender's
+    # stamp (benches/sip_receiver.py).
+    python3 benches/sip_receiver.py "$RECV_PORT" "$WORK/receiver.json" &
     RECEIVER_PID=$!
     (cd "$WORK" && "$SIPP" "127.0.0.1:$PORT" -sf "$ROOT/tests/sip/register_contact.xml" \
         -i 127.0.0.1 -p $((PORT + 4)) -nostdin -key domain example.com -key user bob \
         -key contact_port "$RECV_PORT" -au bob -ap "bob pw" -m 1 >"$WORK/register_bob.out" 2>&1) \
         || { echo "registering bob's device failed:" >&2; tail -20 "$WORK/register_bob.out" >&2; exit 1; }
-    run message message.xml $((PORT + 5)) -key user alice -au alice -ap "alice pw" \
-        -key to bob -key text "bench message"
+    SCENARIOS="$ROOT/benches/sip" run message message_timed.xml $((PORT + 5)) -key user alice \
+        -au alice -ap "alice pw" -key to bob -key text "bench message"
     sleep 2
-    python3 - "$WORK/receiver" <<'EOF'
-import csv, glob, sys
-stats = sorted(glob.glob(sys.argv[1] + "/*_.csv"))
-if stats:
-    rows = list(csv.reader(open(stats[-1]), delimiter=";"))
-    head, last = rows[0], rows[-1]
-    print(f"bob's device received {last[head.index('SuccessfulCall(C)')]} messages")
-EOF
     kill "$RECEIVER_PID" 2>/dev/null || true
+    wait "$RECEIVER_PID" 2>/dev/null || true
     RECEIVER_PID=""
+    python3 - "$WORK/receiver.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"bob's device received {r['received']} messages; sender to device ms "
+      f"p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} max {r['max_ms']:.2f}")
+EOF
 fi
 if [ "$WHAT" = subscribe ] || [ "$WHAT" = all ]; then
     start_server

@@ -12,11 +12,16 @@
 //!
 //! 1. *latency*: `BENCH_CHANGES` (200) status changes, one every 100 ms,
 //!    each on another user. Measured per change: the time from the produce
-//!    of the `presence.device` input to each watcher's `delivery.stanza`,
-//!    and to the last of its watchers.
+//!    of the `presence.device` input to each watcher's delivery (the
+//!    `delivery.presence` record of the gateway node that lists the
+//!    watcher's session), and to the last of its watchers.
 //! 2. *sustained fan-out*: `BENCH_FANOUT_RATE` (100) changes/s for
 //!    `BENCH_SECS` (5) s; deliveries/s and the time to a change's last
 //!    watcher.
+//!
+//!    2b. *full fan-out at the composer's rate*: throttle 0,
+//!    `BENCH_FULL_RATE` (2,000) changes/s for `BENCH_SECS` s, each to all
+//!    its watchers.
 //! 3. *composer alone* (roster processor stopped, throttle 0):
 //!    `BENCH_COMPOSE_RATE` (2,000) changes/s for `BENCH_SECS` s; composed
 //!    outputs/s and input-to-`presence.composed` latency.
@@ -214,13 +219,17 @@ async fn drain_deliveries(
             let Some(value) = r.value.as_deref() else {
                 continue;
             };
+            // Composed presence comes as one record per gateway node and
+            // stanza variant, listing the watchers' sessions.
             if let Ok(Envelope {
-                event: Event::StanzaDelivery(d),
+                event: Event::PresenceDelivery(d),
                 ..
             }) = Envelope::from_json_slice(value)
                 && let Some(n) = change_of(&d.stanza)
             {
-                changes.delivered(n, now);
+                for _ in &d.targets {
+                    changes.delivered(n, now);
+                }
             }
         }
     }
@@ -232,6 +241,7 @@ async fn bench() {
     let changes_n = env_num("BENCH_CHANGES", 200).min(users);
     let fanout_rate = env_num("BENCH_FANOUT_RATE", 100).max(1);
     let compose_rate = env_num("BENCH_COMPOSE_RATE", 2_000).max(1);
+    let full_rate = env_num("BENCH_FULL_RATE", 2_000).max(1);
     let secs = env_num("BENCH_SECS", 5).max(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let bus: Arc<dyn Bus> = if kafka() {
@@ -409,6 +419,53 @@ async fn bench() {
         "   deliveries {} in {elapsed:.2} s = {:.0}/s",
         sustained.deliveries,
         sustained.deliveries as f64 / elapsed
+    );
+
+    // 2b. Full fan-out at the composer's rate: every change reaches all its
+    // watchers, throttle off (1,000 users changing 2,000 times a second
+    // would otherwise be coalesced by the 1 s throttle).
+    settings_tx.send_modify(|s| s.presence_throttle_ms = 0);
+    let settle = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < settle {
+        drain_deliveries(&mut deliveries, &mut sustained, Duration::from_millis(100)).await;
+    }
+    let mut full = Changes::new(contacts);
+    let total = full_rate * secs;
+    let period = Duration::from_secs_f64(1.0 / full_rate as f64);
+    let begin = Instant::now();
+    let mut c = 0;
+    while c < total {
+        // Produce what is due now, concurrently, then read.
+        let due = ((begin.elapsed().as_secs_f64() / period.as_secs_f64()) as usize + 1).min(total);
+        let mut batch = Vec::new();
+        while c < due {
+            let n = 50_000 + c;
+            full.sent.insert(n, Instant::now());
+            batch.push(device((c * 7 + 1) % users, &format!("c{n}")));
+            c += 1;
+        }
+        produce_all(&bus, &batch).await;
+        drain_deliveries(&mut deliveries, &mut full, Duration::from_millis(1)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    while !full.complete() && Instant::now() < until {
+        drain_deliveries(&mut deliveries, &mut full, Duration::from_millis(100)).await;
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    println!(
+        "\n2b. full fan-out: {full_rate} changes/s for {secs} s, throttle 0 ({} deliveries expected)",
+        total * contacts
+    );
+    report("   input -> each watcher's delivery", &full.per_delivery);
+    report("   input -> last watcher's delivery", &full.to_last);
+    println!(
+        "   deliveries {} in {elapsed:.2} s = {:.0}/s; changes complete {} of {total}",
+        full.deliveries,
+        full.deliveries as f64 / elapsed,
+        full.sent
+            .keys()
+            .filter(|n| full.seen.get(n).copied().unwrap_or(0) >= contacts)
+            .count()
     );
 
     // 3. The composer alone.

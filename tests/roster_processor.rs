@@ -66,9 +66,15 @@ async fn delivered(bus: &Arc<dyn Bus>) -> Vec<String> {
     read_events(bus, &full_name(PREFIX, Topic::Deliveries))
         .await
         .into_iter()
-        .filter_map(|e| match e.event {
-            Event::StanzaDelivery(d) if d.to == DEVICE => Some(d.stanza),
-            _ => None,
+        .flat_map(|e| match e.event {
+            Event::StanzaDelivery(d) if d.to == DEVICE => vec![d.stanza],
+            Event::PresenceDelivery(p) => p
+                .targets
+                .iter()
+                .filter(|t| t.to == DEVICE)
+                .map(|t| p.stanza_for(&t.to))
+                .collect(),
+            _ => Vec::new(),
         })
         .collect()
 }
@@ -257,5 +263,134 @@ async fn blocked_domain_contact_limit_live_change_and_rebuild() {
     produce(&bus, Topic::Roster, ALICE, query("q-2", Some(version))).await;
     let again = wait_delivery(&bus, &["id='q-2'"]).await;
     assert!(again.ends_with("type='result'/>"), "{again}");
+    running.stop().await;
+}
+
+/// RFC 6121 §4.4.2 fan-out: a composed presence change goes to every
+/// watcher's available XMPP sessions as one `delivery.presence` per gateway
+/// node, listing the sessions; each gets the stanza with its own `to`. SIP
+/// devices are not listed (their subscriptions get NOTIFYs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composed_presence_goes_out_as_one_delivery_per_gateway_node() {
+    use switchboard_schemas::events::{Availability, ComposedPresence, RosterItemSet};
+    let fixture = EmbeddedFixture::new().await;
+    let bus = fixture.open().await;
+    bus.create_topics(&TopicConfig::catalogue(PREFIX))
+        .await
+        .expect("topics");
+    let (_limits_tx, limits) = watch::channel(PolicyLimits::default());
+    let running = Running::start(&bus, limits);
+    for contact in ["bob@example.com", "carol@example.com", "dave@example.com"] {
+        let item: RosterItemSet = serde_json::from_value(serde_json::json!({
+            "user": ALICE, "contact": contact, "subscription": "both",
+        }))
+        .expect("roster item");
+        produce(&bus, Topic::Roster, ALICE, item).await;
+    }
+    let sessions = [
+        ("bob@example.com/phone", "gw1", Protocol::Xmpp),
+        ("bob@example.com/sip", "gw1", Protocol::Sip),
+        ("carol@example.com/desk", "gw1", Protocol::Xmpp),
+        ("dave@example.com/pc", "gw2", Protocol::Xmpp),
+    ];
+    let mut ids = std::collections::BTreeMap::new();
+    for (full, node, protocol) in sessions {
+        let bare = full.split_once('/').unwrap().0;
+        let id = Uuid::now_v7();
+        ids.insert(full, id);
+        for event in [
+            Event::from(SessionResourceBound {
+                session_id: id,
+                full_jid: FullJid::new(full),
+                protocol: protocol.clone(),
+                contact: None,
+                priority: 0,
+                client: ClientInfo::default(),
+            }),
+            Event::from(DevicePresence {
+                user: BareJid::new(bare),
+                device: full.to_owned(),
+                protocol: protocol.clone(),
+                available: true,
+                show: None,
+                status: None,
+                priority: 0,
+            }),
+        ] {
+            let topic = match event {
+                Event::DevicePresence(_) => Topic::Presence,
+                _ => Topic::Sessions,
+            };
+            let envelope = Envelope::new(NodeId::new(node), bare, event);
+            bus.produce(
+                &full_name(PREFIX, topic),
+                bare.as_bytes(),
+                Some(&envelope.to_json_vec().expect("encode")),
+            )
+            .await
+            .expect("produce");
+        }
+    }
+    // The roster (and, by the table's barrier, the sessions) are read once
+    // a later roster request is answered.
+    produce(&bus, Topic::Roster, ALICE, query("fan-q", None)).await;
+    wait_delivery(&bus, &["id='fan-q'", "type='result'"]).await;
+    let composed: ComposedPresence = serde_json::from_value(serde_json::json!({
+        "user": ALICE, "availability": "available", "status": "fan-out check", "sources": [],
+    }))
+    .expect("composed presence");
+    assert_eq!(composed.availability, Availability::Available);
+    produce(&bus, Topic::PresenceState, ALICE, composed).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let batches = loop {
+        let batches: Vec<(String, switchboard_schemas::events::PresenceDelivery)> =
+            read_events(&bus, &full_name(PREFIX, Topic::Deliveries))
+                .await
+                .into_iter()
+                .filter_map(|e| match e.event {
+                    Event::PresenceDelivery(d) if d.stanza.contains("fan-out check") => {
+                        Some((e.subject.clone(), d))
+                    }
+                    _ => None,
+                })
+                .collect();
+        if batches.iter().map(|(_, d)| d.targets.len()).sum::<usize>() >= 3 {
+            break batches;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no fan-out: {batches:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut by_node: Vec<(String, Vec<String>)> = batches
+        .iter()
+        .map(|(node, d)| {
+            let mut to: Vec<String> = d.targets.iter().map(|t| t.to.clone()).collect();
+            to.sort();
+            (node.clone(), to)
+        })
+        .collect();
+    by_node.sort();
+    assert_eq!(
+        by_node,
+        [
+            (
+                "gw1".to_owned(),
+                vec![
+                    "bob@example.com/phone".to_owned(),
+                    "carol@example.com/desk".to_owned()
+                ]
+            ),
+            ("gw2".to_owned(), vec!["dave@example.com/pc".to_owned()]),
+        ]
+    );
+    let (_, gw2) = batches.iter().find(|(n, _)| n == "gw2").unwrap();
+    assert_eq!(gw2.targets[0].session_id, ids["dave@example.com/pc"]);
+    assert_eq!(
+        gw2.stanza_for(&gw2.targets[0].to),
+        "<presence to='dave@example.com/pc' from='alice@example.com'><status>fan-out check</status></presence>"
+    );
     running.stop().await;
 }

@@ -27,8 +27,8 @@ use switchboard_infra::bus::{
     positions_after,
 };
 use switchboard_schemas::events::{
-    Availability, BlocklistChangeRequested, ComposedPresence, PolicyBlocked, PolicyItem,
-    PolicyUnblocked, Protocol, StanzaDelivery,
+    Availability, BlocklistChangeRequested, ComposedPresence, DeliveryTarget, PolicyBlocked,
+    PolicyItem, PolicyUnblocked, PresenceDelivery, Protocol, StanzaDelivery,
 };
 use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, NodeId};
@@ -191,9 +191,21 @@ pub async fn run(
 /// RFC 6121 §4.2-§4.4: the presence stanza a watcher receives for a
 /// composed presence, from the user's bare address.
 pub fn presence_stanza(composed: &ComposedPresence, to: &str) -> String {
+    stanza_of(composed, Some(to))
+}
+
+/// [`presence_stanza`] without the `to` attribute, for a
+/// [`PresenceDelivery`] (the gateway adds each target's).
+pub fn presence_template(composed: &ComposedPresence) -> String {
+    stanza_of(composed, None)
+}
+
+fn stanza_of(composed: &ComposedPresence, to: Option<&str>) -> String {
     let mut s = String::from("<presence");
     attr(&mut s, "from", composed.user.as_str());
-    attr(&mut s, "to", to);
+    if let Some(to) = to {
+        attr(&mut s, "to", to);
+    }
     if composed.availability == Availability::Unavailable {
         s.push_str(" type='unavailable'/>");
         return s;
@@ -417,22 +429,32 @@ impl RosterProcessor {
         };
         let limits = self.limits.borrow().clone();
         let policy = self.policies.get(&composed.user);
-        let mut out = Vec::new();
+        // One delivery per gateway node and stanza variant (what a blocked
+        // watcher sees differs), each listing its sessions.
+        let mut out: BTreeMap<(String, String), Vec<DeliveryTarget>> = BTreeMap::new();
         for watcher in roster.watchers() {
             let shown = policy.visible(&limits, &composed, &BareJid::new(watcher), true);
+            let mut template = None;
             for (full, session) in self.directory.sessions_of(watcher) {
-                if session.available {
-                    out.push((
-                        session.node.clone(),
-                        session.session_id,
-                        full.to_owned(),
-                        presence_stanza(&shown, full),
-                    ));
+                // SIP watchers get NOTIFYs from their own subscriptions.
+                if session.available && session.protocol == Protocol::Xmpp {
+                    let stanza = template
+                        .get_or_insert_with(|| presence_template(&shown))
+                        .clone();
+                    out.entry((session.node.clone(), stanza))
+                        .or_default()
+                        .push(DeliveryTarget {
+                            session_id: session.session_id,
+                            to: full.to_owned(),
+                        });
                 }
             }
         }
-        for (node, session_id, full, stanza) in out {
-            self.deliver(&node, session_id, &full, stanza);
+        for ((node, stanza), targets) in out {
+            let delivery = PresenceDelivery { stanza, targets };
+            let envelope = Envelope::new(self.config.node.clone(), node.as_str(), delivery);
+            let topic = self.deliveries_topic.clone();
+            self.queue(&topic, &node, &envelope);
         }
     }
 

@@ -2041,8 +2041,20 @@ pub async fn deliveries(
             let Some(Ok(envelope)) = r.value.as_deref().map(Envelope::from_json_slice) else {
                 continue;
             };
-            let Event::StanzaDelivery(d) = envelope.event else {
-                continue;
+            let d = match envelope.event {
+                Event::StanzaDelivery(d) => d,
+                // RFC 6121 §4.2.2, §4.4.2: composed presence for several
+                // sessions; presence to a session gone meanwhile is dropped
+                // (the next login probes anew).
+                Event::PresenceDelivery(p) => {
+                    for target in &p.targets {
+                        let _ = ctx
+                            .sessions
+                            .deliver(target.session_id, p.stanza_for(&target.to));
+                    }
+                    continue;
+                }
+                _ => continue,
             };
             // Deliveries to this node's SIP sessions are the SIP gateway's.
             if d.protocol != Protocol::Xmpp {

@@ -40,3 +40,76 @@ pub struct StanzaDelivery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<bool>,
 }
+
+/// Composed presence for many sessions of one gateway node in one record
+/// (RFC 6121 §4.2.2 and §4.4.2 fan-out): a status change seen by hundreds
+/// of watchers is one record per node and stanza variant, not one per
+/// watcher session. The envelope subject is the gateway node's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PresenceDelivery {
+    /// The presence stanza without its `to` attribute; each target gets
+    /// it with its own (see [`PresenceDelivery::stanza_for`]).
+    pub stanza: String,
+    /// The sessions to write it to.
+    pub targets: Vec<DeliveryTarget>,
+}
+
+/// One session a [`PresenceDelivery`] goes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeliveryTarget {
+    /// The session.
+    pub session_id: Uuid,
+    /// Its full JID.
+    pub to: String,
+}
+
+impl PresenceDelivery {
+    /// The stanza for `to`: the `to` attribute (XML-escaped) added to the
+    /// first element's start tag, after its name.
+    pub fn stanza_for(&self, to: &str) -> String {
+        let mut out = String::with_capacity(self.stanza.len() + to.len() + 8);
+        let name_end = self
+            .stanza
+            .char_indices()
+            .skip(1)
+            .find(|(_, c)| c.is_whitespace() || *c == '/' || *c == '>')
+            .map_or(self.stanza.len(), |(i, _)| i);
+        out.push_str(&self.stanza[..name_end]);
+        out.push_str(" to='");
+        for c in to.chars() {
+            match c {
+                '&' => out.push_str("&amp;"),
+                '<' => out.push_str("&lt;"),
+                '>' => out.push_str("&gt;"),
+                '\'' => out.push_str("&apos;"),
+                '"' => out.push_str("&quot;"),
+                c => out.push(c),
+            }
+        }
+        out.push('\'');
+        out.push_str(&self.stanza[name_end..]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_target_gets_its_own_to() {
+        let d = PresenceDelivery {
+            stanza: "<presence from='a@x'><show>away</show></presence>".to_owned(),
+            targets: Vec::new(),
+        };
+        assert_eq!(
+            d.stanza_for("b@x/r'1"),
+            "<presence to='b@x/r&apos;1' from='a@x'><show>away</show></presence>"
+        );
+        let empty = PresenceDelivery {
+            stanza: "<presence/>".to_owned(),
+            targets: Vec::new(),
+        };
+        assert_eq!(empty.stanza_for("b@x/r"), "<presence to='b@x/r'/>");
+    }
+}

@@ -231,6 +231,8 @@ event_catalogue! {
 
     /// A stanza to push to a session held by a gateway node.
     StanzaDelivery => "delivery.stanza" v 1 on Deliveries,
+    /// Composed presence to push to many sessions of a gateway node.
+    PresenceDelivery => "delivery.presence" v 1 on Deliveries,
 }
 
 #[cfg(test)]

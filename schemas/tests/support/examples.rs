@@ -798,6 +798,24 @@ pub fn examples() -> Vec<Envelope> {
             .into(),
         ),
         envelope(
+            "node1",
+            PresenceDelivery {
+                stanza: "<presence from='alice@example.com'><show>away</show></presence>"
+                    .to_owned(),
+                targets: vec![
+                    DeliveryTarget {
+                        session_id: id(0x102),
+                        to: "bob@example.com/phone".to_owned(),
+                    },
+                    DeliveryTarget {
+                        session_id: id(0x103),
+                        to: "carol@example.com/desk".to_owned(),
+                    },
+                ],
+            }
+            .into(),
+        ),
+        envelope(
             BOB,
             MessageUndelivered {
                 message_id: message_id.to_owned(),

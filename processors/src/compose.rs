@@ -71,6 +71,8 @@ use switchboard_schemas::events::{
 use switchboard_schemas::{BareJid, Envelope, Event};
 use uuid::Uuid;
 
+use crate::small_map::SmallMap;
+
 /// Status text of rule 4.
 pub const ON_THE_PHONE: &str = "On the phone";
 /// Status text of rule 6.
@@ -126,13 +128,13 @@ struct Bound {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserPresence {
     manual: Option<Manual>,
-    devices: BTreeMap<String, Device>,
-    lines: BTreeMap<String, LineState>,
+    devices: SmallMap<String, Device>,
+    lines: SmallMap<String, LineState>,
     calendar_busy: bool,
-    third_party: BTreeMap<String, ThirdParty>,
-    bound: BTreeMap<String, Bound>,
+    third_party: SmallMap<String, ThirdParty>,
+    bound: SmallMap<String, Bound>,
     /// Device name → when its session ended.
-    ended: BTreeMap<String, DateTime<Utc>>,
+    ended: SmallMap<String, DateTime<Utc>>,
 }
 
 /// What applying one event changed beyond the inputs.
@@ -149,7 +151,7 @@ impl UserPresence {
     }
 
     /// The available devices by name.
-    pub fn devices(&self) -> &BTreeMap<String, Device> {
+    pub fn devices(&self) -> &SmallMap<String, Device> {
         &self.devices
     }
 
@@ -210,7 +212,7 @@ impl UserPresence {
                     if self.devices.get(&name).is_none_or(|d| d.at <= at) {
                         self.devices.remove(&name);
                     }
-                    let end = self.ended.entry(name).or_insert(at);
+                    let end = self.ended.get_or_insert_with(name, || at);
                     *end = (*end).max(at);
                 }
                 while self.ended.len() > MAX_TOMBSTONES {

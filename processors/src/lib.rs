@@ -14,5 +14,6 @@ pub mod roster_runtime;
 pub mod router;
 pub mod runtime;
 pub mod settings;
+pub mod small_map;
 mod table;
 pub mod xml;

@@ -159,6 +159,34 @@ impl Harness {
         id
     }
 
+    /// A task heartbeating for `node` every 500 ms until aborted.
+    fn keep_beating(&self, node: &str, started_at: DateTime<Utc>) -> tokio::task::JoinHandle<()> {
+        let bus = self.bus.clone();
+        let node = node.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let e = Envelope::new(
+                    NodeId::new(&node),
+                    &node,
+                    NodeHeartbeat {
+                        node: NodeId::new(&node),
+                        started_at,
+                        interval_secs: 1,
+                        sessions: Default::default(),
+                    },
+                );
+                let _ = bus
+                    .produce(
+                        &full_name(PREFIX, Topic::Sessions),
+                        node.as_bytes(),
+                        Some(&e.to_json_vec().unwrap()),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+
     async fn heartbeat(&self, node: &str, started_at: DateTime<Utc>) {
         self.produce(&Envelope::new(
             NodeId::new(node),
@@ -360,31 +388,7 @@ async fn sessions_of_a_silent_gateway_node_end_once() {
         ..config.clone()
     });
     // gw-b keeps beating, gw-a is silent.
-    let beat = {
-        let bus = h.bus.clone();
-        tokio::spawn(async move {
-            loop {
-                let e = Envelope::new(
-                    NodeId::new("gw-b"),
-                    "gw-b",
-                    NodeHeartbeat {
-                        node: NodeId::new("gw-b"),
-                        started_at: now,
-                        interval_secs: 1,
-                        sessions: Default::default(),
-                    },
-                );
-                let _ = bus
-                    .produce(
-                        &full_name(PREFIX, Topic::Sessions),
-                        b"gw-b",
-                        Some(&e.to_json_vec().unwrap()),
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let beat = h.keep_beating("gw-b", now);
     h.wait("every gw-a session ended", |h| {
         ids.iter().all(|id| h.ended(*id) >= 1) && users.iter().all(|u| h.unavailable(u) >= 1)
     })
@@ -1332,31 +1336,7 @@ async fn messages_routed_to_a_node_that_dies_are_stored_offline() {
         e
     };
     // gw-b keeps beating (alice's node), gw-a never again.
-    let alive = {
-        let bus = h.bus.clone();
-        tokio::spawn(async move {
-            loop {
-                let e = Envelope::new(
-                    NodeId::new("gw-b"),
-                    "gw-b",
-                    NodeHeartbeat {
-                        node: NodeId::new("gw-b"),
-                        started_at: started,
-                        interval_secs: 1,
-                        sessions: Default::default(),
-                    },
-                );
-                let _ = bus
-                    .produce(
-                        &full_name(PREFIX, Topic::Sessions),
-                        b"gw-b",
-                        Some(&e.to_json_vec().unwrap()),
-                    )
-                    .await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
+    let alive = h.keep_beating("gw-b", started);
     // 1.5 s before gw-a's heartbeat (its interval is 1 s), and after it.
     for (id, millis) in [("early", -1500), ("late1", 200), ("late2", 300)] {
         h.produce(&at(

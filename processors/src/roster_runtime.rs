@@ -137,14 +137,7 @@ pub async fn run(
                         tracing::info!(sessions = p.directory.len(), "roster processor tables caught up");
                     }
                     if !p.deferred.is_empty() {
-                        let bus = p.bus.clone();
-                        table
-                            .barrier(&*bus, |records| {
-                                let envelopes: Vec<Envelope> =
-                                    records.iter().filter_map(decode).collect();
-                                p.on_table(&envelopes, true);
-                            })
-                            .await?;
+                        p.barrier(&mut table).await?;
                         p.release_deferred();
                     }
                     p.flush().await?;
@@ -154,14 +147,7 @@ pub async fn run(
                 match polled? {
                     Polled::Records(records) => {
                         // The sessions that sent these requests are known first.
-                        let bus = p.bus.clone();
-                        table
-                            .barrier(&*bus, |records| {
-                                let envelopes: Vec<Envelope> =
-                                    records.iter().filter_map(decode).collect();
-                                p.on_table(&envelopes, true);
-                            })
-                            .await?;
+                        p.barrier(&mut table).await?;
                         p.release_deferred();
                         for r in &records {
                             if let Some(envelope) = decode(r) {
@@ -222,6 +208,18 @@ fn stanza_of(composed: &ComposedPresence, to: Option<&str>) -> String {
 }
 
 impl RosterProcessor {
+    /// Reads the table up to the ends it has now ([`GlobalTable::barrier`]),
+    /// folding what it reads.
+    async fn barrier(&mut self, table: &mut GlobalTable) -> Result<(), BusError> {
+        let bus = self.bus.clone();
+        table
+            .barrier(&*bus, |records| {
+                let envelopes: Vec<Envelope> = records.iter().filter_map(decode).collect();
+                self.on_table(&envelopes, true);
+            })
+            .await
+    }
+
     fn owns(&self, bare: &str) -> bool {
         self.owned
             .contains(&partition_for_key(bare.as_bytes(), self.partitions))

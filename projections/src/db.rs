@@ -25,6 +25,9 @@ use crate::{ProjectionError, ProjectionKind, sql};
 const INSERT_CHUNK: usize = 256;
 /// How often the SQLite write-ahead log is checkpointed.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// Write-ahead log frames (pages of 4 KiB: 128 MiB) past which a checkpoint
+/// waits for the writer and truncates the log.
+const WAL_RESET_FRAMES: i64 = 32_768;
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;
 
@@ -154,7 +157,10 @@ impl Database {
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", "-65536")
             // Statement journals (multi-row upserts, triggers) stay in memory.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // A write-ahead log that grew in a burst is cut back to this
+            // when it starts again.
+            .pragma("journal_size_limit", "67108864");
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
@@ -169,11 +175,25 @@ impl Database {
         tokio::spawn(async move {
             while !watched.is_closed() {
                 tokio::time::sleep(CHECKPOINT_INTERVAL).await;
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&checkpointer)
-                    .await
-                {
-                    tracing::debug!(error = %e, "projections checkpoint failed");
+                let frames: Result<(i64, i64, i64), _> =
+                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                        .fetch_one(&checkpointer)
+                        .await;
+                match frames {
+                    // Under writes that never pause (a long replay, a bulk
+                    // fill) a passive checkpoint never reaches the end of
+                    // the log, which then grows without bound: past the
+                    // limit, wait for the writer, copy the rest, truncate.
+                    Ok((_, frames, _)) if frames > WAL_RESET_FRAMES => {
+                        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                            .execute(&checkpointer)
+                            .await
+                        {
+                            tracing::warn!(error = %e, frames, "projections truncating checkpoint failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "projections checkpoint failed"),
                 }
             }
             checkpointer.close().await;

@@ -610,11 +610,26 @@ fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
             continue;
         }
         checkpointed = commits;
-        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-            tracing::warn!(error = %e, "embedded log: checkpoint failed");
+        let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        match frames {
+            // Under writes that never pause, a passive checkpoint never
+            // catches up with the end of the log, so the log file is never
+            // started again and grows without bound: past the limit, wait
+            // for the writer's transaction, copy the rest and truncate.
+            Ok(frames) if frames > WAL_RESET_FRAMES => {
+                if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+                    tracing::warn!(error = %e, frames, "embedded log: truncating checkpoint failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "embedded log: checkpoint failed"),
         }
     }
 }
+
+/// Write-ahead log frames (pages of 4 KiB: 128 MiB) past which a checkpoint
+/// waits for the writer and truncates the log.
+const WAL_RESET_FRAMES: i64 = 32_768;
 
 async fn maintenance_task(inner: Weak<Inner>) {
     let interval = match inner.upgrade() {

@@ -25,9 +25,9 @@ use crate::{ProjectionError, ProjectionKind, sql};
 const INSERT_CHUNK: usize = 256;
 /// How often the SQLite write-ahead log is checkpointed.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// Write-ahead log frames (pages of 4 KiB: 128 MiB) past which a checkpoint
-/// waits for the writer and truncates the log.
-const WAL_RESET_FRAMES: i64 = 32_768;
+/// Size of the SQLite write-ahead log past which the writer checkpoints it
+/// whole and truncates it after its transaction.
+const WAL_RESET_BYTES: u64 = 128 << 20;
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;
 
@@ -125,6 +125,28 @@ pub enum Database {
     Postgres(PgPool),
 }
 
+/// Under writes that never pause (a long replay, a bulk fill) the passive
+/// checkpoints beside the writer never reach the end of the write-ahead
+/// log, and SQLite starts the log file again only once one does, so the log
+/// grows without bound (25 GB in two minutes of archive fill). Past
+/// [`WAL_RESET_BYTES`] the writer itself, between transactions and the
+/// only writer, copies the whole log into the database and truncates it.
+async fn truncate_large_wal(write: &SqlitePool) {
+    let mut wal = write
+        .connect_options()
+        .get_filename()
+        .as_os_str()
+        .to_owned();
+    wal.push("-wal");
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
+        && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(write)
+            .await
+    {
+        tracing::warn!(error = %e, "projections: truncating checkpoint failed");
+    }
+}
+
 impl Database {
     /// Opens (and migrates) the database: PostgreSQL when `url` is a
     /// `postgres://` URL, else SQLite at `sqlite_path`.
@@ -175,25 +197,11 @@ impl Database {
         tokio::spawn(async move {
             while !watched.is_closed() {
                 tokio::time::sleep(CHECKPOINT_INTERVAL).await;
-                let frames: Result<(i64, i64, i64), _> =
-                    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                        .fetch_one(&checkpointer)
-                        .await;
-                match frames {
-                    // Under writes that never pause (a long replay, a bulk
-                    // fill) a passive checkpoint never reaches the end of
-                    // the log, which then grows without bound: past the
-                    // limit, wait for the writer, copy the rest, truncate.
-                    Ok((_, frames, _)) if frames > WAL_RESET_FRAMES => {
-                        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                            .execute(&checkpointer)
-                            .await
-                        {
-                            tracing::warn!(error = %e, frames, "projections truncating checkpoint failed");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "projections checkpoint failed"),
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&checkpointer)
+                    .await
+                {
+                    tracing::debug!(error = %e, "projections checkpoint failed");
                 }
             }
             checkpointer.close().await;
@@ -276,7 +284,11 @@ impl Database {
         ops: &Ops,
     ) -> Result<Applied, ProjectionError> {
         match self {
-            Database::Sqlite { write, .. } => sqlite::apply(write, group, positions, ops).await,
+            Database::Sqlite { write, .. } => {
+                let applied = sqlite::apply(write, group, positions, ops).await;
+                truncate_large_wal(write).await;
+                applied
+            }
             Database::Postgres(pool) => postgres::apply(pool, group, positions, ops).await,
         }
     }

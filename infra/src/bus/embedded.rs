@@ -511,6 +511,9 @@ fn writer_thread(
                 }
             }
         }
+        if let Some(strong) = inner.upgrade() {
+            truncate_large_wal(&conn, &strong.config.path);
+        }
         for reply in maintains.drain(..) {
             let result = match inner.upgrade() {
                 Some(inner) => maintain(&inner, &conn),
@@ -610,26 +613,30 @@ fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
             continue;
         }
         checkpointed = commits;
-        let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-        match frames {
-            // Under writes that never pause, a passive checkpoint never
-            // catches up with the end of the log, so the log file is never
-            // started again and grows without bound: past the limit, wait
-            // for the writer's transaction, copy the rest and truncate.
-            Ok(frames) if frames > WAL_RESET_FRAMES => {
-                if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-                    tracing::warn!(error = %e, frames, "embedded log: truncating checkpoint failed");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "embedded log: checkpoint failed"),
+        if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
+            tracing::warn!(error = %e, "embedded log: checkpoint failed");
         }
     }
 }
 
-/// Write-ahead log frames (pages of 4 KiB: 128 MiB) past which a checkpoint
-/// waits for the writer and truncates the log.
-const WAL_RESET_FRAMES: i64 = 32_768;
+/// Size of the write-ahead log past which the writer checkpoints it whole
+/// and truncates it between batches.
+const WAL_RESET_BYTES: u64 = 128 << 20;
+
+/// Under writes that never pause, the passive checkpoints beside the writer
+/// never reach the end of the write-ahead log, and SQLite starts the log
+/// file again only once one does, so it grows without bound. Past
+/// [`WAL_RESET_BYTES`] the writer, the only one and between its batches,
+/// copies the whole log into the database and truncates it.
+fn truncate_large_wal(conn: &rusqlite::Connection, path: &std::path::Path) {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
+        && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+    {
+        tracing::warn!(error = %e, "embedded log: truncating checkpoint failed");
+    }
+}
 
 async fn maintenance_task(inner: Weak<Inner>) {
     let interval = match inner.upgrade() {

@@ -46,6 +46,7 @@ use crate::router::{
     storable_offline, with_delay,
 };
 use crate::table::GlobalTable;
+use crate::xml::escape;
 
 /// Settings of the router.
 #[derive(Clone, Debug)]
@@ -1148,14 +1149,6 @@ fn encode(envelope: &Envelope, hint: usize) -> Option<Vec<u8>> {
             None
         }
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]

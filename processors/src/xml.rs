@@ -1,33 +1,26 @@
 //! Building the XMPP stanzas processors hand to gateways in
 //! `delivery.stanza` events (RFC 6120 §8).
 
-use std::fmt::Write as _;
-
-/// Escapes text for an XML attribute value or character data
-/// (XML 1.0 §2.4: `&`, `<`, `>` and both quotes).
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use switchboard_schemas::xml::{escape, escape_into};
 
 /// Appends ` name='value'` (escaped) to `out`.
 pub fn attr(out: &mut String, name: &str, value: &str) {
-    let _ = write!(out, " {name}='{}'", escape(value));
+    out.push(' ');
+    out.push_str(name);
+    out.push_str("='");
+    escape_into(out, value);
+    out.push('\'');
 }
 
 /// Appends `<name>text</name>` (escaped) to `out`.
 pub fn text_element(out: &mut String, name: &str, text: &str) {
-    let _ = write!(out, "<{name}>{}</{name}>", escape(text));
+    out.push('<');
+    out.push_str(name);
+    out.push('>');
+    escape_into(out, text);
+    out.push_str("</");
+    out.push_str(name);
+    out.push('>');
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ use switchboard_infra::bus::{
 };
 use switchboard_schemas::events::{MessageArchiveQueried, Protocol, StanzaDelivery};
 use switchboard_schemas::topics::{Topic, full_name};
+use switchboard_schemas::xml::escape;
 use switchboard_schemas::{Envelope, Event, NodeId};
 use tokio::sync::watch;
 
@@ -365,22 +366,6 @@ pub async fn run_query(db: &Database, q: &ArchiveQuery) -> Result<Answer, Projec
         complete,
         count,
     }))
-}
-
-/// Escapes text for an XML attribute or element (single-quoted attributes).
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// XEP-0082 date-time of an archive time.

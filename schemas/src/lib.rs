@@ -54,6 +54,7 @@ pub mod events;
 pub(crate) mod macros;
 pub mod schema;
 pub mod topics;
+pub mod xml;
 
 pub use address::{BareJid, FullJid, NodeId, RoomJid};
 pub use envelope::{Envelope, EnvelopeError};

@@ -76,16 +76,7 @@ impl PresenceDelivery {
             .map_or(self.stanza.len(), |(i, _)| i);
         out.push_str(&self.stanza[..name_end]);
         out.push_str(" to='");
-        for c in to.chars() {
-            match c {
-                '&' => out.push_str("&amp;"),
-                '<' => out.push_str("&lt;"),
-                '>' => out.push_str("&gt;"),
-                '\'' => out.push_str("&apos;"),
-                '"' => out.push_str("&quot;"),
-                c => out.push(c),
-            }
-        }
+        crate::xml::escape_into(&mut out, to);
         out.push('\'');
         out.push_str(&self.stanza[name_end..]);
         out

@@ -533,12 +533,13 @@ const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_
      JOIN archive a ON a.archive_id = m.archive_id WHERE 1 = 1";
 
 /// A full-text term with at least this many matching messages is searched
-/// in time order (SQLite).
+/// in time order, window by window (SQLite).
 const COMMON_TERM_MATCHES: i64 = 2_000;
-/// With at least this many, each message is checked on its own rather than
-/// against the list of all matches (which would cost more to build than the
-/// few messages read before the page is full).
-const VERY_COMMON_TERM_MATCHES: i64 = 50_000;
+/// Messages in the first time window of a common-term search; each next
+/// window is twice as large, up to [`MAX_WINDOW_MESSAGES`].
+const FIRST_WINDOW_MESSAGES: i64 = 4_096;
+/// Most messages in one window.
+const MAX_WINDOW_MESSAGES: i64 = 262_144;
 
 /// How a query runs. PostgreSQL's planner chooses from the GIN and btree
 /// statistics itself; SQLite knows nothing of how many rows an FTS5 match
@@ -559,13 +560,24 @@ enum Plan {
     SqliteArchiveFirst,
     /// SQLite, no owner, a rare term: the term's matches drive.
     SqliteMatchesFirst,
-    /// SQLite, no owner, a common term: messages in time order drive until
-    /// the page is full, each checked against the list of matches, or (very
-    /// common terms) against the FTS index by rowid.
-    SqliteTimeFirst {
-        /// Check each message by rowid instead of building the list.
-        per_row: bool,
-    },
+    /// SQLite, no owner, a common term: messages in time order drive, one
+    /// window of time at a time, each checked against the term's matches
+    /// among the window's rowids (see [`Window`]).
+    SqliteTimeFirst(Window),
+}
+
+/// One window of a common-term search on SQLite: the messages with
+/// `from_us <= at_us < to_us` (no upper bound when `to_us` is `None`), whose
+/// rowids all lie in `lo..=hi`. FTS5 reads a term's doclist from a rowid on
+/// (`rowid BETWEEN`), so the matches looked at are those of the window's
+/// rowid span only: as many as the window holds when rowids follow time (as
+/// they do for messages archived as they arrive), never fewer than needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    from_us: i64,
+    to_us: Option<i64>,
+    lo: i64,
+    hi: i64,
 }
 
 fn build<DB: sqlx::Database>(
@@ -583,7 +595,7 @@ fn build<DB: sqlx::Database>(
     // The time of an archive row is its message's time; order on the side
     // that drives.
     let (from, time) = match plan {
-        Plan::SqliteTimeFirst { .. } => (FROM_MESSAGES_BY_TIME, "m.at_us"),
+        Plan::SqliteTimeFirst(_) => (FROM_MESSAGES_BY_TIME, "m.at_us"),
         Plan::Postgres { message_time: true } => (FROM_ARCHIVE, "m.at_us"),
         _ => (FROM_ARCHIVE, "a.at_us"),
     };
@@ -624,12 +636,25 @@ fn build<DB: sqlx::Database>(
                     .push_bind(websearch_query(terms))
                     .push(")");
             }
-            Plan::SqliteMatchesFirst | Plan::SqliteTimeFirst { per_row: false } => {
+            Plan::SqliteMatchesFirst => {
                 q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
                     .push_bind(fts5_query(terms))
                     .push(")");
             }
-            Plan::SqliteArchiveFirst | Plan::SqliteTimeFirst { per_row: true } => {
+            Plan::SqliteTimeFirst(w) => {
+                q.push(" AND m.at_us >= ").push_bind(w.from_us);
+                if let Some(to) = w.to_us {
+                    q.push(" AND m.at_us < ").push_bind(to);
+                }
+                q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+                    .push_bind(fts5_query(terms))
+                    .push(" AND rowid BETWEEN ")
+                    .push_bind(w.lo)
+                    .push(" AND ")
+                    .push_bind(w.hi)
+                    .push(")");
+            }
+            Plan::SqliteArchiveFirst => {
                 q.push(" AND EXISTS (SELECT 1 FROM archive_fts f WHERE f.archive_fts MATCH ")
                     .push_bind(fts5_query(terms))
                     .push(" AND f.rowid = m.row_id)");
@@ -651,30 +676,6 @@ fn build<DB: sqlx::Database>(
     }
     q.push(format!(" ORDER BY {time}, a.archive_id, a.owner LIMIT "))
         .push_bind(limit);
-}
-
-/// SQLite: how to run a search (see [`Plan`]).
-async fn sqlite_plan(pool: &sqlx::SqlitePool, search: &Search) -> Result<Plan, sqlx::Error> {
-    let Some(terms) = &search.text else {
-        return Ok(Plan::SqliteArchiveFirst);
-    };
-    if search.one_owner() {
-        return Ok(Plan::SqliteArchiveFirst);
-    }
-    let matches: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT rowid FROM archive_fts WHERE archive_fts MATCH $1 LIMIT $2)",
-    )
-    .bind(fts5_query(terms))
-    .bind(VERY_COMMON_TERM_MATCHES)
-    .fetch_one(pool)
-    .await?;
-    Ok(if matches < COMMON_TERM_MATCHES {
-        Plan::SqliteMatchesFirst
-    } else {
-        Plan::SqliteTimeFirst {
-            per_row: matches >= VERY_COMMON_TERM_MATCHES,
-        }
-    })
 }
 
 macro_rules! message {
@@ -700,6 +701,103 @@ macro_rules! message {
     }};
 }
 
+/// SQLite: how to run a search (see [`Plan`]); `None` for a common term
+/// without an owner, which runs window by window ([`sqlite_windows`]).
+async fn sqlite_plan(
+    pool: &sqlx::SqlitePool,
+    search: &Search,
+) -> Result<Option<Plan>, sqlx::Error> {
+    let Some(terms) = &search.text else {
+        return Ok(Some(Plan::SqliteArchiveFirst));
+    };
+    if search.one_owner() {
+        return Ok(Some(Plan::SqliteArchiveFirst));
+    }
+    let matches: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT rowid FROM archive_fts WHERE archive_fts MATCH $1 LIMIT $2)",
+    )
+    .bind(fts5_query(terms))
+    .bind(COMMON_TERM_MATCHES)
+    .fetch_one(pool)
+    .await?;
+    Ok((matches < COMMON_TERM_MATCHES).then_some(Plan::SqliteMatchesFirst))
+}
+
+/// The next window of at most `size` messages from `from_us` on, in time
+/// order: its end is the time of the last message read, exclusive, so that
+/// messages sharing that time fall wholly into the next window. `None` when
+/// no message is left.
+async fn sqlite_window(
+    pool: &sqlx::SqlitePool,
+    from_us: i64,
+    size: i64,
+) -> Result<Option<Window>, sqlx::Error> {
+    let (n, lo, hi, last): (i64, Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), MIN(row_id), MAX(row_id), MAX(at_us) FROM (SELECT row_id, at_us \
+         FROM archive_messages INDEXED BY archive_messages_time WHERE at_us >= $1 \
+         ORDER BY at_us LIMIT $2)",
+    )
+    .bind(from_us)
+    .bind(size)
+    .fetch_one(pool)
+    .await?;
+    let (Some(lo), Some(hi), Some(last)) = (lo, hi, last) else {
+        return Ok(None);
+    };
+    Ok(Some(Window {
+        from_us,
+        // Fewer than asked: everything from `from_us` on is in the window.
+        to_us: (n == size).then_some(last),
+        lo,
+        hi,
+    }))
+}
+
+/// A common-term search on SQLite: window after window of messages in time
+/// order (doubling in size) until the page is full or the time range ends.
+async fn sqlite_windows(
+    pool: &sqlx::SqlitePool,
+    search: &Search,
+    after: Option<&Cursor>,
+    fetch: i64,
+    out: &mut Vec<Message>,
+) -> Result<(), ProjectionError> {
+    let mut from_us = search
+        .start_us
+        .into_iter()
+        .chain(after.map(|c| c.at_us))
+        .max()
+        .unwrap_or(i64::MIN);
+    let mut size = FIRST_WINDOW_MESSAGES;
+    while (out.len() as i64) < fetch && search.end_us.is_none_or(|end| from_us < end) {
+        let Some(window) = sqlite_window(pool, from_us, size).await? else {
+            break;
+        };
+        if window.to_us == Some(from_us) {
+            // More than `size` messages share this one time: widen.
+            size = size.saturating_mul(2);
+            continue;
+        }
+        let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
+        build(
+            &mut q,
+            search,
+            Plan::SqliteTimeFirst(window),
+            after.cloned(),
+            fetch - out.len() as i64,
+        );
+        for row in q.build().fetch_all(pool).await? {
+            out.push(message!(row));
+        }
+        let Some(to) = window.to_us else {
+            break;
+        };
+        from_us = to;
+        size = (size * 2).min(MAX_WINDOW_MESSAGES);
+    }
+    Ok(())
+}
+
 /// RFC 3339 text of a time in microseconds (UTC).
 pub fn rfc3339(at_us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(at_us)
@@ -720,11 +818,14 @@ pub async fn page(
     let fetch = limit + 1;
     match db {
         Database::Sqlite { read, .. } => {
-            let plan = sqlite_plan(read, search).await?;
-            let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
-            build(&mut q, search, plan, after, fetch);
-            for row in q.build().fetch_all(read).await? {
-                out.push(message!(row));
+            if let Some(plan) = sqlite_plan(read, search).await? {
+                let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
+                build(&mut q, search, plan, after, fetch);
+                for row in q.build().fetch_all(read).await? {
+                    out.push(message!(row));
+                }
+            } else {
+                sqlite_windows(read, search, after.as_ref(), fetch, &mut out).await?;
             }
         }
         Database::Postgres(pool) => {

@@ -130,8 +130,12 @@ pub enum Database {
 /// log, and SQLite starts the log file again only once one does, so the log
 /// grows without bound (25 GB in two minutes of archive fill). Past
 /// [`WAL_RESET_BYTES`] the writer itself, between transactions and the
-/// only writer, copies the whole log into the database and truncates it.
-async fn truncate_large_wal(write: &SqlitePool) {
+/// only writer, runs a passive checkpoint: with no write in between it
+/// reaches the end (unless a reader holds an older snapshot; the next
+/// transaction tries again), the next transaction starts the log again and
+/// its commit cuts the file to `journal_size_limit`. Not `TRUNCATE`, which
+/// waits in the busy handler for every reader to leave the log.
+async fn reset_large_wal(write: &SqlitePool) {
     let mut wal = write
         .connect_options()
         .get_filename()
@@ -139,11 +143,11 @@ async fn truncate_large_wal(write: &SqlitePool) {
         .to_owned();
     wal.push("-wal");
     if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
-        && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(write)
             .await
     {
-        tracing::warn!(error = %e, "projections: truncating checkpoint failed");
+        tracing::warn!(error = %e, "projections: writer's checkpoint failed");
     }
 }
 
@@ -286,7 +290,7 @@ impl Database {
         match self {
             Database::Sqlite { write, .. } => {
                 let applied = sqlite::apply(write, group, positions, ops).await;
-                truncate_large_wal(write).await;
+                reset_large_wal(write).await;
                 applied
             }
             Database::Postgres(pool) => postgres::apply(pool, group, positions, ops).await,

@@ -1,5 +1,7 @@
-//! The SQLite compliance search for a common full-text term runs window by
-//! window of time (`api::store`): every page must hold exactly the rows a
+//! The SQLite compliance search chooses how to run a full-text search from
+//! the term's number of matches (`api::store`): from the matches, window by
+//! window of time, against the list of matches or message by message in one
+//! owner's archive. Whichever runs, every page must hold exactly the rows a
 //! plain scan finds, in time order, also when the messages' rowids do not
 //! follow their times and when more messages than one window share a time.
 
@@ -9,12 +11,13 @@ use switchboard_projections::db::Ops;
 use switchboard_projections::rows::ArchiveRow;
 
 /// Messages in the dataset; the first `TIED` share one time.
-const MESSAGES: u64 = 12_000;
+const MESSAGES: u64 = 24_000;
 const TIED: u64 = 5_000;
 const T0: i64 = 1_767_225_600_000_000;
 
 /// Message `n`: inserted in order `n` (its rowid), at a time that does not
-/// follow `n` (a permutation), with "common" in every other body and
+/// follow `n` (a permutation), with "everywhere" in every body (more
+/// matches than the search counts), "common" in every other one and
 /// "uncommon" in every 97th.
 fn message(n: u64) -> ArchiveRow {
     let at_us = if n < TIED {
@@ -27,7 +30,7 @@ fn message(n: u64) -> ArchiveRow {
     };
     let from = format!("user{}@example.com", n % 7);
     let to = format!("user{}@example.com", (n + 3) % 7);
-    let mut body = format!("message {n}");
+    let mut body = format!("message {n} everywhere");
     if n.is_multiple_of(2) {
         body.push_str(" common");
     }
@@ -64,6 +67,7 @@ fn expected(rows: &[ArchiveRow], word: &str, search: &Search) -> Vec<String> {
                 && search.start_us.is_none_or(|s| r.at_us >= s)
                 && search.end_us.is_none_or(|e| r.at_us < e)
                 && search.peer.as_ref().is_none_or(|p| &r.peer == p)
+                && search.participant.as_ref().is_none_or(|p| &r.owner == p)
         })
         .collect();
     hits.sort_by(|a, b| {
@@ -103,7 +107,7 @@ async fn common_term_pages_equal_a_plain_scan() {
     }
     let text = |w: &str| Some(vec![w.to_owned()]);
     let searches = [
-        // 6,000 matches: window by window.
+        // 12,000 matches: window by window.
         Search {
             text: text("common"),
             ..Search::default()
@@ -126,11 +130,33 @@ async fn common_term_pages_equal_a_plain_scan() {
             text: text("uncommon"),
             ..Search::default()
         },
+        // Every message matches: the first window is the smallest (a time
+        // range across the tie keeps the pages few).
+        Search {
+            text: text("everywhere"),
+            start_us: Some(T0 + 400_000),
+            end_us: Some(T0 + 2_500_000),
+            ..Search::default()
+        },
+        // One owner: against the list of matches.
+        Search {
+            text: text("common"),
+            participant: Some("user5@example.com".to_owned()),
+            ..Search::default()
+        },
+        // One owner, more matches than are counted: message by message.
+        Search {
+            text: text("everywhere"),
+            participant: Some("user2@example.com".to_owned()),
+            start_us: Some(T0 + 2_000_000),
+            end_us: Some(T0 + 9_000_000),
+            ..Search::default()
+        },
     ];
     for search in &searches {
         let want = expected(&rows, &search.text.as_ref().unwrap()[0], search);
         assert!(!want.is_empty(), "{search:?}");
-        for limit in [50, 977] {
+        for limit in [211, 977] {
             let got = all_pages(&db, search, limit).await;
             assert_eq!(got.len(), want.len(), "{search:?} limit {limit}");
             assert!(got == want, "{search:?} limit {limit}: order differs");

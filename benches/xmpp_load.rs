@@ -8,7 +8,9 @@
 //! `XMPP_USERS` (200), `XMPP_USER_PREFIX` (user), `XMPP_PASSWORD` (pw),
 //! `XMPP_RATE` (messages/s of the latency phase, 2000), `XMPP_SECS` (10),
 //! `XMPP_BURST` (messages per pair in the saturation phase, 200),
-//! `SERVER_PID` (to read the server's RSS), `XMPP_LABEL` (row label).
+//! `SERVER_PID` (to read the server's RSS), `XMPP_LABEL` (row label),
+//! `XMPP_SLOW=1` (the slowest deliveries of the fixed-rate phase, and how
+//! many took over 10 ms per 100 ms of sending time, on stderr).
 //!
 //! `XMPP_MODE` picks what runs:
 //! * `messages` (default): the logins, the fixed-rate phase and the burst.
@@ -20,6 +22,7 @@
 //!   flight, with SCRAM keys derived once (`XMPP_ITERATIONS`, 4096) and
 //!   shared by all of them: one process instead of one CLI call per user.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -306,6 +309,46 @@ fn rss_kib(pid: &str) -> Option<u64> {
         .ok()
 }
 
+fn slow_report() -> bool {
+    std::env::var("XMPP_SLOW").is_ok_and(|v| v == "1")
+}
+
+/// Every arrival as (sent µs since the start, latency µs), kept only with
+/// `XMPP_SLOW=1` (see [`print_slow`]).
+static ARRIVALS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+/// With `XMPP_SLOW=1`: the slowest deliveries of the fixed-rate phase and
+/// how many took over 10 ms per 100 ms of sending time, on stderr, to tell
+/// a periodic stall from scattered ones.
+fn print_slow(until_us: u64) {
+    let mut arrivals: Vec<(u64, u64)> = ARRIVALS
+        .lock()
+        .expect("arrivals")
+        .iter()
+        .copied()
+        .filter(|(sent, _)| *sent < until_us)
+        .collect();
+    arrivals.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+    for (sent, latency) in arrivals.iter().take(15) {
+        eprintln!(
+            "slow: sent at {:.1} ms, {:.2} ms",
+            *sent as f64 / 1000.0,
+            *latency as f64 / 1000.0
+        );
+    }
+    let mut buckets: BTreeMap<u64, usize> = BTreeMap::new();
+    for (sent, latency) in &arrivals {
+        if *latency > 10_000 {
+            *buckets.entry(sent / 100_000).or_default() += 1;
+        }
+    }
+    let line: Vec<String> = buckets
+        .iter()
+        .map(|(b, n)| format!("{}ms:{n}", b * 100))
+        .collect();
+    eprintln!("over 10 ms by 100 ms of sending: {}", line.join(" "));
+}
+
 /// Counts `<body>t=NANOS</body>` arrivals and their latency.
 async fn receive(
     mut read: ReadHalf<TlsStream<TcpStream>>,
@@ -332,10 +375,11 @@ async fn receive(
                 .and_then(|v| v.split(':').next())
                 .and_then(|v| v.parse::<u64>().ok())
             {
-                let _ = latencies
-                    .lock()
-                    .expect("histogram")
-                    .record(now.saturating_sub(sent).max(1));
+                let latency = now.saturating_sub(sent).max(1);
+                let _ = latencies.lock().expect("histogram").record(latency);
+                if slow_report() {
+                    ARRIVALS.lock().expect("arrivals").push((sent, latency));
+                }
                 received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             buf.drain(..start + end + 7);
@@ -457,6 +501,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got_rate_phase = received.load(std::sync::atomic::Ordering::Relaxed);
+    if slow_report() {
+        print_slow(u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
     let (p50, p99) = {
         let h = latencies.lock().expect("histogram");
         (

@@ -1,9 +1,9 @@
 //! The SQLite compliance search chooses how to run a full-text search from
 //! the term's number of matches (`api::store`): from the matches, window by
-//! window of time, against the list of matches or message by message in one
-//! owner's archive. Whichever runs, every page must hold exactly the rows a
-//! plain scan finds, in time order, also when the messages' rowids do not
-//! follow their times and when more messages than one window share a time.
+//! window of time, or message by message in one owner's archive. Whichever
+//! runs, every page must hold exactly the rows a plain scan finds, in time
+//! order, also when the messages' rowids do not follow their times and when
+//! more messages than one window share a time.
 
 use switchboard_projections::Database;
 use switchboard_projections::api::store::{self, Cursor, Search};
@@ -16,8 +16,7 @@ const TIED: u64 = 5_000;
 const T0: i64 = 1_767_225_600_000_000;
 
 /// Message `n`: inserted in order `n` (its rowid), at a time that does not
-/// follow `n` (a permutation), with "everywhere" in every body (more
-/// matches than the search counts), "common" in every other one and
+/// follow `n` (a permutation), with "everywhere" in every body, "common" in every other one and
 /// "uncommon" in every 97th.
 fn message(n: u64) -> ArchiveRow {
     let at_us = if n < TIED {
@@ -138,13 +137,13 @@ async fn common_term_pages_equal_a_plain_scan() {
             end_us: Some(T0 + 2_500_000),
             ..Search::default()
         },
-        // One owner: against the list of matches.
+        // One owner: message by message.
         Search {
             text: text("common"),
             participant: Some("user5@example.com".to_owned()),
             ..Search::default()
         },
-        // One owner, more matches than are counted: message by message.
+        // One owner, a term in every message, a time range.
         Search {
             text: text("everywhere"),
             participant: Some("user2@example.com".to_owned()),

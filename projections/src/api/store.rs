@@ -532,20 +532,11 @@ const FROM_ARCHIVE: &str =
 const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_messages_time \
      JOIN archive a ON a.archive_id = m.archive_id WHERE 1 = 1";
 
-/// SQLite counts a term's matches up to this many. Within one owner's
-/// archive a term with fewer is checked against the list of its matches;
-/// one with more (the page fills after a few rows) message by message.
-const MATCH_COUNT_CAP: i64 = 20_000;
-/// Without an owner, a term with fewer matches than this (or than
-/// √(2 × messages), when larger) is searched from its matches; one with
-/// more in time order, window by window. Reading every match costs about
-/// 15 µs each (the archive rows, the sort), a window about 0.5 µs per
-/// message, and a page needs about 51 ÷ (the term's share of messages)
-/// of those: the two meet near √(2 × messages) matches.
-const FEW_MATCHES: i64 = 500;
-/// Fewest messages in the first time window of a search in time order; it
-/// is sized from the term's share of messages, each next window is twice
-/// as large, up to [`MAX_WINDOW_MESSAGES`].
+/// A full-text term with at least this many matching messages is searched
+/// in time order, window by window (SQLite).
+const COMMON_TERM_MATCHES: i64 = 2_000;
+/// Messages in the first time window of a common-term search; each next
+/// window is twice as large, up to [`MAX_WINDOW_MESSAGES`].
 const FIRST_WINDOW_MESSAGES: i64 = 4_096;
 /// Most messages in one window.
 const MAX_WINDOW_MESSAGES: i64 = 262_144;
@@ -563,19 +554,12 @@ enum Plan {
         /// Order on `m.at_us` rather than `a.at_us`.
         message_time: bool,
     },
-    /// SQLite without full text, or in one owner's archive with a very
-    /// common term: the archive index drives, each message is checked
-    /// against the FTS index by rowid (a seek in the term's doclist).
+    /// SQLite without full text, or restricted to one owner's archive: the
+    /// archive index drives, each message is checked against the FTS index
+    /// by rowid (a seek in the term's doclist).
     SqliteArchiveFirst,
     /// SQLite, no owner, a rare term: the term's matches drive.
     SqliteMatchesFirst,
-    /// SQLite, one owner's archive and a term with fewer than
-    /// [`MATCH_COUNT_CAP`] matches: the owner's archive rows drive, each
-    /// checked against the list of the term's matches, built once. (Left to
-    /// itself SQLite probes the message index once per row and listed
-    /// rowid, which cost seconds a page at 12,000 matches; `+m.row_id`
-    /// keeps the list a membership test.)
-    SqliteOwnerMatches,
     /// SQLite, no owner, a common term: messages in time order drive, one
     /// window of time at a time, each checked against the term's matches
     /// among the window's rowids (see [`Window`]).
@@ -657,17 +641,12 @@ fn build<DB: sqlx::Database>(
                     .push_bind(fts5_query(terms))
                     .push(")");
             }
-            Plan::SqliteOwnerMatches => {
-                q.push(" AND +m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
-                    .push_bind(fts5_query(terms))
-                    .push(")");
-            }
             Plan::SqliteTimeFirst(w) => {
                 q.push(" AND m.at_us >= ").push_bind(w.from_us);
                 if let Some(to) = w.to_us {
                     q.push(" AND m.at_us < ").push_bind(to);
                 }
-                q.push(" AND +m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+                q.push(" AND m.row_id IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
                     .push_bind(fts5_query(terms))
                     .push(" AND rowid BETWEEN ")
                     .push_bind(w.lo)
@@ -722,49 +701,26 @@ macro_rules! message {
     }};
 }
 
-/// How a SQLite search runs: one query, or window by window from a first
-/// window of this many messages.
-enum SqliteRun {
-    Query(Plan),
-    Windows(i64),
-}
-
-/// SQLite: how to run a search (see [`Plan`]).
+/// SQLite: how to run a search (see [`Plan`]); `None` for a common term
+/// without an owner, which runs window by window ([`sqlite_windows`]).
 async fn sqlite_plan(
     pool: &sqlx::SqlitePool,
     search: &Search,
-    fetch: i64,
-) -> Result<SqliteRun, sqlx::Error> {
+) -> Result<Option<Plan>, sqlx::Error> {
     let Some(terms) = &search.text else {
-        return Ok(SqliteRun::Query(Plan::SqliteArchiveFirst));
+        return Ok(Some(Plan::SqliteArchiveFirst));
     };
+    if search.one_owner() {
+        return Ok(Some(Plan::SqliteArchiveFirst));
+    }
     let matches: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM (SELECT rowid FROM archive_fts WHERE archive_fts MATCH $1 LIMIT $2)",
     )
     .bind(fts5_query(terms))
-    .bind(MATCH_COUNT_CAP)
+    .bind(COMMON_TERM_MATCHES)
     .fetch_one(pool)
     .await?;
-    if search.one_owner() {
-        return Ok(SqliteRun::Query(if matches < MATCH_COUNT_CAP {
-            Plan::SqliteOwnerMatches
-        } else {
-            Plan::SqliteArchiveFirst
-        }));
-    }
-    // Rowids are handed out in order, so the largest counts the messages.
-    let messages: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(row_id), 0) FROM archive_messages")
-        .fetch_one(pool)
-        .await?;
-    let few = FEW_MATCHES.max(((2 * messages) as f64).sqrt() as i64);
-    if matches < few {
-        return Ok(SqliteRun::Query(Plan::SqliteMatchesFirst));
-    }
-    // Enough messages for the page at the term's share, and half again.
-    let first = fetch.saturating_mul(messages) / matches.max(1) * 3 / 2;
-    Ok(SqliteRun::Windows(
-        first.clamp(FIRST_WINDOW_MESSAGES, MAX_WINDOW_MESSAGES),
-    ))
+    Ok((matches < COMMON_TERM_MATCHES).then_some(Plan::SqliteMatchesFirst))
 }
 
 /// The next window of at most `size` messages from `from_us` on, in time
@@ -798,14 +754,12 @@ async fn sqlite_window(
 }
 
 /// A common-term search on SQLite: window after window of messages in time
-/// order (from `size` messages, doubling) until the page is full or the time
-/// range ends.
+/// order (doubling in size) until the page is full or the time range ends.
 async fn sqlite_windows(
     pool: &sqlx::SqlitePool,
     search: &Search,
     after: Option<&Cursor>,
     fetch: i64,
-    mut size: i64,
     out: &mut Vec<Message>,
 ) -> Result<(), ProjectionError> {
     let mut from_us = search
@@ -814,6 +768,7 @@ async fn sqlite_windows(
         .chain(after.map(|c| c.at_us))
         .max()
         .unwrap_or(i64::MIN);
+    let mut size = FIRST_WINDOW_MESSAGES;
     while (out.len() as i64) < fetch && search.end_us.is_none_or(|end| from_us < end) {
         let Some(window) = sqlite_window(pool, from_us, size).await? else {
             break;
@@ -862,18 +817,17 @@ pub async fn page(
     // One row more than asked tells whether another page follows.
     let fetch = limit + 1;
     match db {
-        Database::Sqlite { read, .. } => match sqlite_plan(read, search, fetch).await? {
-            SqliteRun::Query(plan) => {
+        Database::Sqlite { read, .. } => {
+            if let Some(plan) = sqlite_plan(read, search).await? {
                 let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
                 build(&mut q, search, plan, after, fetch);
                 for row in q.build().fetch_all(read).await? {
                     out.push(message!(row));
                 }
+            } else {
+                sqlite_windows(read, search, after.as_ref(), fetch, &mut out).await?;
             }
-            SqliteRun::Windows(size) => {
-                sqlite_windows(read, search, after.as_ref(), fetch, size, &mut out).await?;
-            }
-        },
+        }
         Database::Postgres(pool) => {
             let mut q = QueryBuilder::<sqlx::Postgres>::new(MESSAGE_COLUMNS);
             let plan = Plan::Postgres {

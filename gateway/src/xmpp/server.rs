@@ -24,6 +24,7 @@ use switchboard_schemas::events::{
     SessionLoginFailed, SessionLoginSucceeded, SessionResourceBound, Show, SubscriptionApproved,
     SubscriptionCancelled, SubscriptionDenied, SubscriptionRequested, VcardQueried, VcardSet,
 };
+use switchboard_schemas::xml::escape;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{RwLock, watch};
@@ -2308,12 +2309,4 @@ fn decode_sasl(text: &str) -> Result<Vec<u8>, SaslError> {
     }
     B64.decode(text)
         .map_err(|_| SaslError::Malformed("invalid base64"))
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
 }

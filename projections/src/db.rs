@@ -25,8 +25,8 @@ use crate::{ProjectionError, ProjectionKind, sql};
 const INSERT_CHUNK: usize = 256;
 /// How often the SQLite write-ahead log is checkpointed.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// Size of the SQLite write-ahead log past which the writer checkpoints it
-/// whole and truncates it after its transaction.
+/// Size of the SQLite write-ahead log past which the writer runs a passive
+/// checkpoint after its transaction (see `reset_large_wal`).
 const WAL_RESET_BYTES: u64 = 128 << 20;
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;

@@ -432,6 +432,10 @@ fn writer_thread(
     let mut produces = Vec::with_capacity(MAX_BATCH);
     let mut commits = Vec::new();
     let mut maintains = Vec::new();
+    let wal = match inner.upgrade() {
+        Some(inner) => wal_path(&inner.config.path),
+        None => return,
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut op = Some(first);
         let mut taken = 0;
@@ -511,9 +515,7 @@ fn writer_thread(
                 }
             }
         }
-        if let Some(strong) = inner.upgrade() {
-            reset_large_wal(&conn, &strong.config.path);
-        }
+        reset_large_wal(&conn, &wal);
         for reply in maintains.drain(..) {
             let result = match inner.upgrade() {
                 Some(inner) => maintain(&inner, &conn),
@@ -619,6 +621,13 @@ fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
     }
 }
 
+/// The write-ahead log file of the database at `path`.
+fn wal_path(path: &std::path::Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 /// Size of the write-ahead log past which the writer itself checkpoints it
 /// between batches, so that the log starts again.
 const WAL_RESET_BYTES: u64 = 128 << 20;
@@ -634,10 +643,8 @@ const WAL_RESET_BYTES: u64 = 128 << 20;
 /// `TRUNCATE`: that one waits in the busy handler for every reader to
 /// leave the log, which stalled producers for tens of milliseconds
 /// (BENCHMARKS.md, p99 at 2,000 messages/s).
-fn reset_large_wal(conn: &rusqlite::Connection, path: &std::path::Path) {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
+fn reset_large_wal(conn: &rusqlite::Connection, wal: &std::path::Path) {
+    if std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
         && let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
     {
         tracing::warn!(error = %e, "embedded log: writer's checkpoint failed");

@@ -309,8 +309,10 @@ fn rss_kib(pid: &str) -> Option<u64> {
         .ok()
 }
 
+/// Whether `XMPP_SLOW=1` (read once: it is asked per arrival).
 fn slow_report() -> bool {
-    std::env::var("XMPP_SLOW").is_ok_and(|v| v == "1")
+    static SLOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SLOW.get_or_init(|| std::env::var("XMPP_SLOW").is_ok_and(|v| v == "1"))
 }
 
 /// Every arrival as (sent µs since the start, latency µs), kept only with

@@ -6,7 +6,7 @@
 //! then the rows. The statements are the same text on both backends; the
 //! code that runs them is instantiated once per backend by `backend!`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -518,7 +518,7 @@ macro_rules! backend {
                     .iter()
                     .filter(|r| ids.insert(r.archive_id.as_str()))
                     .collect();
-                $inserts::archive_messages(tx, &messages).await?;
+                let stored = $inserts::archive_messages(tx, &messages, rows).await?;
                 // The rows in key order: a batch's rows of one owner then go
                 // to neighbouring places of the owner-first B-trees (the key
                 // and the `with` index), one descent and a few pages each,
@@ -528,7 +528,7 @@ macro_rules! backend {
                     (a.owner.as_str(), a.archive_id.as_str())
                         .cmp(&(b.owner.as_str(), b.archive_id.as_str()))
                 });
-                $inserts::archive(tx, &keyed).await
+                $inserts::archive(tx, &keyed, &stored).await
             }
 
             async fn files(
@@ -706,6 +706,18 @@ backend!(
     [sql::POSTGRES_COMPLIANCE_CLEAR]
 );
 
+/// SQLite: the word of an archive owner in the full-text index's `owners`
+/// column: the hex of its bare address (what SQLite's `hex()` gives for the
+/// text, which migration 0006 and [`sql::SQLITE_FTS_REINDEX`] use), one
+/// word whatever the address holds.
+pub(crate) fn owner_token(owner: &str) -> String {
+    use std::fmt::Write;
+    owner.bytes().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02X}");
+        out
+    })
+}
+
 /// SQLite's batch inserts: multi-row `INSERT … VALUES` of [`INSERT_CHUNK`]
 /// rows (the statement of a full chunk is prepared once and cached).
 mod sqlite_inserts {
@@ -715,14 +727,48 @@ mod sqlite_inserts {
 
     type Tx = Transaction<'static, Sqlite>;
 
-    pub(super) async fn archive_messages(
+    /// The messages of a batch as stored.
+    pub(super) struct MessageRows<'a> {
+        /// Each message's rowid, by archive id.
+        rows: HashMap<&'a str, i64>,
+        /// Messages stored before this batch (a replay), whose full-text
+        /// entries are written again once the batch's rows are in.
+        stored_before: Vec<i64>,
+    }
+
+    /// Inserts the batch's messages, each new one with the next rowid (this
+    /// is the only writer; a concurrent one makes the commit fail with
+    /// `SQLITE_BUSY`, and the batch is retried), and the full-text entries
+    /// of the new ones: the body and the owners of `rows`. Returns every
+    /// message's rowid: the assigned one, or the stored one for a message
+    /// stored before.
+    pub(super) async fn archive_messages<'a>(
         tx: &mut Tx,
-        messages: &[&ArchiveRow],
-    ) -> Result<(), ProjectionError> {
+        messages: &[&'a ArchiveRow],
+        rows: &[ArchiveRow],
+    ) -> Result<MessageRows<'a>, ProjectionError> {
+        let mut owners: HashMap<&str, String> = HashMap::with_capacity(messages.len());
+        for r in rows {
+            let words = owners.entry(r.archive_id.as_str()).or_default();
+            if !words.is_empty() {
+                words.push(' ');
+            }
+            words.push_str(&owner_token(&r.owner));
+        }
+        let mut stored = MessageRows {
+            rows: HashMap::with_capacity(messages.len()),
+            stored_before: Vec::new(),
+        };
+        let mut next: i64 = sqlx::query_scalar(sql::SQLITE_NEXT_MESSAGE_ROW)
+            .fetch_one(&mut **tx)
+            .await?;
+        let first_new = next;
         for chunk in messages.chunks(INSERT_CHUNK) {
+            let first = next;
             let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_MESSAGE_INSERT);
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(r.archive_id.as_str())
+            q.push_values(chunk.iter().zip(first..), |mut b, (r, row_id)| {
+                b.push_bind(row_id)
+                    .push_bind(r.archive_id.as_str())
                     .push_bind(r.at_us)
                     .push_bind(r.kind.as_str())
                     .push_bind(r.message_id.as_str())
@@ -734,24 +780,87 @@ mod sqlite_inserts {
                     .push_bind(r.stanza.as_str());
             });
             q.push(sql::ARCHIVE_MESSAGE_ON_CONFLICT);
-            q.build().execute(&mut **tx).await?;
+            let inserted = q.build().execute(&mut **tx).await?.rows_affected();
+            next += chunk.len() as i64;
+            let mut new: Vec<(i64, &ArchiveRow)> = Vec::with_capacity(chunk.len());
+            if inserted == chunk.len() as u64 {
+                new.extend((first..).zip(chunk.iter().copied()));
+            } else {
+                // Some were stored before: ask for every rowid of the chunk.
+                let mut q = QueryBuilder::<Sqlite>::new(sql::SQLITE_MESSAGE_ROWS);
+                let mut list = q.separated(", ");
+                for r in chunk {
+                    list.push_bind(r.archive_id.as_str());
+                }
+                q.push(")");
+                let found = q.build().fetch_all(&mut **tx).await?;
+                for r in chunk {
+                    let row = found
+                        .iter()
+                        .find(|row| row.try_get::<&str, _>(0).is_ok_and(|id| id == r.archive_id));
+                    let Some(row) = row else {
+                        return Err(ProjectionError::Task(format!(
+                            "archived message {} neither inserted nor stored",
+                            r.archive_id
+                        )));
+                    };
+                    let row_id: i64 = row.try_get(1)?;
+                    if row_id >= first_new {
+                        new.push((row_id, r));
+                    } else {
+                        stored.rows.insert(r.archive_id.as_str(), row_id);
+                        stored.stored_before.push(row_id);
+                    }
+                }
+            }
+            if !new.is_empty() {
+                let mut q = QueryBuilder::<Sqlite>::new(sql::SQLITE_FTS_INSERT);
+                q.push_values(&new, |mut b, (row_id, r)| {
+                    b.push_bind(*row_id)
+                        .push_bind(r.body.as_deref())
+                        .push_bind(owners.remove(r.archive_id.as_str()));
+                });
+                q.build().execute(&mut **tx).await?;
+            }
+            for (row_id, r) in new {
+                stored.rows.insert(r.archive_id.as_str(), row_id);
+            }
         }
-        Ok(())
+        Ok(stored)
     }
 
-    pub(super) async fn archive(tx: &mut Tx, rows: &[&ArchiveRow]) -> Result<(), ProjectionError> {
+    /// Inserts the archive rows, each pointing at its message's rowid; then
+    /// writes again the full-text entries of messages stored before, whose
+    /// owners may have grown.
+    pub(super) async fn archive(
+        tx: &mut Tx,
+        rows: &[&ArchiveRow],
+        messages: &MessageRows<'_>,
+    ) -> Result<(), ProjectionError> {
         for chunk in rows.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_INSERT);
             q.push_values(chunk, |mut b, r| {
+                // Every row's message is among the batch's messages.
                 b.push_bind(r.owner.as_str())
                     .push_bind(r.archive_id.as_str())
                     .push_bind(r.at_us)
                     .push_bind(r.peer.as_str())
                     .push_bind(r.peer_full.as_deref())
-                    .push_bind(r.direction);
+                    .push_bind(r.direction)
+                    .push_bind(messages.rows.get(r.archive_id.as_str()).copied());
             });
             q.push(sql::ARCHIVE_ON_CONFLICT);
             q.build().execute(&mut **tx).await?;
+        }
+        for row_id in &messages.stored_before {
+            sqlx::query(sql::SQLITE_FTS_DELETE)
+                .bind(row_id)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query(sql::SQLITE_FTS_REINDEX)
+                .bind(row_id)
+                .execute(&mut **tx)
+                .await?;
         }
         Ok(())
     }
@@ -846,9 +955,12 @@ mod postgres_inserts {
     /// arrays stay a few megabytes.
     const CHUNK: usize = 8192;
 
+    /// PostgreSQL's full-text index is a column of the message
+    /// (`body_tsv`), so the rows' owners are not needed here.
     pub(super) async fn archive_messages(
         tx: &mut Tx,
         messages: &[&ArchiveRow],
+        _rows: &[ArchiveRow],
     ) -> Result<(), ProjectionError> {
         for chunk in messages.chunks(CHUNK) {
             sqlx::query(sql::PG_ARCHIVE_MESSAGES_UNNEST)
@@ -888,7 +1000,12 @@ mod postgres_inserts {
         Ok(())
     }
 
-    pub(super) async fn archive(tx: &mut Tx, rows: &[&ArchiveRow]) -> Result<(), ProjectionError> {
+    /// PostgreSQL's archive rows do not carry their message's row.
+    pub(super) async fn archive(
+        tx: &mut Tx,
+        rows: &[&ArchiveRow],
+        _messages: &(),
+    ) -> Result<(), ProjectionError> {
         for chunk in rows.chunks(CHUNK) {
             sqlx::query(sql::PG_ARCHIVE_UNNEST)
                 .bind(chunk.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())

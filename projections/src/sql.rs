@@ -102,13 +102,37 @@ pub const SESSION_ENDED: &str = session_upsert!(
      end_text = excluded.end_text, full_jid = COALESCE(excluded.full_jid, sessions.full_jid)"
 );
 
-/// Head of an archive insert (one row per owner); rows follow as `VALUES`.
+/// SQLite: head of an archive insert (one row per owner); rows follow as
+/// `VALUES`.
 pub const ARCHIVE_INSERT: &str =
-    "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, direction) ";
+    "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, direction, msg_row) ";
+
+/// SQLite: the rowid a transaction's first new message may take.
+pub const SQLITE_NEXT_MESSAGE_ROW: &str =
+    "SELECT COALESCE(MAX(row_id), 0) + 1 FROM archive_messages";
+
+/// SQLite: the rowids of messages already stored; a list of archive ids
+/// follows, then `)`.
+pub const SQLITE_MESSAGE_ROWS: &str =
+    "SELECT archive_id, row_id FROM archive_messages WHERE archive_id IN (";
+
+/// SQLite: head of a full-text entries insert (the projection writes them;
+/// the index is contentless); rows follow as `VALUES`.
+pub const SQLITE_FTS_INSERT: &str = "INSERT INTO archive_fts (rowid, body, owners) ";
+
+/// SQLite: drops one message's full-text entry.
+pub const SQLITE_FTS_DELETE: &str = "DELETE FROM archive_fts WHERE rowid = $1";
+
+/// SQLite: writes one stored message's full-text entry from the tables (its
+/// body, and every archive row's owner, as [`crate::db::owner_token`]
+/// spells them).
+pub const SQLITE_FTS_REINDEX: &str = "INSERT INTO archive_fts (rowid, body, owners) \
+     SELECT m.row_id, m.body, (SELECT group_concat(hex(a.owner), ' ') FROM archive a \
+     WHERE a.archive_id = m.archive_id) FROM archive_messages m WHERE m.row_id = $1";
 
 /// Head of an archived message's content insert (once per message).
-pub const ARCHIVE_MESSAGE_INSERT: &str = "INSERT INTO archive_messages (archive_id, at_us, kind, \
-     message_id, sender, nick, thread, subject, body, stanza) ";
+pub const ARCHIVE_MESSAGE_INSERT: &str = "INSERT INTO archive_messages (row_id, archive_id, at_us, \
+     kind, message_id, sender, nick, thread, subject, body, stanza) ";
 
 /// Message contents are inserted once, idempotently.
 pub const ARCHIVE_MESSAGE_ON_CONFLICT: &str = " ON CONFLICT (archive_id) DO NOTHING";

@@ -500,13 +500,34 @@ impl Search {
     }
 }
 
-/// FTS5 query text: each term or phrase quoted, all required.
+/// FTS5 query text: each term or phrase quoted, all required, in the
+/// `body` column.
 pub(crate) fn fts5_query(terms: &[String]) -> String {
-    terms
+    let terms = terms
         .iter()
         .map(|t| format!("\"{}\"", t.replace('"', "\"\"")))
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    format!("body : ({terms})")
+}
+
+/// FTS5 query text of a search restricted to owners' archives: the terms
+/// (as [`fts5_query`]) and, for each owner restriction, the owners' words
+/// in the `owners` column ([`crate::db::owner_token`]): a participant's or
+/// a room's archive, or either side of a conversation. FTS5 intersects the
+/// term's and the owner's doclists in one pass, so a term within one
+/// participant's archive costs about as many seeks as the participant has
+/// matches, not a lookup per archive row.
+fn fts5_owner_query(terms: &[String], search: &Search) -> String {
+    let word = |owner: &str| format!("\"{}\"", crate::db::owner_token(owner));
+    let mut query = fts5_query(terms);
+    for owner in search.participant.iter().chain(&search.room) {
+        query.push_str(&format!(" AND owners : ({})", word(owner)));
+    }
+    if let Selection::Conversation { a, b } = &search.selection {
+        query.push_str(&format!(" AND owners : ({} OR {})", word(a), word(b)));
+    }
+    query
 }
 
 /// `websearch_to_tsquery` text with the same meaning: each term or phrase
@@ -527,6 +548,19 @@ const MESSAGE_COLUMNS: &str = "SELECT a.owner, a.archive_id, a.at_us, a.peer, a.
 /// Archive rows first (the owner's index), then their messages.
 const FROM_ARCHIVE: &str =
     "FROM archive a JOIN archive_messages m ON m.archive_id = a.archive_id WHERE 1 = 1";
+
+/// SQLite: the archive rows alone, filtered, checked against the full-text
+/// index by their `msg_row`, ordered and cut to the page (the query's end
+/// is [`ARCHIVE_FIRST_END`]); only the page's rows are then joined to their
+/// messages, by rowid. Joining every candidate first cost a random page of
+/// the messages table per row: 1,000 rows for one participant's archive
+/// at 10,000,000 messages made a first page take 250 ms (BENCHMARKS.md).
+const FROM_ARCHIVE_ROWS: &str = "FROM (SELECT a.owner, a.archive_id, a.at_us, a.peer, \
+     a.peer_full, a.direction, a.msg_row FROM archive a WHERE 1 = 1";
+
+/// The end of a [`FROM_ARCHIVE_ROWS`] query, after its `LIMIT`.
+const ARCHIVE_FIRST_END: &str =
+    ") a JOIN archive_messages m ON m.row_id = a.msg_row ORDER BY a.at_us, a.archive_id, a.owner";
 
 /// Messages in time order first, then their archive rows.
 const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_messages_time \
@@ -555,8 +589,10 @@ enum Plan {
         message_time: bool,
     },
     /// SQLite without full text, or restricted to one owner's archive: the
-    /// archive index drives, each message is checked against the FTS index
-    /// by rowid (a seek in the term's doclist).
+    /// archive index drives; with a term, each row's `msg_row` is looked up
+    /// among the term's matches within the owner's messages (one FTS5 query,
+    /// [`fts5_owner_query`]); only the page is joined to its messages
+    /// ([`FROM_ARCHIVE_ROWS`]).
     SqliteArchiveFirst,
     /// SQLite, no owner, a rare term: the term's matches drive.
     SqliteMatchesFirst,
@@ -597,6 +633,7 @@ fn build<DB: sqlx::Database>(
     let (from, time) = match plan {
         Plan::SqliteTimeFirst(_) => (FROM_MESSAGES_BY_TIME, "m.at_us"),
         Plan::Postgres { message_time: true } => (FROM_ARCHIVE, "m.at_us"),
+        Plan::SqliteArchiveFirst => (FROM_ARCHIVE_ROWS, "a.at_us"),
         _ => (FROM_ARCHIVE, "a.at_us"),
     };
     q.push(from);
@@ -655,9 +692,9 @@ fn build<DB: sqlx::Database>(
                     .push(")");
             }
             Plan::SqliteArchiveFirst => {
-                q.push(" AND EXISTS (SELECT 1 FROM archive_fts f WHERE f.archive_fts MATCH ")
-                    .push_bind(fts5_query(terms))
-                    .push(" AND f.rowid = m.row_id)");
+                q.push(" AND a.msg_row IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ")
+                    .push_bind(fts5_owner_query(terms, search))
+                    .push(")");
             }
         }
     }
@@ -676,6 +713,9 @@ fn build<DB: sqlx::Database>(
     }
     q.push(format!(" ORDER BY {time}, a.archive_id, a.owner LIMIT "))
         .push_bind(limit);
+    if plan == Plan::SqliteArchiveFirst {
+        q.push(ARCHIVE_FIRST_END);
+    }
 }
 
 macro_rules! message {
@@ -881,7 +921,23 @@ mod tests {
     #[test]
     fn full_text_queries_quote_every_term() {
         let terms = vec!["café".to_owned(), "say \"hi\"".to_owned(), "or".to_owned()];
-        assert_eq!(fts5_query(&terms), "\"café\" \"say \"\"hi\"\"\" \"or\"");
+        assert_eq!(
+            fts5_query(&terms),
+            "body : (\"café\" \"say \"\"hi\"\"\" \"or\")"
+        );
+        let search = Search {
+            participant: Some("ana@example.com".to_owned()),
+            selection: Selection::Conversation {
+                a: "ana@example.com".to_owned(),
+                b: "b@x".to_owned(),
+            },
+            ..Search::default()
+        };
+        assert_eq!(
+            fts5_owner_query(&terms[..1], &search),
+            "body : (\"café\") AND owners : (\"616E61406578616D706C652E636F6D\") \
+             AND owners : (\"616E61406578616D706C652E636F6D\" OR \"624078\")"
+        );
         assert_eq!(websearch_query(&terms), "\"café\" \"say  hi \" \"or\"");
     }
 

@@ -736,9 +736,11 @@ mod sqlite_inserts {
         stored_before: Vec<i64>,
     }
 
-    /// Inserts the batch's messages, each new one with the next rowid (this
-    /// is the only writer; a concurrent one makes the commit fail with
-    /// `SQLITE_BUSY`, and the batch is retried), and the full-text entries
+    /// Inserts the batch's messages, each new one with the next rowid (in
+    /// WAL mode one transaction writes at a time, and one whose snapshot is
+    /// older than another's commit cannot write at all, `SQLITE_BUSY`, and
+    /// is retried: so the rowids from `MAX(row_id) + 1` on stay free until
+    /// this one commits), and the full-text entries
     /// of the new ones: the body and the owners of `rows`. Returns every
     /// message's rowid: the assigned one, or the stored one for a message
     /// stored before.

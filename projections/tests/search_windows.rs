@@ -1,9 +1,11 @@
-//! The SQLite compliance search chooses how to run a full-text search from
-//! the term's number of matches (`api::store`): from the matches, window by
-//! window of time, or message by message in one owner's archive. Whichever
-//! runs, every page must hold exactly the rows a plain scan finds, in time
-//! order, also when the messages' rowids do not follow their times and when
-//! more messages than one window share a time.
+//! The compliance search chooses how to run a full-text search from the
+//! term's number of matches (`api::store`). SQLite: from the matches,
+//! window by window of time, or in one owner's archive from one query of
+//! the term and the owner's word; PostgreSQL: ordered on the messages' time
+//! for a common term, from the GIN index for a rare one. Whichever runs,
+//! every page must hold exactly the rows a plain scan finds, in time order,
+//! also when the messages' rowids do not follow their times and when more
+//! messages than one window share a time.
 
 use switchboard_projections::Database;
 use switchboard_projections::api::store::{self, Cursor, Search};
@@ -93,11 +95,43 @@ async fn all_pages(db: &Database, search: &Search, limit: i64) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn common_term_pages_equal_a_plain_scan() {
+async fn sqlite_pages_equal_a_plain_scan() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = Database::open_sqlite(&dir.path().join("p.db"))
         .await
         .expect("sqlite");
+    pages_equal_a_plain_scan(&db).await;
+    db.close().await;
+}
+
+/// PostgreSQL chooses too: a common term ordered on the messages' time, a
+/// rare one from the GIN index (`api::store::postgres_common_term`).
+#[tokio::test]
+async fn postgres_pages_equal_a_plain_scan() {
+    let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
+        "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
+    });
+    let schema = format!("search_{}", uuid::Uuid::now_v7().simple());
+    let admin = sqlx::PgPool::connect(&base)
+        .await
+        .expect("PostgreSQL (infra/scripts/postgres.sh start)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("schema");
+    let db = Database::open_postgres(&format!("{base}?options[search_path]={schema}"))
+        .await
+        .expect("postgres");
+    pages_equal_a_plain_scan(&db).await;
+    db.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .expect("drop schema");
+    admin.close().await;
+}
+
+async fn pages_equal_a_plain_scan(db: &Database) {
     let rows: Vec<ArchiveRow> = (0..MESSAGES).map(message).collect();
     for chunk in rows.chunks(2_000) {
         db.apply("test.archive", &[], &Ops::Archive(chunk.to_vec()))
@@ -156,10 +190,9 @@ async fn common_term_pages_equal_a_plain_scan() {
         let want = expected(&rows, &search.text.as_ref().unwrap()[0], search);
         assert!(!want.is_empty(), "{search:?}");
         for limit in [211, 977] {
-            let got = all_pages(&db, search, limit).await;
+            let got = all_pages(db, search, limit).await;
             assert_eq!(got.len(), want.len(), "{search:?} limit {limit}");
             assert!(got == want, "{search:?} limit {limit}: order differs");
         }
     }
-    db.close().await;
 }

@@ -567,7 +567,7 @@ const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_
      JOIN archive a ON a.archive_id = m.archive_id WHERE 1 = 1";
 
 /// A full-text term with at least this many matching messages is searched
-/// in time order, window by window (SQLite).
+/// in time order (SQLite: window by window), a rarer one from its matches.
 const COMMON_TERM_MATCHES: i64 = 2_000;
 /// Messages in the first time window of a common-term search; each next
 /// window is twice as large, up to [`MAX_WINDOW_MESSAGES`].
@@ -580,10 +580,15 @@ const MAX_WINDOW_MESSAGES: i64 = 262_144;
 /// yields, so the API chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Plan {
-    /// PostgreSQL: `body_tsv @@ websearch_to_tsquery(…)`. With a term and
-    /// no owner, ordered on the message's time, so the planner can walk the
-    /// messages' time index when the term is common (its statistics tell)
-    /// and use the GIN index when it is rare.
+    /// PostgreSQL: `body_tsv @@ websearch_to_tsquery(…)`. With a common
+    /// term and no owner, ordered on the message's time, so that the
+    /// planner walks the messages' time index and stops at the page; else
+    /// on the archive row's time, which leaves it the GIN index (the
+    /// matches drive). The API tells common from rare
+    /// ([`postgres_common_term`]): the planner estimates every lexeme
+    /// missing from the column's statistics (`most_common_elems`) at one
+    /// fixed count, so it walked the time index for rare terms too, reading
+    /// half a million messages for a term with 767 (BENCHMARKS.md).
     Postgres {
         /// Order on `m.at_us` rather than `a.at_us`.
         message_time: bool,
@@ -838,6 +843,21 @@ async fn sqlite_windows(
     Ok(())
 }
 
+/// PostgreSQL: whether the term has at least [`COMMON_TERM_MATCHES`]
+/// matching messages (counted up to that; a common lexeme is read by a
+/// sequential scan that stops there, a rare one from the GIN index).
+async fn postgres_common_term(pool: &sqlx::PgPool, terms: &[String]) -> Result<bool, sqlx::Error> {
+    let matches: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM archive_messages \
+         WHERE body_tsv @@ websearch_to_tsquery('simple', $1) LIMIT $2) s",
+    )
+    .bind(websearch_query(terms))
+    .bind(COMMON_TERM_MATCHES)
+    .fetch_one(pool)
+    .await?;
+    Ok(matches >= COMMON_TERM_MATCHES)
+}
+
 /// RFC 3339 text of a time in microseconds (UTC).
 pub fn rfc3339(at_us: i64) -> String {
     chrono::DateTime::from_timestamp_micros(at_us)
@@ -870,9 +890,11 @@ pub async fn page(
         }
         Database::Postgres(pool) => {
             let mut q = QueryBuilder::<sqlx::Postgres>::new(MESSAGE_COLUMNS);
-            let plan = Plan::Postgres {
-                message_time: search.text.is_some() && !search.one_owner(),
+            let message_time = match &search.text {
+                Some(terms) if !search.one_owner() => postgres_common_term(pool, terms).await?,
+                _ => false,
             };
+            let plan = Plan::Postgres { message_time };
             build(&mut q, search, plan, after, fetch);
             for row in q.build().fetch_all(pool).await? {
                 out.push(message!(row));

@@ -567,7 +567,7 @@ const FROM_MESSAGES_BY_TIME: &str = "FROM archive_messages m INDEXED BY archive_
      JOIN archive a ON a.archive_id = m.archive_id WHERE 1 = 1";
 
 /// A full-text term with at least this many matching messages is searched
-/// in time order, window by window (SQLite).
+/// in time order (SQLite: window by window), a rarer one from its matches.
 const COMMON_TERM_MATCHES: i64 = 2_000;
 /// Messages in the first time window of a common-term search; each next
 /// window is twice as large, up to [`MAX_WINDOW_MESSAGES`].
@@ -843,15 +843,19 @@ async fn sqlite_windows(
     Ok(())
 }
 
-/// PostgreSQL: whether every lexeme of the terms is among the column's most
-/// common elements (`pg_stats.most_common_elems` of `body_tsv`, kept by
-/// `ANALYZE`). For those the planner's estimates are real and it chooses
-/// between walking the time index and the GIN index itself; for any other
-/// it assumes one fixed count, so the matches must drive. Counting the
-/// matches instead cost a common term up to 60 ms at 10,000,000 messages
-/// (BENCHMARKS.md). No statistics yet (a new table): not common.
+/// PostgreSQL: whether a term is common enough for the time-ordered plan.
+/// Yes when every lexeme of the terms is among the column's most common
+/// elements (`pg_stats.most_common_elems` of `body_tsv`, kept by
+/// `ANALYZE`): the planner's estimates are then real and it chooses between
+/// walking the time index and the GIN index itself. Otherwise the planner
+/// assumes one fixed count, and the matches are counted (up to
+/// [`COMMON_TERM_MATCHES`]; such a term is below the statistics' least
+/// common element, so the count reads a short GIN list). Counting every
+/// term cost a common one up to 60 ms at 10,000,000 messages; going by the
+/// statistics alone sent terms with 2,000-12,000 matches to their matches
+/// (BENCHMARKS.md).
 async fn postgres_common_term(pool: &sqlx::PgPool, terms: &[String]) -> Result<bool, sqlx::Error> {
-    let common: Option<bool> = sqlx::query_scalar(
+    let known: Option<bool> = sqlx::query_scalar(
         "SELECT bool_and(l.lexeme = ANY (s.most_common_elems::text::text[])) \
          FROM unnest(to_tsvector('simple', $1)) l, pg_stats s \
          WHERE s.schemaname = current_schema() AND s.tablename = 'archive_messages' \
@@ -860,7 +864,18 @@ async fn postgres_common_term(pool: &sqlx::PgPool, terms: &[String]) -> Result<b
     .bind(terms.join(" "))
     .fetch_one(pool)
     .await?;
-    Ok(common.unwrap_or(false))
+    if known == Some(true) {
+        return Ok(true);
+    }
+    let matches: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM archive_messages \
+         WHERE body_tsv @@ websearch_to_tsquery('simple', $1) LIMIT $2) s",
+    )
+    .bind(websearch_query(terms))
+    .bind(COMMON_TERM_MATCHES)
+    .fetch_one(pool)
+    .await?;
+    Ok(matches >= COMMON_TERM_MATCHES)
 }
 
 /// RFC 3339 text of a time in microseconds (UTC).

@@ -15,6 +15,12 @@
 //! - The dataset is kept: a later run with the same `SB_ROWS` reuses it
 //!   (generation is the slow part); more rows are appended to a smaller one.
 //! - `SB_QUERIES`: queries per kind (default 200).
+//! - `SB_HTTP=host:port` and `SB_TOKEN`: the same searches through the
+//!   compliance API of a running `switchboard serve` over that database
+//!   (`GET /api/v1/archive/messages`, a new connection per request, each
+//!   query audited into the compliance log as always): what a client waits
+//!   for, HTTP, JSON and the audit record included. `benches/compliance-http.sh`
+//!   starts such a server on the SQLite dataset.
 //!
 //! Dataset: 20,000 users in one domain; sender and recipient uniform; one
 //! message every 50 ms of simulated time from 2026-01-01; bodies of 6-20
@@ -222,6 +228,55 @@ async fn open(backend: &str) -> Database {
     }
 }
 
+/// Query-string escape (RFC 3986 unreserved characters kept).
+fn escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One search through the compliance API; the number of items returned.
+async fn http_page(addr: &str, token: &str, search: &Search) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut target = format!("/api/v1/archive/messages?limit={PAGE}");
+    let mut param = |name: &str, value: &str| {
+        target.push_str(&format!("&{name}={}", escape(value)));
+    };
+    if let Some(p) = &search.participant {
+        param("participant", p);
+    }
+    if let Some(p) = &search.peer {
+        param("peer", p);
+    }
+    if let Some(t) = search.start_us {
+        param("start", &store::rfc3339(t));
+    }
+    if let Some(t) = search.end_us {
+        param("end", &store::rfc3339(t));
+    }
+    if let Some(terms) = &search.text {
+        param("q", &terms.join(" "));
+    }
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("receive");
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{target}: {head}");
+    let json: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    json["items"].as_array().map_or(0, Vec::len)
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -236,6 +291,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let backend = std::env::var("SB_BACKEND").unwrap_or_else(|_| "sqlite".to_owned());
+    let http = std::env::var("SB_HTTP").ok().map(|addr| {
+        (
+            addr,
+            std::env::var("SB_TOKEN").expect("SB_TOKEN with SB_HTTP"),
+        )
+    });
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
         let words = vocabulary();
@@ -245,7 +306,11 @@ fn main() {
         let present = count(&db).await;
         let messages = u64::try_from(present).unwrap_or(0) / 2;
         let span_us = i64::try_from(messages).unwrap_or(0) * STEP_US;
-        println!("backend {backend}, {present} archive rows, first page of {PAGE}, {queries} queries per kind");
+        let through = if http.is_some() { ", through HTTP" } else { "" };
+        println!(
+            "backend {backend}{through}, {present} archive rows, first page of {PAGE}, \
+             {queries} queries per kind"
+        );
         println!("| query | p50 ms | p95 ms | p99 ms | max ms | mean rows |");
         println!("|---|---|---|---|---|---|");
         let mut rng = Rng(42);
@@ -273,11 +338,15 @@ fn main() {
                 ..Search::default()
             }),
             ("full text, rare word (rank 1000-20000)", |r, w, _| Search {
-                text: Some(vec![w[1000 + usize::try_from(r.below(19_000)).unwrap_or(0)].clone()]),
+                text: Some(vec![
+                    w[1000 + usize::try_from(r.below(19_000)).unwrap_or(0)].clone(),
+                ]),
                 ..Search::default()
             }),
             ("full text, common word (rank 10-100)", |r, w, _| Search {
-                text: Some(vec![w[10 + usize::try_from(r.below(90)).unwrap_or(0)].clone()]),
+                text: Some(vec![
+                    w[10 + usize::try_from(r.below(90)).unwrap_or(0)].clone(),
+                ]),
                 ..Search::default()
             }),
             ("full text + participant", |r, w, _| Search {
@@ -295,9 +364,15 @@ fn main() {
                     search.end_us = search.start_us.map(|s| s + 86_400_000_000);
                 }
                 let t = Instant::now();
-                let (items, _) = store::page(&db, &search, None, PAGE).await.expect("page");
+                found += match &http {
+                    Some((addr, token)) => http_page(addr, token, &search).await,
+                    None => store::page(&db, &search, None, PAGE)
+                        .await
+                        .expect("page")
+                        .0
+                        .len(),
+                };
                 h.record(ms(t.elapsed())).expect("record");
-                found += items.len();
             }
             let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
             println!(

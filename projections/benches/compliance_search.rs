@@ -183,7 +183,9 @@ async fn generate(db: &Database, rows: u64, words: &[String], cdf: &[f64]) {
         }
     }
     if let Database::Postgres(pool) = db {
-        sqlx::query("ANALYZE archive")
+        // Both tables: the full-text plan reads `archive_messages`'
+        // statistics (`api::store::postgres_common_term`).
+        sqlx::query("ANALYZE archive, archive_messages")
             .execute(pool)
             .await
             .expect("analyze");

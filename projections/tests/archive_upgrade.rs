@@ -145,11 +145,12 @@ async fn a_batch_repeating_stored_messages_points_every_row_at_the_stored_one() 
     let db = Database::open_sqlite(&dir.path().join("p.db"))
         .await
         .expect("sqlite");
-    // 0..300 archived on the sender's side only (as when the recipient's
-    // domain was not yet served); then 200..700 on both sides (messages
-    // already stored get their recipient's row, across a chunk boundary);
-    // then 0..700 again.
-    for (range, sides) in [(0..300, 1), (200..700, 2), (0..700, 2)] {
+    // 0..1500 archived on the sender's side only (as when the recipient's
+    // domain was not yet served); then 1000..2500 on both sides (messages
+    // already stored get their recipient's row: the first chunk of 1,024
+    // messages mixes stored and new ones, the next is all new); then
+    // 0..2500 again.
+    for (range, sides) in [(0..1500, 1), (1000..2500, 2), (0..2500, 2)] {
         let batch: Vec<_> = range
             .flat_map(|n| rows(n).into_iter().take(sides))
             .collect();
@@ -166,16 +167,16 @@ async fn a_batch_repeating_stored_messages_points_every_row_at_the_stored_one() 
     .fetch_one(pool)
     .await
     .expect("counts");
-    assert_eq!((messages, archive, unmatched), (700, 1400, 0));
+    assert_eq!((messages, archive, unmatched), (2500, 5000, 0));
     let search = Search {
         participant: Some("bob@example.com".to_owned()),
         text: Some(vec!["budget".to_owned()]),
         ..Search::default()
     };
-    let (page, _) = store::page(&db, &search, None, 1000).await.expect("page");
+    let (page, _) = store::page(&db, &search, None, 3000).await.expect("page");
     let found: Vec<(String, Option<String>)> =
         page.into_iter().map(|m| (m.archive_id, m.body)).collect();
-    let want: Vec<(String, Option<String>)> = (0..700)
+    let want: Vec<(String, Option<String>)> = (0..2500)
         .map(|n| (format!("{n:04}"), Some(format!("note {n} budget"))))
         .collect();
     assert_eq!(found, want);

@@ -41,19 +41,8 @@ impl Backend {
     }
 
     async fn postgres() -> Self {
-        let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-            "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-        });
-        let schema = format!("api_{}", uuid::Uuid::now_v7().simple());
-        let admin = sqlx::PgPool::connect(&base)
-            .await
-            .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&admin)
-            .await
-            .expect("create schema");
-        admin.close().await;
-        Backend::Postgres(format!("{base}?options[search_path]={schema}"))
+        let (_, url) = switchboard_projections::testing::postgres_schema("api").await;
+        Backend::Postgres(url)
     }
 
     fn is_sqlite(&self) -> bool {

@@ -93,21 +93,10 @@ struct PostgresFixture {
 
 impl PostgresFixture {
     async fn new() -> Self {
-        let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-            "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-        });
-        let schema = format!("projections_{}", uuid::Uuid::now_v7().simple());
-        let admin = sqlx::PgPool::connect(&base)
-            .await
-            .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
+        let (_, url) = switchboard_projections::testing::postgres_schema("projections").await;
         Self {
             dir: tempfile::tempdir().unwrap(),
-            url: format!("{base}?options[search_path]={schema}"),
+            url,
         }
     }
 }

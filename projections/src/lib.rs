@@ -22,6 +22,8 @@ pub mod metrics;
 pub mod rows;
 pub mod runner;
 pub mod sql;
+#[doc(hidden)]
+pub mod testing;
 
 use std::fmt;
 use std::str::FromStr;

@@ -834,21 +834,8 @@ mod tests {
     /// PostgreSQL from `infra/scripts/postgres.sh start`
     /// (`SWITCHBOARD_TEST_POSTGRES` overrides the url), a schema of its own.
     async fn postgres() -> Fixture {
-        let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-            "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-        });
-        let schema = format!("mam_{}", uuid::Uuid::now_v7().simple());
-        let admin = sqlx::PgPool::connect(&base)
-            .await
-            .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let db = Database::open_postgres(&format!("{base}?options[search_path]={schema}"))
-            .await
-            .unwrap();
+        let (_, url) = crate::testing::postgres_schema("mam").await;
+        let db = Database::open_postgres(&url).await.unwrap();
         Fixture {
             _dir: tempfile::tempdir().unwrap(),
             db,

@@ -7,10 +7,10 @@
 //! also when the messages' rowids do not follow their times and when more
 //! messages than one window share a time.
 
-use switchboard_projections::Database;
 use switchboard_projections::api::store::{self, Cursor, Search};
 use switchboard_projections::db::Ops;
 use switchboard_projections::rows::ArchiveRow;
+use switchboard_projections::{Database, testing};
 
 /// Messages in the dataset; the first `TIED` share one time.
 const MESSAGES: u64 = 24_000;
@@ -108,27 +108,11 @@ async fn sqlite_pages_equal_a_plain_scan() {
 /// rare one from the GIN index (`api::store::postgres_common_term`).
 #[tokio::test]
 async fn postgres_pages_equal_a_plain_scan() {
-    let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-        "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-    });
-    let schema = format!("search_{}", uuid::Uuid::now_v7().simple());
-    let admin = sqlx::PgPool::connect(&base)
-        .await
-        .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .expect("schema");
-    let db = Database::open_postgres(&format!("{base}?options[search_path]={schema}"))
-        .await
-        .expect("postgres");
+    let (schema, url) = testing::postgres_schema("search").await;
+    let db = Database::open_postgres(&url).await.expect("postgres");
     pages_equal_a_plain_scan(&db).await;
     db.close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .expect("drop schema");
-    admin.close().await;
+    testing::drop_postgres_schema(&schema).await;
 }
 
 async fn pages_equal_a_plain_scan(db: &Database) {

@@ -186,31 +186,18 @@ impl Deployment {
     /// topic prefix and a database schema of their own.
     pub fn distributed() -> Self {
         let mut dep = Self::new();
-        let base = std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-            "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-        });
         let unique = uuid::Uuid::now_v7().simple().to_string();
-        let schema = format!("e2e_{unique}");
-        tokio::runtime::Builder::new_current_thread()
+        let (_, database_url) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
-            .block_on(async {
-                let admin = sqlx::PgPool::connect(&base)
-                    .await
-                    .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&admin)
-                    .await
-                    .unwrap();
-                admin.close().await;
-            });
+            .block_on(switchboard_projections::testing::postgres_schema("e2e"));
         let root = dep.data.parent().unwrap().to_owned();
         dep.distributed = Some(Distributed {
             kafka: std::env::var("SWITCHBOARD_TEST_KAFKA")
                 .unwrap_or_else(|_| "127.0.0.1:9092".to_owned()),
             prefix: format!("e2e{}", &unique[unique.len() - 12..]),
-            database_url: format!("{base}?options[search_path]={schema}"),
+            database_url,
             others: ["processors", "projections"]
                 .into_iter()
                 .map(|role| {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use switchboard_infra::bus::embedded::{EmbeddedBus, EmbeddedConfig};
 use switchboard_infra::bus::{Bus, TopicConfig};
-use switchboard_projections::{Database, ProjectionKind, RunnerConfig, runner};
+use switchboard_projections::{Database, ProjectionKind, RunnerConfig, runner, testing};
 use switchboard_schemas::events::*;
 use switchboard_schemas::topics::full_name;
 use switchboard_schemas::{BareJid, Envelope, Event, FullJid, NodeId};
@@ -108,12 +108,6 @@ async fn fill(bus: &Arc<dyn Bus>, n: usize) {
     }
 }
 
-fn postgres_base() -> String {
-    std::env::var("SWITCHBOARD_TEST_POSTGRES").unwrap_or_else(|_| {
-        "postgres://switchboard:switchboard@127.0.0.1:5432/switchboard_test".to_owned()
-    })
-}
-
 /// The database, and on PostgreSQL the schema made for this run (dropped at
 /// the end: a run leaves about 500 MB).
 async fn open_db(backend: &str, dir: &std::path::Path) -> (Database, Option<String>) {
@@ -125,20 +119,8 @@ async fn open_db(backend: &str, dir: &std::path::Path) -> (Database, Option<Stri
             None,
         ),
         _ => {
-            let base = postgres_base();
-            let schema = format!("bench_{}", uuid::Uuid::now_v7().simple());
-            let admin = sqlx::PgPool::connect(&base).await.expect("postgres");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&admin)
-                .await
-                .expect("schema");
-            admin.close().await;
-            let db = Database::open(
-                &format!("{base}?options[search_path]={schema}"),
-                std::path::Path::new(""),
-            )
-            .await
-            .expect("postgres");
+            let (schema, url) = testing::postgres_schema("bench").await;
+            let db = Database::open_postgres(&url).await.expect("postgres");
             (db, Some(schema))
         }
     }
@@ -275,14 +257,7 @@ async fn main() {
         ));
         db.close().await;
         if let Some(schema) = schema {
-            let admin = sqlx::PgPool::connect(&postgres_base())
-                .await
-                .expect("postgres");
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .execute(&admin)
-                .await
-                .expect("drop schema");
-            admin.close().await;
+            testing::drop_postgres_schema(&schema).await;
         }
     }
     println!("| database | events | seconds | events/s | archive rows | compliance records |");

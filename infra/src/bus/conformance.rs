@@ -604,6 +604,61 @@ pub async fn broker_kill9_loses_no_ack(f: &dyn Fixture) {
     );
 }
 
+/// A partition moves to a member that joins only after its holder lets go
+/// (Kafka's eager rebalance; the embedded log's holds): while the holder
+/// does not poll, the newcomer is assigned nothing, so it cannot start on a
+/// partition whose previous owner is still finishing what it polled. Once
+/// the holder polls, they split the partitions.
+pub async fn partitions_move_after_the_holder_lets_go(f: &dyn Fixture) {
+    let bus = f.open().await;
+    let topic = unique("handover");
+    let partitions = 2;
+    bus.create_topics(&[TopicConfig::log(&topic, partitions)])
+        .await
+        .unwrap();
+    let group = unique("handover-group");
+    let mut a = bus
+        .consumer(ConsumerConfig::new(&group, &[&topic]))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while a.assignment().len() < partitions as usize {
+        let _ = a.poll(STEP).await.unwrap();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first member never got every partition"
+        );
+    }
+    let mut b = bus
+        .consumer(ConsumerConfig::new(&group, &[&topic]))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let _ = b.poll(STEP).await.unwrap();
+        assert!(
+            b.assignment().is_empty(),
+            "the newcomer got {:?} while the holder had not polled",
+            b.assignment()
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = a.poll(STEP).await.unwrap();
+        let _ = b.poll(STEP).await.unwrap();
+        let sa: BTreeSet<_> = a.assignment().into_iter().collect();
+        let sb: BTreeSet<_> = b.assignment().into_iter().collect();
+        if !sa.is_empty() && !sb.is_empty() && sa.is_disjoint(&sb) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members never split the partitions: {sa:?} {sb:?}"
+        );
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
 /// Instantiates the suite for one backend: `bus_conformance_suite!(name, async
 /// fn returning a Fixture)` makes a test module `name` with one
 /// `#[tokio::test]` per check. [`broker_kill9_loses_no_ack`] is left out: it
@@ -620,6 +675,7 @@ macro_rules! bus_conformance_suite {
                 uncommitted_redelivered,
                 poll_is_cancel_safe,
                 group_split_and_takeover,
+                partitions_move_after_the_holder_lets_go,
                 compaction_keeps_latest,
                 producer_kill9_loses_no_ack,
                 consumer_kill9_redelivers,

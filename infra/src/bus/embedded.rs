@@ -17,7 +17,10 @@
 //!   that are behind read from a pool of reading connections (sqlx).
 //! * Consumer groups live in the process: members join and leave, partitions
 //!   are split round-robin in member order, and every change is a new
-//!   generation that each member sees on its next poll as Revoked + Assigned.
+//!   generation that each member sees on its next poll as Revoked, then
+//!   Assigned once no other member still holds the partitions (each holds
+//!   its partitions until its Revoked is delivered, as in Kafka's eager
+//!   rebalance).
 //!   Positions are committed to `group_offsets` through the writer.
 //! * A maintenance task compacts compacted topics (keeps the latest record per
 //!   key) and applies retention to delete topics. Neither removes the newest
@@ -134,6 +137,14 @@ struct Group {
     members: BTreeMap<u64, Vec<String>>,
     generation: u64,
     assignments: BTreeMap<u64, Vec<TopicPartition>>,
+    /// Which member holds each partition: from the delivery of its
+    /// `Assigned` to the delivery of its `Revoked` (or its leaving). A new
+    /// generation's `Assigned` waits until none of its partitions is held by
+    /// another member, as Kafka's eager rebalance waits for every member to
+    /// rejoin: the previous owner finishes what it polled (its outputs, its
+    /// commits) before the next one starts, which reads the positions it
+    /// committed.
+    held: BTreeMap<TopicPartition, u64>,
 }
 
 enum WriteOp {
@@ -854,6 +865,7 @@ impl Bus for EmbeddedBus {
                 members: BTreeMap::new(),
                 generation: 0,
                 assignments: BTreeMap::new(),
+                held: BTreeMap::new(),
             });
             group.members.insert(member, config.topics.clone());
             rebalance(&self.inner, group);
@@ -868,6 +880,7 @@ impl Bus for EmbeddedBus {
             group_changed: self.inner.group_changed.subscribe(),
             config,
             generation: 0,
+            awaiting: false,
             assignment: Vec::new(),
             assigned_topics: Vec::new(),
             positions: BTreeMap::new(),
@@ -936,6 +949,9 @@ struct EmbeddedConsumer {
     appended: Vec<watch::Receiver<u64>>,
     group_changed: watch::Receiver<u64>,
     generation: u64,
+    /// The assignment of `generation` is not delivered yet (its partitions
+    /// are still held by other members, or this one's `Revoked` is queued).
+    awaiting: bool,
     assignment: Vec<TopicPartition>,
     /// The topic of each entry of `assignment`.
     assigned_topics: Vec<Arc<TopicState>>,
@@ -946,7 +962,9 @@ struct EmbeddedConsumer {
 }
 
 impl EmbeddedConsumer {
-    /// Applies a new group generation, queueing Revoked and Assigned.
+    /// Applies a new group generation: queues `Revoked` for what this member
+    /// holds (released when delivered), then, on this or a later poll, once
+    /// no other member holds any of the new partitions, `Assigned`.
     async fn check_generation(&mut self) -> Result<(), BusError> {
         let (generation, assigned) = {
             let groups = self.bus.inner.groups.lock().expect("groups lock");
@@ -962,7 +980,17 @@ impl EmbeddedConsumer {
                     .unwrap_or_default(),
             )
         };
-        if generation == self.generation {
+        if generation != self.generation {
+            self.generation = generation;
+            self.awaiting = true;
+            if !self.assignment.is_empty() {
+                self.pending
+                    .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
+                self.assigned_topics.clear();
+                self.positions.clear();
+            }
+        }
+        if !self.awaiting || !self.pending.is_empty() || !self.free(&assigned) {
             return Ok(());
         }
         // Everything that waits comes first, so that a poll cancelled here
@@ -993,16 +1021,53 @@ impl EmbeddedConsumer {
             };
             positions.insert(tp.clone(), position);
         }
-        self.generation = generation;
-        if !self.assignment.is_empty() {
-            self.pending
-                .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
+        {
+            let mut groups = self.bus.inner.groups.lock().expect("groups lock");
+            let Some(group) = groups.get_mut(&self.config.group) else {
+                return Ok(());
+            };
+            // A generation that started meanwhile is taken on the next poll.
+            if group.generation != generation
+                || assigned
+                    .iter()
+                    .any(|tp| group.held.get(tp).is_some_and(|m| *m != self.member))
+            {
+                return Ok(());
+            }
+            for tp in &assigned {
+                group.held.insert(tp.clone(), self.member);
+            }
         }
+        self.awaiting = false;
         self.positions = positions;
         self.assignment = assigned.clone();
         self.assigned_topics = assigned_topics;
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
+    }
+
+    /// Whether no other member holds any of `tps`.
+    fn free(&self, tps: &[TopicPartition]) -> bool {
+        let groups = self.bus.inner.groups.lock().expect("groups lock");
+        groups.get(&self.config.group).is_none_or(|group| {
+            tps.iter()
+                .all(|tp| group.held.get(tp).is_none_or(|m| *m == self.member))
+        })
+    }
+
+    /// Gives up the partitions of a delivered `Revoked` (or, on leaving,
+    /// all) and wakes the members waiting for them.
+    fn release(&self, tps: Option<&[TopicPartition]>) {
+        let inner = &self.bus.inner;
+        {
+            let mut groups = inner.groups.lock().expect("groups lock");
+            if let Some(group) = groups.get_mut(&self.config.group) {
+                group
+                    .held
+                    .retain(|tp, m| *m != self.member || tps.is_some_and(|tps| !tps.contains(tp)));
+            }
+        }
+        inner.group_changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Reads available records from the assigned partitions, starting with a
@@ -1096,6 +1161,7 @@ impl EmbeddedConsumer {
             let mut groups = inner.groups.lock().expect("groups lock");
             if let Some(group) = groups.get_mut(&self.config.group) {
                 group.members.remove(&self.member);
+                group.held.retain(|_, m| *m != self.member);
                 rebalance(inner, group);
             }
         }
@@ -1111,6 +1177,9 @@ impl Consumer for EmbeddedConsumer {
             self.group_changed.borrow_and_update();
             self.check_generation().await?;
             if let Some(event) = self.pending.pop_front() {
+                if let Polled::Revoked(tps) = &event {
+                    self.release(Some(tps));
+                }
                 return Ok(event);
             }
             for appended in &mut self.appended {
@@ -1147,11 +1216,11 @@ impl Consumer for EmbeddedConsumer {
     async fn commit(&mut self, positions: &[(TopicPartition, i64)]) -> Result<(), BusError> {
         {
             let groups = self.bus.inner.groups.lock().expect("groups lock");
-            let owned = groups
-                .get(&self.config.group)
-                .and_then(|g| g.assignments.get(&self.member));
+            // The holder commits: the member that was delivered the
+            // partition and has not yet been delivered its revocation.
+            let group = groups.get(&self.config.group);
             for (tp, _) in positions {
-                if !owned.is_some_and(|o| o.contains(tp)) {
+                if group.is_none_or(|g| g.held.get(tp) != Some(&self.member)) {
                     return Err(BusError::NotAssigned(tp.clone()));
                 }
             }

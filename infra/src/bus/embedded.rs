@@ -1055,16 +1055,16 @@ impl EmbeddedConsumer {
         })
     }
 
-    /// Gives up the partitions of a delivered `Revoked` (or, on leaving,
-    /// all) and wakes the members waiting for them.
-    fn release(&self, tps: Option<&[TopicPartition]>) {
+    /// Gives up the partitions of a delivered `Revoked` and wakes the
+    /// members waiting for them (leaving gives up all of them, in `leave`).
+    fn release(&self, tps: &[TopicPartition]) {
         let inner = &self.bus.inner;
         {
             let mut groups = inner.groups.lock().expect("groups lock");
             if let Some(group) = groups.get_mut(&self.config.group) {
                 group
                     .held
-                    .retain(|tp, m| *m != self.member || tps.is_some_and(|tps| !tps.contains(tp)));
+                    .retain(|tp, m| *m != self.member || !tps.contains(tp));
             }
         }
         inner.group_changed.send_modify(|v| *v = v.wrapping_add(1));
@@ -1178,7 +1178,7 @@ impl Consumer for EmbeddedConsumer {
             self.check_generation().await?;
             if let Some(event) = self.pending.pop_front() {
                 if let Polled::Revoked(tps) = &event {
-                    self.release(Some(tps));
+                    self.release(tps);
                 }
                 return Ok(event);
             }

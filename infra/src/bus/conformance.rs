@@ -297,15 +297,42 @@ pub async fn poll_is_cancel_safe(f: &dyn Fixture) {
     c.close().await.unwrap();
 }
 
-/// Two members split the partitions; when one leaves, the other takes all.
-pub async fn group_split_and_takeover(f: &dyn Fixture) {
-    let bus = f.open().await;
-    let topic = unique("split");
-    let partitions = 4;
+/// Both members polled until they hold disjoint, non-empty shares that
+/// together make `all`.
+async fn split(a: &mut dyn Consumer, b: &mut dyn Consumer, all: &BTreeSet<TopicPartition>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = a.poll(STEP).await.unwrap();
+        let _ = b.poll(STEP).await.unwrap();
+        let sa: BTreeSet<_> = a.assignment().into_iter().collect();
+        let sb: BTreeSet<_> = b.assignment().into_iter().collect();
+        if !sa.is_empty() && !sb.is_empty() && sa.is_disjoint(&sb) {
+            let union: BTreeSet<_> = sa.union(&sb).cloned().collect();
+            if union == *all {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members never split the partitions: {sa:?} {sb:?}"
+        );
+    }
+}
+
+/// A topic of `partitions` and a fresh group on it: (topic, group).
+async fn group_topic(bus: &dyn Bus, name: &str, partitions: i32) -> (String, String) {
+    let topic = unique(name);
     bus.create_topics(&[TopicConfig::log(&topic, partitions)])
         .await
         .unwrap();
-    let group = unique("split-group");
+    (topic, unique(&format!("{name}-group")))
+}
+
+/// Two members split the partitions; when one leaves, the other takes all.
+pub async fn group_split_and_takeover(f: &dyn Fixture) {
+    let bus = f.open().await;
+    let partitions = 4;
+    let (topic, group) = group_topic(bus.as_ref(), "split", partitions).await;
     let mut a = bus
         .consumer(ConsumerConfig::new(&group, &[&topic]))
         .await
@@ -317,23 +344,7 @@ pub async fn group_split_and_takeover(f: &dyn Fixture) {
     let all: BTreeSet<TopicPartition> = (0..partitions)
         .map(|p| TopicPartition::new(&topic, p))
         .collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let _ = a.poll(STEP).await.unwrap();
-        let _ = b.poll(STEP).await.unwrap();
-        let sa: BTreeSet<_> = a.assignment().into_iter().collect();
-        let sb: BTreeSet<_> = b.assignment().into_iter().collect();
-        if !sa.is_empty() && !sb.is_empty() && sa.is_disjoint(&sb) {
-            let union: BTreeSet<_> = sa.union(&sb).cloned().collect();
-            if union == all {
-                break;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "members never split the partitions: {sa:?} {sb:?}"
-        );
-    }
+    split(a.as_mut(), b.as_mut(), &all).await;
     b.close().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -611,12 +622,8 @@ pub async fn broker_kill9_loses_no_ack(f: &dyn Fixture) {
 /// the holder polls, they split the partitions.
 pub async fn partitions_move_after_the_holder_lets_go(f: &dyn Fixture) {
     let bus = f.open().await;
-    let topic = unique("handover");
     let partitions = 2;
-    bus.create_topics(&[TopicConfig::log(&topic, partitions)])
-        .await
-        .unwrap();
-    let group = unique("handover-group");
+    let (topic, group) = group_topic(bus.as_ref(), "handover", partitions).await;
     let mut a = bus
         .consumer(ConsumerConfig::new(&group, &[&topic]))
         .await
@@ -641,20 +648,10 @@ pub async fn partitions_move_after_the_holder_lets_go(f: &dyn Fixture) {
             b.assignment()
         );
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let _ = a.poll(STEP).await.unwrap();
-        let _ = b.poll(STEP).await.unwrap();
-        let sa: BTreeSet<_> = a.assignment().into_iter().collect();
-        let sb: BTreeSet<_> = b.assignment().into_iter().collect();
-        if !sa.is_empty() && !sb.is_empty() && sa.is_disjoint(&sb) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "members never split the partitions: {sa:?} {sb:?}"
-        );
-    }
+    let all: BTreeSet<TopicPartition> = (0..partitions)
+        .map(|p| TopicPartition::new(&topic, p))
+        .collect();
+    split(a.as_mut(), b.as_mut(), &all).await;
     a.close().await.unwrap();
     b.close().await.unwrap();
 }

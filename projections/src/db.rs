@@ -714,11 +714,19 @@ backend!(
 /// text, which migration 0006 and [`sql::SQLITE_FTS_REINDEX`] use), one
 /// word whatever the address holds.
 pub(crate) fn owner_token(owner: &str) -> String {
-    use std::fmt::Write;
-    owner.bytes().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02X}");
-        out
-    })
+    let mut out = String::with_capacity(owner.len() * 2);
+    push_owner_token(&mut out, owner);
+    out
+}
+
+/// Appends [`owner_token`] of `owner` to `out` (the ingest path builds a
+/// message's words in one string).
+fn push_owner_token(out: &mut String, owner: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in owner.bytes() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
 }
 
 /// SQLite's batch inserts: multi-row `INSERT … VALUES` of [`INSERT_CHUNK`]
@@ -758,7 +766,7 @@ mod sqlite_inserts {
             if !words.is_empty() {
                 words.push(' ');
             }
-            words.push_str(&owner_token(&r.owner));
+            push_owner_token(words, &r.owner);
         }
         let mut stored = MessageRows {
             rows: HashMap::with_capacity(messages.len()),
@@ -798,18 +806,17 @@ mod sqlite_inserts {
                     list.push_bind(r.archive_id.as_str());
                 }
                 q.push(")");
-                let found = q.build().fetch_all(&mut **tx).await?;
+                let mut found = HashMap::with_capacity(chunk.len());
+                for row in q.build().fetch_all(&mut **tx).await? {
+                    found.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+                }
                 for r in chunk {
-                    let row = found
-                        .iter()
-                        .find(|row| row.try_get::<&str, _>(0).is_ok_and(|id| id == r.archive_id));
-                    let Some(row) = row else {
+                    let Some(&row_id) = found.get(&r.archive_id) else {
                         return Err(ProjectionError::Task(format!(
                             "archived message {} neither inserted nor stored",
                             r.archive_id
                         )));
                     };
-                    let row_id: i64 = row.try_get(1)?;
                     if row_id >= first_new {
                         new.push((row_id, r));
                     } else {

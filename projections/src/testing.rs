@@ -13,28 +13,25 @@ pub fn postgres_base_url() -> String {
 /// its name and a URL whose connections use it (`search_path`). Panics when
 /// PostgreSQL is not there: the suites that call this need it.
 pub async fn postgres_schema(prefix: &str) -> (String, String) {
-    let base = postgres_base_url();
     let schema = format!("{prefix}_{}", uuid::Uuid::now_v7().simple());
-    let admin = sqlx::PgPool::connect(&base)
-        .await
-        .expect("PostgreSQL (infra/scripts/postgres.sh start)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .expect("create schema");
-    admin.close().await;
-    let url = format!("{base}?options[search_path]={schema}");
+    admin(format!("CREATE SCHEMA {schema}")).await;
+    let url = format!("{}?options[search_path]={schema}", postgres_base_url());
     (schema, url)
 }
 
 /// Drops a schema made by [`postgres_schema`], with everything in it.
 pub async fn drop_postgres_schema(schema: &str) {
-    let admin = sqlx::PgPool::connect(&postgres_base_url())
+    admin(format!("DROP SCHEMA {schema} CASCADE")).await;
+}
+
+/// Runs one statement on the test database.
+async fn admin(statement: String) {
+    let pool = sqlx::PgPool::connect(&postgres_base_url())
         .await
-        .expect("PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
+        .expect("PostgreSQL (infra/scripts/postgres.sh start)");
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&pool)
         .await
-        .expect("drop schema");
-    admin.close().await;
+        .expect("schema statement");
+    pool.close().await;
 }

@@ -966,19 +966,24 @@ impl EmbeddedConsumer {
     /// holds (released when delivered), then, on this or a later poll, once
     /// no other member holds any of the new partitions, `Assigned`.
     async fn check_generation(&mut self) -> Result<(), BusError> {
-        let (generation, assigned) = {
+        let (generation, assigned, free) = {
             let groups = self.bus.inner.groups.lock().expect("groups lock");
             let Some(group) = groups.get(&self.config.group) else {
                 return Ok(());
             };
-            (
-                group.generation,
-                group
-                    .assignments
-                    .get(&self.member)
-                    .cloned()
-                    .unwrap_or_default(),
-            )
+            if group.generation == self.generation && !self.awaiting {
+                return Ok(());
+            }
+            let assigned = group
+                .assignments
+                .get(&self.member)
+                .cloned()
+                .unwrap_or_default();
+            // No other member holds any of them.
+            let free = assigned
+                .iter()
+                .all(|tp| group.held.get(tp).is_none_or(|m| *m == self.member));
+            (group.generation, assigned, free)
         };
         if generation != self.generation {
             self.generation = generation;
@@ -990,7 +995,7 @@ impl EmbeddedConsumer {
                 self.positions.clear();
             }
         }
-        if !self.awaiting || !self.pending.is_empty() || !self.free(&assigned) {
+        if !self.awaiting || !self.pending.is_empty() || !free {
             return Ok(());
         }
         // Everything that waits comes first, so that a poll cancelled here
@@ -1044,15 +1049,6 @@ impl EmbeddedConsumer {
         self.assigned_topics = assigned_topics;
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
-    }
-
-    /// Whether no other member holds any of `tps`.
-    fn free(&self, tps: &[TopicPartition]) -> bool {
-        let groups = self.bus.inner.groups.lock().expect("groups lock");
-        groups.get(&self.config.group).is_none_or(|group| {
-            tps.iter()
-                .all(|tp| group.held.get(tp).is_none_or(|m| *m == self.member))
-        })
     }
 
     /// Gives up the partitions of a delivered `Revoked` and wakes the

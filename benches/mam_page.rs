@@ -133,7 +133,7 @@ async fn fill(db: &Database, messages: usize, users: usize) -> Duration {
     while i < messages {
         let end = (i + BATCH).min(messages);
         let batch: Vec<ArchiveRow> = (i..end).flat_map(|n| rows(n, users)).collect();
-        db.apply("bench", &[], &Ops::Archive(batch))
+        db.apply("bench", &[], Ops::Archive(batch))
             .await
             .expect("insert");
         i = end;

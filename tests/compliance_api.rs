@@ -156,7 +156,7 @@ struct Api {
 
 async fn start(backend: &Backend) -> Api {
     let db = backend.open().await;
-    db.apply("test.archive", &[], &Ops::Archive(dataset()))
+    db.apply("test.archive", &[], Ops::Archive(dataset()))
         .await
         .expect("seed the archive");
     let (officer, _) = store::create_token(&db, "officer-olga", Role::ComplianceOfficer)
@@ -719,7 +719,7 @@ async fn export(backend: Backend) {
         })
         .collect();
     api.db
-        .apply("test.archive", &[], &Ops::Archive(many))
+        .apply("test.archive", &[], Ops::Archive(many))
         .await
         .unwrap();
     let r = get(

@@ -777,23 +777,23 @@ async fn stale_writer_is_fenced(f: &dyn DbFixture) {
         next,
     };
     let first = db
-        .apply(group, &[update(0, 10)], &Ops::Archive(vec![row("a")]))
+        .apply(group, &[update(0, 10)], Ops::Archive(vec![row("a")]))
         .await
         .unwrap();
     assert_eq!(first, Applied::Done);
     // A second writer that also read position 0 is refused.
     let stale = db
-        .apply(group, &[update(0, 5)], &Ops::Archive(vec![row("b")]))
+        .apply(group, &[update(0, 5)], Ops::Archive(vec![row("b")]))
         .await
         .unwrap();
     assert_eq!(stale, Applied::Conflict);
     let wrong = db
-        .apply(group, &[update(7, 12)], &Ops::Archive(vec![row("c")]))
+        .apply(group, &[update(7, 12)], Ops::Archive(vec![row("c")]))
         .await
         .unwrap();
     assert_eq!(wrong, Applied::Conflict);
     let next = db
-        .apply(group, &[update(10, 12)], &Ops::Archive(vec![row("d")]))
+        .apply(group, &[update(10, 12)], Ops::Archive(vec![row("d")]))
         .await
         .unwrap();
     assert_eq!(next, Applied::Done);

@@ -162,7 +162,7 @@ async fn generate(db: &Database, rows: u64, words: &[String], cdf: &[f64]) {
     while next < messages {
         let end = (next + BATCH_MESSAGES).min(messages);
         let batch: Vec<ArchiveRow> = (next..end).flat_map(|n| message(n, words, cdf)).collect();
-        db.apply("bench.archive", &[], &Ops::Archive(batch))
+        db.apply("bench.archive", &[], Ops::Archive(batch))
             .await
             .expect("insert");
         next = end;

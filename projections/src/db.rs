@@ -6,9 +6,10 @@
 //! then the rows. The statements are the same text on both backends; the
 //! code that runs them is instantiated once per backend by `backend!`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -21,16 +22,10 @@ use crate::compliance::{ComplianceRecord, Verification};
 use crate::rows::{ArchiveRow, FileRow, RosterOp, SessionOp};
 use crate::{ProjectionError, ProjectionKind, sql};
 
-/// SQLite: rows per multi-row `INSERT`. The widest row (the file-transfer
-/// log's, 18 columns) keeps a chunk at 18,432 parameters, under SQLite's
-/// 32,766; 1,024 rather than 256 gave all five projections about +12 %
-/// (BENCHMARKS.md).
-const INSERT_CHUNK: usize = 1024;
 /// How often the SQLite write-ahead log is checkpointed.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-/// Size of the SQLite write-ahead log past which the writer runs a passive
-/// checkpoint after its transaction (see `reset_large_wal`).
-const WAL_RESET_BYTES: u64 = 128 << 20;
+/// How long a SQLite connection waits for another's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;
 
@@ -116,42 +111,20 @@ pub enum Applied {
 /// An open projections database.
 #[derive(Clone, Debug)]
 pub enum Database {
-    /// SQLite: one writing connection (writers take turns anyway) and a pool
-    /// of readers.
+    /// SQLite: one writer of projection rows (its own thread and
+    /// connection, [`crate::sqlite_write`]), one sqlx connection for the
+    /// other writes (API tokens, resets), and a pool of readers.
     Sqlite {
-        /// The writing connection.
+        /// The sqlx writing connection (API tokens, resets, migrations).
         write: SqlitePool,
         /// Read-only connections.
         read: SqlitePool,
+        /// The writer of projection rows and compliance records.
+        #[doc(hidden)]
+        writer: crate::sqlite_write::Writer,
     },
     /// PostgreSQL.
     Postgres(PgPool),
-}
-
-/// Under writes that never pause (a long replay, a bulk fill) the passive
-/// checkpoints beside the writer never reach the end of the write-ahead
-/// log, and SQLite starts the log file again only once one does, so the log
-/// grows without bound (25 GB in two minutes of archive fill). Past
-/// [`WAL_RESET_BYTES`] the writer itself, between transactions and the
-/// only writer, runs a passive checkpoint: with no write in between it
-/// reaches the end (unless a reader holds an older snapshot; the next
-/// transaction tries again), the next transaction starts the log again and
-/// its commit cuts the file to `journal_size_limit`. Not `TRUNCATE`, which
-/// waits in the busy handler for every reader to leave the log.
-async fn reset_large_wal(write: &SqlitePool) {
-    let mut wal = write
-        .connect_options()
-        .get_filename()
-        .as_os_str()
-        .to_owned();
-    wal.push("-wal");
-    if std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
-        && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(write)
-            .await
-    {
-        tracing::warn!(error = %e, "projections: writer's checkpoint failed");
-    }
 }
 
 impl Database {
@@ -183,7 +156,7 @@ impl Database {
             // A crash of the process loses nothing committed; the projection
             // can be rebuilt from the log after a power loss.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .pragma("cache_size", "-65536")
             // Statement journals (multi-row upserts, triggers) stay in memory.
             .pragma("temp_store", "memory")
@@ -217,7 +190,12 @@ impl Database {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Database::Sqlite { write, read })
+        let writer = crate::sqlite_write::Writer::open(path, BUSY_TIMEOUT)?;
+        Ok(Database::Sqlite {
+            write,
+            read,
+            writer,
+        })
     }
 
     /// Connects to PostgreSQL and migrates the schema (in the first schema
@@ -261,7 +239,12 @@ impl Database {
     /// Closes the pools.
     pub async fn close(&self) {
         match self {
-            Database::Sqlite { write, read } => {
+            Database::Sqlite {
+                write,
+                read,
+                writer,
+            } => {
+                writer.close().await;
                 read.close().await;
                 write.close().await;
             }
@@ -283,20 +266,19 @@ impl Database {
     }
 
     /// Applies one batch: positions (compare-and-set) and rows in one
-    /// transaction.
+    /// transaction. The rows are shared (`Arc`) because SQLite's writer
+    /// thread reads them while the caller keeps them for a retry.
     pub async fn apply(
         &self,
         group: &str,
         positions: &[PositionUpdate],
-        ops: &Ops,
+        ops: impl Into<Arc<Ops>>,
     ) -> Result<Applied, ProjectionError> {
         match self {
-            Database::Sqlite { write, .. } => {
-                let applied = sqlite::apply(write, group, positions, ops).await;
-                reset_large_wal(write).await;
-                applied
+            Database::Sqlite { writer, .. } => writer.apply(group, positions, ops.into()).await,
+            Database::Postgres(pool) => {
+                postgres_write::apply(pool, group, positions, &ops.into()).await
             }
-            Database::Postgres(pool) => postgres::apply(pool, group, positions, ops).await,
         }
     }
 
@@ -351,13 +333,12 @@ impl Database {
 
 /// The per-backend code: the same statements over `$db`'s pool.
 macro_rules! backend {
-    ($module:ident, $db:ty, $inserts:ident, $head_sql:expr, $clear_compliance:expr) => {
+    ($module:ident, $db:ty, $clear_compliance:expr) => {
         mod $module {
-            use sqlx::{Pool, Row, Transaction};
+            use sqlx::{Pool, Row};
 
             use super::*;
             use crate::compliance::{self, Verifier};
-            use crate::rows::SessionStep;
 
             type Db = $db;
 
@@ -377,200 +358,6 @@ macro_rules! backend {
                     out.insert(TopicPartition::new(&topic, part), next);
                 }
                 Ok(out)
-            }
-
-            pub(super) async fn apply(
-                pool: &Pool<Db>,
-                group: &str,
-                positions: &[PositionUpdate],
-                ops: &Ops,
-            ) -> Result<Applied, ProjectionError> {
-                let mut tx = pool.begin().await?;
-                for p in positions {
-                    if !set_position(&mut tx, group, p).await? {
-                        tx.rollback().await?;
-                        return Ok(Applied::Conflict);
-                    }
-                }
-                match ops {
-                    Ops::Rosters(ops) => rosters(&mut tx, ops).await?,
-                    Ops::Sessions(ops) => sessions(&mut tx, ops).await?,
-                    Ops::Archive(rows) => archive(&mut tx, rows).await?,
-                    Ops::Files(rows) => files(&mut tx, rows).await?,
-                    Ops::Compliance(entries) => compliance(&mut tx, entries).await?,
-                }
-                tx.commit().await?;
-                Ok(Applied::Done)
-            }
-
-            async fn set_position(
-                tx: &mut Transaction<'static, Db>,
-                group: &str,
-                p: &PositionUpdate,
-            ) -> Result<bool, ProjectionError> {
-                let updated = sqlx::query(sql::UPDATE_POSITION)
-                    .bind(p.next)
-                    .bind(group)
-                    .bind(&*p.tp.topic)
-                    .bind(p.tp.partition)
-                    .bind(p.expected)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected();
-                if updated == 1 {
-                    return Ok(true);
-                }
-                if p.expected != 0 {
-                    return Ok(false);
-                }
-                let inserted = sqlx::query(sql::INSERT_POSITION)
-                    .bind(group)
-                    .bind(&*p.tp.topic)
-                    .bind(p.tp.partition)
-                    .bind(p.next)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected();
-                Ok(inserted == 1)
-            }
-
-            async fn rosters(
-                tx: &mut Transaction<'static, Db>,
-                ops: &[RosterOp],
-            ) -> Result<(), ProjectionError> {
-                for op in ops {
-                    match op {
-                        RosterOp::Set {
-                            owner,
-                            contact,
-                            name,
-                            groups,
-                            subscription,
-                            ask,
-                            approved,
-                            at_us,
-                            event_id,
-                        } => {
-                            sqlx::query(sql::ROSTER_SET)
-                                .bind(owner)
-                                .bind(contact)
-                                .bind(name)
-                                .bind(groups)
-                                .bind(subscription)
-                                .bind(*ask)
-                                .bind(*approved)
-                                .bind(*at_us)
-                                .bind(event_id)
-                                .execute(&mut **tx)
-                                .await?;
-                        }
-                        RosterOp::Remove { owner, contact } => {
-                            sqlx::query(sql::ROSTER_REMOVE)
-                                .bind(owner)
-                                .bind(contact)
-                                .execute(&mut **tx)
-                                .await?;
-                        }
-                    }
-                }
-                Ok(())
-            }
-
-            async fn sessions(
-                tx: &mut Transaction<'static, Db>,
-                ops: &[SessionOp],
-            ) -> Result<(), ProjectionError> {
-                for op in ops {
-                    let statement = match op.step {
-                        SessionStep::Attempted => sql::SESSION_ATTEMPTED,
-                        SessionStep::Succeeded => sql::SESSION_SUCCEEDED,
-                        SessionStep::Failed => sql::SESSION_FAILED,
-                        SessionStep::Bound => sql::SESSION_BOUND,
-                        SessionStep::Ended => sql::SESSION_ENDED,
-                    };
-                    sqlx::query(statement)
-                        .bind(&op.session_id)
-                        .bind(&op.user)
-                        .bind(&op.protocol)
-                        .bind(&op.node)
-                        .bind(op.at_us)
-                        .bind(&op.remote_addr)
-                        .bind(&op.mechanism)
-                        .bind(op.tls)
-                        .bind(&op.reason)
-                        .bind(&op.text)
-                        .bind(&op.full_jid)
-                        .bind(&op.client_name)
-                        .bind(&op.client_version)
-                        .bind(&op.client_os)
-                        .bind(&op.user_agent)
-                        .bind(&op.sip_contact)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-                Ok(())
-            }
-
-            async fn archive(
-                tx: &mut Transaction<'static, Db>,
-                rows: &[ArchiveRow],
-            ) -> Result<(), ProjectionError> {
-                // The content once per message, then a row per archive.
-                let mut ids = BTreeSet::new();
-                let messages: Vec<&ArchiveRow> = rows
-                    .iter()
-                    .filter(|r| ids.insert(r.archive_id.as_str()))
-                    .collect();
-                let stored = $inserts::archive_messages(tx, &messages, rows).await?;
-                // The rows in key order: a batch's rows of one owner then go
-                // to neighbouring places of the owner-first B-trees (the key
-                // and the `with` index), one descent and a few pages each,
-                // rather than one descent per row in arrival order.
-                let mut keyed: Vec<&ArchiveRow> = rows.iter().collect();
-                keyed.sort_unstable_by(|a, b| {
-                    (a.owner.as_str(), a.archive_id.as_str())
-                        .cmp(&(b.owner.as_str(), b.archive_id.as_str()))
-                });
-                $inserts::archive(tx, &keyed, &stored).await
-            }
-
-            async fn files(
-                tx: &mut Transaction<'static, Db>,
-                rows: &[FileRow],
-            ) -> Result<(), ProjectionError> {
-                $inserts::files(tx, rows).await
-            }
-
-            async fn compliance(
-                tx: &mut Transaction<'static, Db>,
-                entries: &[ComplianceRecord],
-            ) -> Result<(), ProjectionError> {
-                if entries.is_empty() {
-                    return Ok(());
-                }
-                // The same event twice (in the batch or already logged) is
-                // recorded once.
-                let mut seen = $inserts::existing_events(tx, entries).await?;
-                let mut fresh: Vec<ComplianceRecord> = Vec::with_capacity(entries.len());
-                for e in entries {
-                    if seen.insert(e.event_id.clone()) {
-                        fresh.push(e.clone());
-                    }
-                }
-                if fresh.is_empty() {
-                    return Ok(());
-                }
-                let head = sqlx::query($head_sql).fetch_one(&mut **tx).await?;
-                let head_seq: i64 = head.try_get(0)?;
-                let head_hash: String = head.try_get(1)?;
-                let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
-                $inserts::compliance(tx, &fresh).await?;
-                sqlx::query(sql::COMPLIANCE_SET_HEAD)
-                    .bind(seq)
-                    .bind(hash)
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
             }
 
             pub(super) async fn reset(
@@ -694,20 +481,12 @@ macro_rules! backend {
 backend!(
     sqlite,
     sqlx::Sqlite,
-    sqlite_inserts,
-    sql::COMPLIANCE_HEAD_SQLITE,
     sql::SQLITE_COMPLIANCE_CLEAR
         .iter()
         .chain(sql::SQLITE_COMPLIANCE_TRIGGERS.iter())
         .copied()
 );
-backend!(
-    postgres,
-    sqlx::Postgres,
-    postgres_inserts,
-    sql::COMPLIANCE_HEAD_POSTGRES,
-    [sql::POSTGRES_COMPLIANCE_CLEAR]
-);
+backend!(postgres, sqlx::Postgres, [sql::POSTGRES_COMPLIANCE_CLEAR]);
 
 /// SQLite: the word of an archive owner in the full-text index's `owners`
 /// column: the hex of its bare address (what SQLite's `hex()` gives for the
@@ -721,7 +500,7 @@ pub(crate) fn owner_token(owner: &str) -> String {
 
 /// Appends [`owner_token`] of `owner` to `out` (the ingest path builds a
 /// message's words in one string).
-fn push_owner_token(out: &mut String, owner: &str) {
+pub(crate) fn push_owner_token(out: &mut String, owner: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in owner.bytes() {
         out.push(char::from(HEX[usize::from(b >> 4)]));
@@ -729,226 +508,209 @@ fn push_owner_token(out: &mut String, owner: &str) {
     }
 }
 
-/// SQLite's batch inserts: multi-row `INSERT … VALUES` of [`INSERT_CHUNK`]
-/// rows (the statement of a full chunk is prepared once and cached).
-mod sqlite_inserts {
-    use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+/// PostgreSQL's batch writes (SQLite's are [`crate::sqlite_write`]).
+mod postgres_write {
+    use sqlx::{Pool, Row, Transaction};
 
     use super::*;
+    use crate::compliance;
+    use crate::rows::SessionStep;
 
-    type Tx = Transaction<'static, Sqlite>;
+    type Db = sqlx::Postgres;
 
-    /// The messages of a batch as stored.
-    pub(super) struct MessageRows<'a> {
-        /// Each message's rowid, by archive id.
-        rows: HashMap<&'a str, i64>,
-        /// Messages stored before this batch (a replay), whose full-text
-        /// entries are written again once the batch's rows are in.
-        stored_before: Vec<i64>,
+    pub(super) async fn apply(
+        pool: &Pool<Db>,
+        group: &str,
+        positions: &[PositionUpdate],
+        ops: &Ops,
+    ) -> Result<Applied, ProjectionError> {
+        let mut tx = pool.begin().await?;
+        for p in positions {
+            if !set_position(&mut tx, group, p).await? {
+                tx.rollback().await?;
+                return Ok(Applied::Conflict);
+            }
+        }
+        match ops {
+            Ops::Rosters(ops) => rosters(&mut tx, ops).await?,
+            Ops::Sessions(ops) => sessions(&mut tx, ops).await?,
+            Ops::Archive(rows) => archive(&mut tx, rows).await?,
+            Ops::Files(rows) => files(&mut tx, rows).await?,
+            Ops::Compliance(entries) => compliance(&mut tx, entries).await?,
+        }
+        tx.commit().await?;
+        Ok(Applied::Done)
     }
 
-    /// Inserts the batch's messages, each new one with the next rowid (in
-    /// WAL mode one transaction writes at a time, and one whose snapshot is
-    /// older than another's commit cannot write at all, `SQLITE_BUSY`, and
-    /// is retried: so the rowids from `MAX(row_id) + 1` on stay free until
-    /// this one commits), and the full-text entries
-    /// of the new ones: the body and the owners of `rows`. Returns every
-    /// message's rowid: the assigned one, or the stored one for a message
-    /// stored before.
-    pub(super) async fn archive_messages<'a>(
-        tx: &mut Tx,
-        messages: &[&'a ArchiveRow],
-        rows: &[ArchiveRow],
-    ) -> Result<MessageRows<'a>, ProjectionError> {
-        let mut owners: HashMap<&str, String> = HashMap::with_capacity(messages.len());
-        for r in rows {
-            let words = owners.entry(r.archive_id.as_str()).or_default();
-            if !words.is_empty() {
-                words.push(' ');
-            }
-            push_owner_token(words, &r.owner);
+    async fn set_position(
+        tx: &mut Transaction<'static, Db>,
+        group: &str,
+        p: &PositionUpdate,
+    ) -> Result<bool, ProjectionError> {
+        let updated = sqlx::query(sql::UPDATE_POSITION)
+            .bind(p.next)
+            .bind(group)
+            .bind(&*p.tp.topic)
+            .bind(p.tp.partition)
+            .bind(p.expected)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        if updated == 1 {
+            return Ok(true);
         }
-        let mut stored = MessageRows {
-            rows: HashMap::with_capacity(messages.len()),
-            stored_before: Vec::new(),
-        };
-        let mut next: i64 = sqlx::query_scalar(sql::SQLITE_NEXT_MESSAGE_ROW)
+        if p.expected != 0 {
+            return Ok(false);
+        }
+        let inserted = sqlx::query(sql::INSERT_POSITION)
+            .bind(group)
+            .bind(&*p.tp.topic)
+            .bind(p.tp.partition)
+            .bind(p.next)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn rosters(
+        tx: &mut Transaction<'static, Db>,
+        ops: &[RosterOp],
+    ) -> Result<(), ProjectionError> {
+        for op in ops {
+            match op {
+                RosterOp::Set {
+                    owner,
+                    contact,
+                    name,
+                    groups,
+                    subscription,
+                    ask,
+                    approved,
+                    at_us,
+                    event_id,
+                } => {
+                    sqlx::query(sql::ROSTER_SET)
+                        .bind(owner)
+                        .bind(contact)
+                        .bind(name)
+                        .bind(groups)
+                        .bind(subscription)
+                        .bind(*ask)
+                        .bind(*approved)
+                        .bind(*at_us)
+                        .bind(event_id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                RosterOp::Remove { owner, contact } => {
+                    sqlx::query(sql::ROSTER_REMOVE)
+                        .bind(owner)
+                        .bind(contact)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn sessions(
+        tx: &mut Transaction<'static, Db>,
+        ops: &[SessionOp],
+    ) -> Result<(), ProjectionError> {
+        for op in ops {
+            let statement = match op.step {
+                SessionStep::Attempted => sql::SESSION_ATTEMPTED,
+                SessionStep::Succeeded => sql::SESSION_SUCCEEDED,
+                SessionStep::Failed => sql::SESSION_FAILED,
+                SessionStep::Bound => sql::SESSION_BOUND,
+                SessionStep::Ended => sql::SESSION_ENDED,
+            };
+            sqlx::query(statement)
+                .bind(&op.session_id)
+                .bind(&op.user)
+                .bind(&op.protocol)
+                .bind(&op.node)
+                .bind(op.at_us)
+                .bind(&op.remote_addr)
+                .bind(&op.mechanism)
+                .bind(op.tls)
+                .bind(&op.reason)
+                .bind(&op.text)
+                .bind(&op.full_jid)
+                .bind(&op.client_name)
+                .bind(&op.client_version)
+                .bind(&op.client_os)
+                .bind(&op.user_agent)
+                .bind(&op.sip_contact)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn archive(
+        tx: &mut Transaction<'static, Db>,
+        rows: &[ArchiveRow],
+    ) -> Result<(), ProjectionError> {
+        // The content once per message, then a row per archive.
+        let mut ids = BTreeSet::new();
+        let messages: Vec<&ArchiveRow> = rows
+            .iter()
+            .filter(|r| ids.insert(r.archive_id.as_str()))
+            .collect();
+        postgres_inserts::archive_messages(tx, &messages).await?;
+        // The rows in key order: a batch's rows of one owner then go
+        // to neighbouring places of the owner-first B-trees (the key
+        // and the `with` index), one descent and a few pages each,
+        // rather than one descent per row in arrival order.
+        let mut keyed: Vec<&ArchiveRow> = rows.iter().collect();
+        keyed.sort_unstable_by(|a, b| {
+            (a.owner.as_str(), a.archive_id.as_str())
+                .cmp(&(b.owner.as_str(), b.archive_id.as_str()))
+        });
+        postgres_inserts::archive(tx, &keyed).await
+    }
+
+    async fn files(
+        tx: &mut Transaction<'static, Db>,
+        rows: &[FileRow],
+    ) -> Result<(), ProjectionError> {
+        postgres_inserts::files(tx, rows).await
+    }
+
+    async fn compliance(
+        tx: &mut Transaction<'static, Db>,
+        entries: &[ComplianceRecord],
+    ) -> Result<(), ProjectionError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // The same event twice (in the batch or already logged) is
+        // recorded once.
+        let mut seen = postgres_inserts::existing_events(tx, entries).await?;
+        let mut fresh: Vec<ComplianceRecord> = Vec::with_capacity(entries.len());
+        for e in entries {
+            if seen.insert(e.event_id.clone()) {
+                fresh.push(e.clone());
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let head = sqlx::query(sql::COMPLIANCE_HEAD_POSTGRES)
             .fetch_one(&mut **tx)
             .await?;
-        let first_new = next;
-        for chunk in messages.chunks(INSERT_CHUNK) {
-            let first = next;
-            let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_MESSAGE_INSERT);
-            q.push_values(chunk.iter().zip(first..), |mut b, (r, row_id)| {
-                b.push_bind(row_id)
-                    .push_bind(r.archive_id.as_str())
-                    .push_bind(r.at_us)
-                    .push_bind(r.kind.as_str())
-                    .push_bind(r.message_id.as_str())
-                    .push_bind(r.sender.as_str())
-                    .push_bind(r.nick.as_deref())
-                    .push_bind(r.thread.as_deref())
-                    .push_bind(r.subject.as_deref())
-                    .push_bind(r.body.as_deref())
-                    .push_bind(r.stanza.as_str());
-            });
-            q.push(sql::ARCHIVE_MESSAGE_ON_CONFLICT);
-            let inserted = q.build().execute(&mut **tx).await?.rows_affected();
-            next += chunk.len() as i64;
-            let mut new: Vec<(i64, &ArchiveRow)> = Vec::with_capacity(chunk.len());
-            if inserted == chunk.len() as u64 {
-                new.extend((first..).zip(chunk.iter().copied()));
-            } else {
-                // Some were stored before: ask for every rowid of the chunk.
-                let mut q = QueryBuilder::<Sqlite>::new(sql::SQLITE_MESSAGE_ROWS);
-                let mut list = q.separated(", ");
-                for r in chunk {
-                    list.push_bind(r.archive_id.as_str());
-                }
-                q.push(")");
-                let mut found = HashMap::with_capacity(chunk.len());
-                for row in q.build().fetch_all(&mut **tx).await? {
-                    found.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-                }
-                for r in chunk {
-                    let Some(&row_id) = found.get(&r.archive_id) else {
-                        return Err(ProjectionError::Task(format!(
-                            "archived message {} neither inserted nor stored",
-                            r.archive_id
-                        )));
-                    };
-                    if row_id >= first_new {
-                        new.push((row_id, r));
-                    } else {
-                        stored.rows.insert(r.archive_id.as_str(), row_id);
-                        stored.stored_before.push(row_id);
-                    }
-                }
-            }
-            if !new.is_empty() {
-                let mut q = QueryBuilder::<Sqlite>::new(sql::SQLITE_FTS_INSERT);
-                q.push_values(&new, |mut b, (row_id, r)| {
-                    b.push_bind(*row_id)
-                        .push_bind(r.body.as_deref())
-                        .push_bind(owners.remove(r.archive_id.as_str()));
-                });
-                q.build().execute(&mut **tx).await?;
-            }
-            for (row_id, r) in new {
-                stored.rows.insert(r.archive_id.as_str(), row_id);
-            }
-        }
-        Ok(stored)
-    }
-
-    /// Inserts the archive rows, each pointing at its message's rowid; then
-    /// writes again the full-text entries of messages stored before, whose
-    /// owners may have grown.
-    pub(super) async fn archive(
-        tx: &mut Tx,
-        rows: &[&ArchiveRow],
-        messages: &MessageRows<'_>,
-    ) -> Result<(), ProjectionError> {
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(sql::ARCHIVE_INSERT);
-            q.push_values(chunk, |mut b, r| {
-                // Every row's message is among the batch's messages.
-                b.push_bind(r.owner.as_str())
-                    .push_bind(r.archive_id.as_str())
-                    .push_bind(r.at_us)
-                    .push_bind(r.peer.as_str())
-                    .push_bind(r.peer_full.as_deref())
-                    .push_bind(r.direction)
-                    .push_bind(messages.rows.get(r.archive_id.as_str()).copied());
-            });
-            q.push(sql::ARCHIVE_ON_CONFLICT);
-            q.build().execute(&mut **tx).await?;
-        }
-        for row_id in &messages.stored_before {
-            sqlx::query(sql::SQLITE_FTS_DELETE)
-                .bind(row_id)
-                .execute(&mut **tx)
-                .await?;
-            sqlx::query(sql::SQLITE_FTS_REINDEX)
-                .bind(row_id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
-    }
-
-    pub(super) async fn files(tx: &mut Tx, rows: &[FileRow]) -> Result<(), ProjectionError> {
-        for chunk in rows.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(sql::FILES_INSERT);
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(r.id.as_str())
-                    .push_bind(r.at_us)
-                    .push_bind(r.transfer_id.as_str())
-                    .push_bind(r.direction)
-                    .push_bind(r.status)
-                    .push_bind(r.uploader.as_str())
-                    .push_bind(r.downloader.as_deref())
-                    .push_bind(r.to_jid.as_str())
-                    .push_bind(r.stored_name.as_str())
-                    .push_bind(r.real_name.as_str())
-                    .push_bind(r.path.as_str())
-                    .push_bind(r.size)
-                    .push_bind(r.bytes_transferred)
-                    .push_bind(r.transport.as_str())
-                    .push_bind(r.content_type.as_deref())
-                    .push_bind(r.upload_id.as_deref())
-                    .push_bind(r.failure_reason.as_deref())
-                    .push_bind(r.failure_text.as_deref());
-            });
-            q.push(sql::FILES_ON_CONFLICT);
-            q.build().execute(&mut **tx).await?;
-        }
-        Ok(())
-    }
-
-    /// The event ids of `entries` already in the compliance log.
-    pub(super) async fn existing_events(
-        tx: &mut Tx,
-        entries: &[ComplianceRecord],
-    ) -> Result<BTreeSet<String>, ProjectionError> {
-        let mut seen = BTreeSet::new();
-        for chunk in entries.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(sql::COMPLIANCE_EXISTING);
-            q.push("(");
-            let mut list = q.separated(", ");
-            for e in chunk {
-                list.push_bind(e.event_id.as_str());
-            }
-            q.push(")");
-            for row in q.build().fetch_all(&mut **tx).await? {
-                let id: String = row.try_get(0)?;
-                seen.insert(id);
-            }
-        }
-        Ok(seen)
-    }
-
-    pub(super) async fn compliance(
-        tx: &mut Tx,
-        records: &[ComplianceRecord],
-    ) -> Result<(), ProjectionError> {
-        for chunk in records.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(sql::COMPLIANCE_INSERT);
-            q.push_values(chunk, |mut b, r| {
-                b.push_bind(r.seq)
-                    .push_bind(r.event_id.as_str())
-                    .push_bind(r.event_type.as_str())
-                    .push_bind(r.subject.as_str())
-                    .push_bind(r.at_us)
-                    .push_bind(r.topic.as_str())
-                    .push_bind(r.partition)
-                    .push_bind(r.offset)
-                    .push_bind(r.record.as_str())
-                    .push_bind(r.prev_hash.as_str())
-                    .push_bind(r.hash.as_str());
-            });
-            q.build().execute(&mut **tx).await?;
-        }
+        let head_seq: i64 = head.try_get(0)?;
+        let head_hash: String = head.try_get(1)?;
+        let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
+        postgres_inserts::compliance(tx, &fresh).await?;
+        sqlx::query(sql::COMPLIANCE_SET_HEAD)
+            .bind(seq)
+            .bind(hash)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
@@ -967,12 +729,11 @@ mod postgres_inserts {
     /// arrays stay a few megabytes.
     const CHUNK: usize = 8192;
 
-    /// PostgreSQL's full-text index is a column of the message
-    /// (`body_tsv`), so the rows' owners are not needed here.
+    /// The messages' contents (the full-text index is a column of the
+    /// message, `body_tsv`).
     pub(super) async fn archive_messages(
         tx: &mut Tx,
         messages: &[&ArchiveRow],
-        _rows: &[ArchiveRow],
     ) -> Result<(), ProjectionError> {
         for chunk in messages.chunks(CHUNK) {
             sqlx::query(sql::PG_ARCHIVE_MESSAGES_UNNEST)
@@ -1012,12 +773,8 @@ mod postgres_inserts {
         Ok(())
     }
 
-    /// PostgreSQL's archive rows do not carry their message's row.
-    pub(super) async fn archive(
-        tx: &mut Tx,
-        rows: &[&ArchiveRow],
-        _messages: &(),
-    ) -> Result<(), ProjectionError> {
+    /// The archive rows (PostgreSQL's do not carry their message's row).
+    pub(super) async fn archive(tx: &mut Tx, rows: &[&ArchiveRow]) -> Result<(), ProjectionError> {
         for chunk in rows.chunks(CHUNK) {
             sqlx::query(sql::PG_ARCHIVE_UNNEST)
                 .bind(chunk.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())

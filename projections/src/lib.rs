@@ -23,6 +23,8 @@ pub mod rows;
 pub mod runner;
 pub mod sql;
 #[doc(hidden)]
+pub mod sqlite_write;
+#[doc(hidden)]
 pub mod testing;
 
 use std::fmt;
@@ -40,6 +42,9 @@ pub enum ProjectionError {
     /// The database returned an error.
     #[error("projection database: {0}")]
     Sql(#[from] sqlx::Error),
+    /// SQLite's projection writer returned an error.
+    #[error("projection database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// The database schema could not be migrated.
     #[error("projection database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -883,7 +883,7 @@ mod tests {
             }
             rows.push(row);
         }
-        db.apply("test", &[], &Ops::Archive(rows)).await.unwrap();
+        db.apply("test", &[], Ops::Archive(rows)).await.unwrap();
     }
 
     async fn page(db: &Database, q: &ArchiveQuery) -> Page {

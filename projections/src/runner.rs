@@ -317,8 +317,9 @@ async fn apply_with_retry(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Option<Applied>, ProjectionError> {
     let mut backoff = Duration::from_millis(100);
+    let ops = Arc::new(ops);
     loop {
-        match db.apply(&group, &updates, &ops).await {
+        match db.apply(&group, &updates, ops.clone()).await {
             Ok(applied) => {
                 status.set_error(None);
                 return Ok(Some(applied));

@@ -1,6 +1,7 @@
-//! The projections' SQL that is not a plain multi-row insert. The text is the
-//! same on SQLite and PostgreSQL (`$n` parameters, `ON CONFLICT`) unless a
-//! constant says otherwise.
+//! The projections' SQL shared by the backends' code. The text is the same
+//! on SQLite and PostgreSQL (`$n` parameters, `ON CONFLICT`) unless a
+//! constant says otherwise; SQLite's single-row inserts are in
+//! [`crate::sqlite_write`], PostgreSQL's `UNNEST` inserts here.
 
 /// Compare-and-set of a consumer position: only from the position the writer
 /// read. `$1` new offset, `$2` group, `$3` topic, `$4` partition, `$5`
@@ -102,23 +103,9 @@ pub const SESSION_ENDED: &str = session_upsert!(
      end_text = excluded.end_text, full_jid = COALESCE(excluded.full_jid, sessions.full_jid)"
 );
 
-/// SQLite: head of an archive insert (one row per owner); rows follow as
-/// `VALUES`.
-pub const ARCHIVE_INSERT: &str =
-    "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, direction, msg_row) ";
-
 /// SQLite: the rowid a transaction's first new message may take.
 pub const SQLITE_NEXT_MESSAGE_ROW: &str =
     "SELECT COALESCE(MAX(row_id), 0) + 1 FROM archive_messages";
-
-/// SQLite: the rowids of messages already stored; a list of archive ids
-/// follows, then `)`.
-pub const SQLITE_MESSAGE_ROWS: &str =
-    "SELECT archive_id, row_id FROM archive_messages WHERE archive_id IN (";
-
-/// SQLite: head of a full-text entries insert (the projection writes them;
-/// the index is contentless); rows follow as `VALUES`.
-pub const SQLITE_FTS_INSERT: &str = "INSERT INTO archive_fts (rowid, body, owners) ";
 
 /// SQLite: drops one message's full-text entry.
 pub const SQLITE_FTS_DELETE: &str = "DELETE FROM archive_fts WHERE rowid = $1";
@@ -129,24 +116,6 @@ pub const SQLITE_FTS_DELETE: &str = "DELETE FROM archive_fts WHERE rowid = $1";
 pub const SQLITE_FTS_REINDEX: &str = "INSERT INTO archive_fts (rowid, body, owners) \
      SELECT m.row_id, m.body, (SELECT group_concat(hex(a.owner), ' ') FROM archive a \
      WHERE a.archive_id = m.archive_id) FROM archive_messages m WHERE m.row_id = $1";
-
-/// Head of an archived message's content insert (once per message).
-pub const ARCHIVE_MESSAGE_INSERT: &str = "INSERT INTO archive_messages (row_id, archive_id, at_us, \
-     kind, message_id, sender, nick, thread, subject, body, stanza) ";
-
-/// Message contents are inserted once, idempotently.
-pub const ARCHIVE_MESSAGE_ON_CONFLICT: &str = " ON CONFLICT (archive_id) DO NOTHING";
-
-/// Archive inserts are idempotent.
-pub const ARCHIVE_ON_CONFLICT: &str = " ON CONFLICT (owner, archive_id) DO NOTHING";
-
-/// Head of a file-transfer log insert.
-pub const FILES_INSERT: &str = "INSERT INTO file_transfers (id, at_us, transfer_id, direction, \
-     status, uploader, downloader, to_jid, stored_name, real_name, path, size, bytes_transferred, \
-     transport, content_type, upload_id, failure_reason, failure_text) ";
-
-/// File-transfer log inserts are idempotent.
-pub const FILES_ON_CONFLICT: &str = " ON CONFLICT (id) DO NOTHING";
 
 /// PostgreSQL: a batch of archived message contents, one array per column.
 pub const PG_ARCHIVE_MESSAGES_UNNEST: &str = "INSERT INTO archive_messages (archive_id, at_us, \
@@ -180,12 +149,10 @@ pub const PG_COMPLIANCE_UNNEST: &str = "INSERT INTO compliance_log (seq, event_i
      SELECT * FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::text[], $5::int8[], \
      $6::text[], $7::int4[], $8::int8[], $9::text[], $10::text[], $11::text[])";
 
-/// Head of a compliance log insert.
-pub const COMPLIANCE_INSERT: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \
-     subject, at_us, topic, part, offs, record, prev_hash, hash) ";
-
-/// Event ids already in the compliance log (followed by a parenthesised list).
-pub const COMPLIANCE_EXISTING: &str = "SELECT event_id FROM compliance_log WHERE event_id IN ";
+/// One chained compliance record.
+pub const COMPLIANCE_INSERT_ONE: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \
+     subject, at_us, topic, part, offs, record, prev_hash, hash) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 
 /// The chain head (SQLite: the write transaction already serialises writers).
 pub const COMPLIANCE_HEAD_SQLITE: &str = "SELECT seq, hash FROM compliance_head WHERE id = 1";

@@ -154,7 +154,7 @@ async fn a_batch_repeating_stored_messages_points_every_row_at_the_stored_one() 
         let batch: Vec<_> = range
             .flat_map(|n| rows(n).into_iter().take(sides))
             .collect();
-        db.apply("test.archive", &[], &Ops::Archive(batch))
+        db.apply("test.archive", &[], Ops::Archive(batch))
             .await
             .expect("apply");
     }

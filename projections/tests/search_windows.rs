@@ -118,7 +118,7 @@ async fn postgres_pages_equal_a_plain_scan() {
 async fn pages_equal_a_plain_scan(db: &Database) {
     let rows: Vec<ArchiveRow> = (0..MESSAGES).map(message).collect();
     for chunk in rows.chunks(2_000) {
-        db.apply("test.archive", &[], &Ops::Archive(chunk.to_vec()))
+        db.apply("test.archive", &[], Ops::Archive(chunk.to_vec()))
             .await
             .expect("insert");
     }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::{QueryBuilder, Row};
 
-use crate::compliance::{self, ComplianceRecord, QueryAudit};
+use crate::compliance::{self, QueryAudit};
 use crate::{Database, ProjectionError, sql};
 
 /// Prefix of every token (lets scanners recognise leaked tokens).
@@ -262,45 +262,44 @@ pub async fn authenticate(
 }
 
 /// Appends an audit record to the compliance chain, serialised with the
-/// compliance projection's writer (SQLite: the one writing connection;
+/// compliance projection's writer (SQLite: the projections' writer thread;
 /// PostgreSQL: the head row locked `FOR UPDATE`).
 pub async fn append_audit(db: &Database, audit: &QueryAudit) -> Result<i64, ProjectionError> {
+    let pool = match db {
+        Database::Sqlite { writer, .. } => return writer.chain(vec![audit.entry()]).await,
+        Database::Postgres(pool) => pool,
+    };
     let mut entries = [audit.entry()];
-    macro_rules! append {
-        ($pool:expr, $head:expr) => {{
-            let mut tx = $pool.begin().await?;
-            let head = sqlx::query($head).fetch_one(&mut *tx).await?;
-            let head_seq: i64 = head.try_get(0)?;
-            let head_hash: String = head.try_get(1)?;
-            let (seq, hash) = compliance::chain(&mut entries, head_seq, &head_hash);
-            let mut q = QueryBuilder::new(sql::COMPLIANCE_INSERT);
-            q.push_values(&entries, |mut b, r: &ComplianceRecord| {
-                b.push_bind(r.seq)
-                    .push_bind(r.event_id.as_str())
-                    .push_bind(r.event_type.as_str())
-                    .push_bind(r.subject.as_str())
-                    .push_bind(r.at_us)
-                    .push_bind(r.topic.as_str())
-                    .push_bind(r.partition)
-                    .push_bind(r.offset)
-                    .push_bind(r.record.as_str())
-                    .push_bind(r.prev_hash.as_str())
-                    .push_bind(r.hash.as_str());
-            });
-            q.build().execute(&mut *tx).await?;
-            sqlx::query(sql::COMPLIANCE_SET_HEAD)
-                .bind(seq)
-                .bind(hash)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            seq
-        }};
+    let mut tx = pool.begin().await?;
+    let head = sqlx::query(sql::COMPLIANCE_HEAD_POSTGRES)
+        .fetch_one(&mut *tx)
+        .await?;
+    let head_seq: i64 = head.try_get(0)?;
+    let head_hash: String = head.try_get(1)?;
+    let (seq, hash) = compliance::chain(&mut entries, head_seq, &head_hash);
+    for r in &entries {
+        sqlx::query(sql::COMPLIANCE_INSERT_ONE)
+            .bind(r.seq)
+            .bind(r.event_id.as_str())
+            .bind(r.event_type.as_str())
+            .bind(r.subject.as_str())
+            .bind(r.at_us)
+            .bind(r.topic.as_str())
+            .bind(r.partition)
+            .bind(r.offset)
+            .bind(r.record.as_str())
+            .bind(r.prev_hash.as_str())
+            .bind(r.hash.as_str())
+            .execute(&mut *tx)
+            .await?;
     }
-    Ok(match db {
-        Database::Sqlite { write, .. } => append!(write, sql::COMPLIANCE_HEAD_SQLITE),
-        Database::Postgres(pool) => append!(pool, sql::COMPLIANCE_HEAD_POSTGRES),
-    })
+    sqlx::query(sql::COMPLIANCE_SET_HEAD)
+        .bind(seq)
+        .bind(hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(seq)
 }
 
 /// One archived message as the API returns it.

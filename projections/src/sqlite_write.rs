@@ -1,0 +1,511 @@
+//! SQLite's ingest writer: every projection batch (and the compliance API's
+//! audit records) written by one thread that owns a synchronous connection
+//! (rusqlite), one cached single-row statement per table.
+//!
+//! Why not sqlx here: through sqlx each statement is a hop to the
+//! connection's worker thread and back, every bound value is copied twice
+//! (into sqlx's arguments, then by SQLite), and a batch had to be cut into
+//! multi-row `INSERT … VALUES` statements of a thousand rows (one SQL text
+//! of tens of kilobytes, hashed and compared on every statement-cache
+//! lookup) to amortise the hop. A profile of all five projections
+//! catching up (BENCHMARKS.md) put a third of the process's time in that
+//! machinery; a prepared single-row statement stepped in a loop on the
+//! thread that owns the connection has none of it.
+//!
+//! The connection is the only one writing projection rows; the sqlx pool of
+//! [`crate::Database`] still writes API tokens and replays' resets (single
+//! statements or transactions that start by writing, which wait for the
+//! writer in SQLite's busy handler). Everything that reads before it writes
+//! in one transaction (the compliance chain's head) goes through this
+//! writer, and its transactions start `IMMEDIATE`, so no transaction here
+//! ever works on a snapshot another writer has moved on from.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use crate::compliance::{self, ComplianceRecord};
+use crate::db::{Applied, Ops, PositionUpdate, push_owner_token};
+use crate::rows::{ArchiveRow, FileRow, RosterOp, SessionOp, SessionStep};
+use crate::{ProjectionError, sql};
+
+/// Size of the write-ahead log past which the writer runs a passive
+/// checkpoint after its transaction (see [`Writer::reset_large_wal`]).
+const WAL_RESET_BYTES: u64 = 128 << 20;
+
+/// SQLite: one archived message's content (its rowid chosen by the writer).
+const MESSAGE_INSERT: &str = "INSERT INTO archive_messages (row_id, archive_id, at_us, kind, \
+     message_id, sender, nick, thread, subject, body, stanza) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (archive_id) DO NOTHING";
+
+/// SQLite: the rowid of a message stored before.
+const MESSAGE_ROW: &str = "SELECT row_id FROM archive_messages WHERE archive_id = ?1";
+
+/// SQLite: one message's full-text entry (the index is contentless; the
+/// writer gives it the body and the owners' words).
+const FTS_INSERT: &str = "INSERT INTO archive_fts (rowid, body, owners) VALUES (?1, ?2, ?3)";
+
+/// SQLite: one archive row (idempotent).
+const ARCHIVE_ROW_INSERT: &str = "INSERT INTO archive (owner, archive_id, at_us, peer, \
+     peer_full, direction, msg_row) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+     ON CONFLICT (owner, archive_id) DO NOTHING";
+
+/// SQLite: one file-transfer log row (idempotent).
+const FILE_INSERT: &str = "INSERT INTO file_transfers (id, at_us, transfer_id, direction, \
+     status, uploader, downloader, to_jid, stored_name, real_name, path, size, bytes_transferred, \
+     transport, content_type, upload_id, failure_reason, failure_text) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
+     ON CONFLICT (id) DO NOTHING";
+
+/// SQLite: whether an event is in the compliance log.
+const COMPLIANCE_LOGGED: &str = "SELECT 1 FROM compliance_log WHERE event_id = ?1";
+
+/// What the writer thread is asked to do.
+enum Job {
+    /// A projection's batch.
+    Apply {
+        group: String,
+        positions: Vec<PositionUpdate>,
+        ops: Arc<Ops>,
+        reply: oneshot::Sender<Result<Applied, ProjectionError>>,
+    },
+    /// Records appended to the compliance chain (the API's audit records):
+    /// the new head's sequence number.
+    Chain {
+        entries: Vec<ComplianceRecord>,
+        reply: oneshot::Sender<Result<i64, ProjectionError>>,
+    },
+    /// Close the connection, then reply.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle of the writer thread; clones share it.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    jobs: Arc<Mutex<Option<std::sync::mpsc::Sender<Job>>>>,
+}
+
+impl Writer {
+    /// Opens the writing connection to an existing, migrated database and
+    /// starts its thread.
+    pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Self, ProjectionError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(busy_timeout)?;
+        conn.execute_batch(
+            // As the sqlx connections (crate::db): WAL, a crash of the
+            // process loses nothing committed, statement journals in memory;
+            // checkpoints run beside the writer, not in its commits.
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+             PRAGMA cache_size = -65536; PRAGMA temp_store = memory; \
+             PRAGMA journal_size_limit = 67108864; PRAGMA wal_autocheckpoint = 0;",
+        )?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("projections-writer".to_owned())
+            .spawn(move || run(conn, &wal, &rx))
+            .map_err(|e| ProjectionError::Task(format!("projections writer thread: {e}")))?;
+        Ok(Writer {
+            jobs: Arc::new(Mutex::new(Some(tx))),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), ProjectionError> {
+        let jobs = self.jobs.lock().expect("writer lock");
+        let sender = jobs.as_ref().ok_or_else(closed)?;
+        sender.send(job).map_err(|_| closed())
+    }
+
+    /// Applies one batch: positions (compare-and-set) and rows in one
+    /// transaction.
+    pub(crate) async fn apply(
+        &self,
+        group: &str,
+        positions: &[PositionUpdate],
+        ops: Arc<Ops>,
+    ) -> Result<Applied, ProjectionError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Job::Apply {
+            group: group.to_owned(),
+            positions: positions.to_vec(),
+            ops,
+            reply,
+        })?;
+        done.await.map_err(|_| closed())?
+    }
+
+    /// Chains `entries` after the compliance log's head and appends them;
+    /// returns the new head's sequence number.
+    pub(crate) async fn chain(
+        &self,
+        entries: Vec<ComplianceRecord>,
+    ) -> Result<i64, ProjectionError> {
+        let (reply, done) = oneshot::channel();
+        self.send(Job::Chain { entries, reply })?;
+        done.await.map_err(|_| closed())?
+    }
+
+    /// Finishes the queued jobs and closes the connection.
+    pub(crate) async fn close(&self) {
+        let sender = self.jobs.lock().expect("writer lock").take();
+        if let Some(sender) = sender {
+            let (reply, done) = oneshot::channel();
+            if sender.send(Job::Close(reply)).is_ok() {
+                let _ = done.await;
+            }
+        }
+    }
+}
+
+fn closed() -> ProjectionError {
+    ProjectionError::Task("the projections database is closed".to_owned())
+}
+
+/// The writer thread: jobs in order until closed (or every handle is gone).
+fn run(mut conn: Connection, wal: &Path, jobs: &std::sync::mpsc::Receiver<Job>) {
+    while let Ok(job) = jobs.recv() {
+        match job {
+            Job::Apply {
+                group,
+                positions,
+                ops,
+                reply,
+            } => {
+                let result = apply(&mut conn, &group, &positions, &ops);
+                reset_large_wal(&conn, wal);
+                let _ = reply.send(result.map_err(ProjectionError::from));
+            }
+            Job::Chain { entries, reply } => {
+                let result = append_chain(&mut conn, entries);
+                let _ = reply.send(result.map_err(ProjectionError::from));
+            }
+            Job::Close(reply) => {
+                drop(conn);
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Under writes that never pause (a long replay, a bulk fill) the passive
+/// checkpoints beside the writer never reach the end of the write-ahead
+/// log, and SQLite starts the log file again only once one does, so the log
+/// grows without bound (25 GB in two minutes of archive fill). Past
+/// [`WAL_RESET_BYTES`] the writer itself, between transactions and the
+/// only writer, runs a passive checkpoint: with no write in between it
+/// reaches the end (unless a reader holds an older snapshot; the next
+/// transaction tries again), the next transaction starts the log again and
+/// its commit cuts the file to `journal_size_limit`. Not `TRUNCATE`, which
+/// waits in the busy handler for every reader to leave the log.
+fn reset_large_wal(conn: &Connection, wal: &Path) {
+    if std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
+        && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    {
+        tracing::warn!(error = %e, "projections: writer's checkpoint failed");
+    }
+}
+
+fn apply(
+    conn: &mut Connection,
+    group: &str,
+    positions: &[PositionUpdate],
+    ops: &Ops,
+) -> Result<Applied, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for p in positions {
+        if !set_position(&tx, group, p)? {
+            // Dropping the transaction rolls it back.
+            return Ok(Applied::Conflict);
+        }
+    }
+    match ops {
+        Ops::Rosters(ops) => rosters(&tx, ops)?,
+        Ops::Sessions(ops) => sessions(&tx, ops)?,
+        Ops::Archive(rows) => archive(&tx, rows)?,
+        Ops::Files(rows) => files(&tx, rows)?,
+        Ops::Compliance(entries) => {
+            let fresh = unlogged(&tx, entries)?;
+            chain(&tx, fresh)?;
+        }
+    }
+    tx.commit()?;
+    Ok(Applied::Done)
+}
+
+/// Compare-and-set of one position: only from the position the runner read
+/// (a first position only where none is stored).
+fn set_position(
+    tx: &rusqlite::Transaction<'_>,
+    group: &str,
+    p: &PositionUpdate,
+) -> Result<bool, rusqlite::Error> {
+    let updated = tx.prepare_cached(sql::UPDATE_POSITION)?.execute(params![
+        p.next,
+        group,
+        &*p.tp.topic,
+        p.tp.partition,
+        p.expected
+    ])?;
+    if updated == 1 {
+        return Ok(true);
+    }
+    if p.expected != 0 {
+        return Ok(false);
+    }
+    let inserted = tx.prepare_cached(sql::INSERT_POSITION)?.execute(params![
+        group,
+        &*p.tp.topic,
+        p.tp.partition,
+        p.next
+    ])?;
+    Ok(inserted == 1)
+}
+
+fn rosters(tx: &rusqlite::Transaction<'_>, ops: &[RosterOp]) -> Result<(), rusqlite::Error> {
+    let mut set = tx.prepare_cached(sql::ROSTER_SET)?;
+    let mut remove = tx.prepare_cached(sql::ROSTER_REMOVE)?;
+    for op in ops {
+        match op {
+            RosterOp::Set {
+                owner,
+                contact,
+                name,
+                groups,
+                subscription,
+                ask,
+                approved,
+                at_us,
+                event_id,
+            } => {
+                set.execute(params![
+                    owner,
+                    contact,
+                    name,
+                    groups,
+                    subscription,
+                    ask,
+                    approved,
+                    at_us,
+                    event_id
+                ])?;
+            }
+            RosterOp::Remove { owner, contact } => {
+                remove.execute(params![owner, contact])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sessions(tx: &rusqlite::Transaction<'_>, ops: &[SessionOp]) -> Result<(), rusqlite::Error> {
+    for op in ops {
+        let statement = match op.step {
+            SessionStep::Attempted => sql::SESSION_ATTEMPTED,
+            SessionStep::Succeeded => sql::SESSION_SUCCEEDED,
+            SessionStep::Failed => sql::SESSION_FAILED,
+            SessionStep::Bound => sql::SESSION_BOUND,
+            SessionStep::Ended => sql::SESSION_ENDED,
+        };
+        tx.prepare_cached(statement)?.execute(params![
+            op.session_id,
+            op.user,
+            op.protocol,
+            op.node,
+            op.at_us,
+            op.remote_addr,
+            op.mechanism,
+            op.tls,
+            op.reason,
+            op.text,
+            op.full_jid,
+            op.client_name,
+            op.client_version,
+            op.client_os,
+            op.user_agent,
+            op.sip_contact
+        ])?;
+    }
+    Ok(())
+}
+
+/// The content once per message, each new one with the next rowid and its
+/// full-text entry (body and the owners' words); then a row per archive, in
+/// key order, each pointing at its message's rowid; then the full-text
+/// entries of messages stored before (a replay, or a domain newly served),
+/// written again from the tables since their owners may have grown.
+///
+/// Rowids from `MAX(row_id) + 1` on stay free until this transaction
+/// commits: it started `IMMEDIATE`, so no other transaction writes
+/// meanwhile.
+fn archive(tx: &rusqlite::Transaction<'_>, rows: &[ArchiveRow]) -> Result<(), rusqlite::Error> {
+    let mut owners: HashMap<&str, String> = HashMap::with_capacity(rows.len());
+    for r in rows {
+        let words = owners.entry(r.archive_id.as_str()).or_default();
+        if !words.is_empty() {
+            words.push(' ');
+        }
+        push_owner_token(words, &r.owner);
+    }
+    let mut next: i64 = tx.query_row(sql::SQLITE_NEXT_MESSAGE_ROW, [], |r| r.get(0))?;
+    let mut message_rows: HashMap<&str, i64> = HashMap::with_capacity(owners.len());
+    let mut stored_before = Vec::new();
+    {
+        let mut insert = tx.prepare_cached(MESSAGE_INSERT)?;
+        let mut index = tx.prepare_cached(FTS_INSERT)?;
+        let mut find = tx.prepare_cached(MESSAGE_ROW)?;
+        for r in rows {
+            let id = r.archive_id.as_str();
+            if message_rows.contains_key(id) {
+                continue;
+            }
+            let inserted = insert.execute(params![
+                next,
+                id,
+                r.at_us,
+                r.kind,
+                r.message_id,
+                r.sender,
+                r.nick,
+                r.thread,
+                r.subject,
+                r.body,
+                r.stanza
+            ])?;
+            if inserted == 1 {
+                index.execute(params![next, r.body, owners.get(id)])?;
+                message_rows.insert(id, next);
+                next += 1;
+            } else {
+                let row_id: i64 = find.query_row(params![id], |row| row.get(0))?;
+                message_rows.insert(id, row_id);
+                stored_before.push(row_id);
+            }
+        }
+    }
+    // The rows in key order: a batch's rows of one owner then go to
+    // neighbouring places of the owner-first B-trees (the key and the
+    // `with` index), one descent and a few pages each, rather than one
+    // descent per row in arrival order.
+    let mut keyed: Vec<&ArchiveRow> = rows.iter().collect();
+    keyed.sort_unstable_by(|a, b| {
+        (a.owner.as_str(), a.archive_id.as_str()).cmp(&(b.owner.as_str(), b.archive_id.as_str()))
+    });
+    let mut insert = tx.prepare_cached(ARCHIVE_ROW_INSERT)?;
+    for r in keyed {
+        insert.execute(params![
+            r.owner,
+            r.archive_id,
+            r.at_us,
+            r.peer,
+            r.peer_full,
+            r.direction,
+            message_rows.get(r.archive_id.as_str())
+        ])?;
+    }
+    let mut delete = tx.prepare_cached(sql::SQLITE_FTS_DELETE)?;
+    let mut reindex = tx.prepare_cached(sql::SQLITE_FTS_REINDEX)?;
+    for row_id in stored_before {
+        delete.execute(params![row_id])?;
+        reindex.execute(params![row_id])?;
+    }
+    Ok(())
+}
+
+fn files(tx: &rusqlite::Transaction<'_>, rows: &[FileRow]) -> Result<(), rusqlite::Error> {
+    let mut insert = tx.prepare_cached(FILE_INSERT)?;
+    for r in rows {
+        insert.execute(params![
+            r.id,
+            r.at_us,
+            r.transfer_id,
+            r.direction,
+            r.status,
+            r.uploader,
+            r.downloader,
+            r.to_jid,
+            r.stored_name,
+            r.real_name,
+            r.path,
+            r.size,
+            r.bytes_transferred,
+            r.transport,
+            r.content_type,
+            r.upload_id,
+            r.failure_reason,
+            r.failure_text
+        ])?;
+    }
+    Ok(())
+}
+
+/// The entries whose events are not in the compliance log yet, each once
+/// (the same event twice, in the batch or already logged, is recorded
+/// once).
+fn unlogged(
+    tx: &rusqlite::Transaction<'_>,
+    entries: &[ComplianceRecord],
+) -> Result<Vec<ComplianceRecord>, rusqlite::Error> {
+    let mut logged = tx.prepare_cached(COMPLIANCE_LOGGED)?;
+    let mut seen: HashSet<&str> = HashSet::with_capacity(entries.len());
+    let mut fresh = Vec::with_capacity(entries.len());
+    for e in entries {
+        if seen.insert(e.event_id.as_str()) && !logged.exists(params![e.event_id])? {
+            fresh.push(e.clone());
+        }
+    }
+    Ok(fresh)
+}
+
+/// Chains `fresh` after the head, appends the records and moves the head;
+/// returns the new head's sequence number.
+fn chain(
+    tx: &rusqlite::Transaction<'_>,
+    mut fresh: Vec<ComplianceRecord>,
+) -> Result<i64, rusqlite::Error> {
+    let (head_seq, head_hash): (i64, String) =
+        tx.query_row(sql::COMPLIANCE_HEAD_SQLITE, [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    if fresh.is_empty() {
+        return Ok(head_seq);
+    }
+    let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
+    let mut insert = tx.prepare_cached(sql::COMPLIANCE_INSERT_ONE)?;
+    for r in &fresh {
+        insert.execute(params![
+            r.seq,
+            r.event_id,
+            r.event_type,
+            r.subject,
+            r.at_us,
+            r.topic,
+            r.partition,
+            r.offset,
+            r.record,
+            r.prev_hash,
+            r.hash
+        ])?;
+    }
+    tx.prepare_cached(sql::COMPLIANCE_SET_HEAD)?
+        .execute(params![seq, hash])?;
+    Ok(seq)
+}
+
+/// The API's audit records: appended to the chain as they are (no check
+/// for an earlier copy: each is a new event).
+fn append_chain(
+    conn: &mut Connection,
+    entries: Vec<ComplianceRecord>,
+) -> Result<i64, rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let seq = chain(&tx, entries)?;
+    tx.commit()?;
+    Ok(seq)
+}

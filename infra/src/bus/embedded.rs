@@ -171,6 +171,8 @@ struct Inner {
     _lock: std::fs::File,
     writer: mpsc::Sender<WriteOp>,
     readers: SqlitePool,
+    /// Connections that read records for consumers that are behind.
+    record_readers: Arc<RecordReaders>,
     topics: RwLock<HashMap<String, Arc<TopicState>>>,
     groups: Mutex<HashMap<String, Group>>,
     /// Bumped after every group membership change.
@@ -237,12 +239,17 @@ impl EmbeddedBus {
             .connect_with(options.clone().read_only(true))
             .await?;
 
+        let record_readers = Arc::new(RecordReaders {
+            path: config.path.clone(),
+            idle: Mutex::new(Vec::new()),
+        });
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         let inner = Arc::new(Inner {
             config,
             _lock: lock,
             writer: tx,
             readers,
+            record_readers,
             topics: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             group_changed: watch::channel(0).0,
@@ -323,6 +330,86 @@ fn open_writing(config: &EmbeddedConfig) -> Result<rusqlite::Connection, BusErro
     conn.pragma_update(None, "journal_size_limit", 67_108_864)
         .map_err(|e| storage_error(&e))?;
     conn.set_prepared_statement_cache_capacity(16);
+    Ok(conn)
+}
+
+/// Reads the records of one partition from `from` up to (not including)
+/// `end`, at most `limit`, in offset order.
+const SELECT_RECORDS: &str = "SELECT off, key, value, ts FROM records \
+     WHERE tid = ?1 AND part = ?2 AND off >= ?3 AND off < ?4 ORDER BY off LIMIT ?5";
+/// Idle reading connections kept for the next read.
+const IDLE_RECORD_READERS: usize = 4;
+
+/// Reading connections for consumers that are behind the in-memory tails
+/// (a catch-up, a replay): rusqlite on tokio's blocking threads, one
+/// connection per read in progress, a few kept idle. Through sqlx each row
+/// was copied out of SQLite (`sqlite3_value_dup`) and sent on its own to the
+/// async side; a profile of the projections catching up put about a sixth
+/// of the process's time there (BENCHMARKS.md).
+struct RecordReaders {
+    path: PathBuf,
+    idle: Mutex<Vec<rusqlite::Connection>>,
+}
+
+impl RecordReaders {
+    /// The records of one partition (see [`SELECT_RECORDS`]); runs on the
+    /// calling thread, which may block.
+    fn read(
+        &self,
+        topic: &Arc<str>,
+        tid: i64,
+        partition: i32,
+        from: i64,
+        end: i64,
+        limit: usize,
+    ) -> Result<Vec<Record>, BusError> {
+        let idle = self.idle.lock().expect("readers lock").pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => open_reading(&self.path)?,
+        };
+        let read = (|| {
+            let mut statement = conn.prepare_cached(SELECT_RECORDS)?;
+            let mut rows = statement.query(rusqlite::params![
+                tid,
+                partition,
+                from,
+                end,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ])?;
+            let mut out = Vec::with_capacity(limit.min(4096));
+            while let Some(row) = rows.next()? {
+                out.push(Record {
+                    topic: topic.clone(),
+                    partition,
+                    offset: row.get(0)?,
+                    key: Bytes::from(row.get::<_, Vec<u8>>(1)?),
+                    value: row.get::<_, Option<Vec<u8>>>(2)?.map(Bytes::from),
+                    timestamp_ms: row.get(3)?,
+                });
+            }
+            Ok::<_, rusqlite::Error>(out)
+        })();
+        let mut idle = self.idle.lock().expect("readers lock");
+        if idle.len() < IDLE_RECORD_READERS {
+            idle.push(conn);
+        }
+        read.map_err(|e| storage_error(&e))
+    }
+}
+
+/// A read-only connection of [`RecordReaders`].
+fn open_reading(path: &std::path::Path) -> Result<rusqlite::Connection, BusError> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage_error(&e))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(|e| storage_error(&e))?;
+    conn.pragma_update(None, "cache_size", -32768)
+        .map_err(|e| storage_error(&e))?;
     Ok(conn)
 }
 
@@ -1106,25 +1193,20 @@ impl EmbeddedConsumer {
                 }
             };
             if let Some(end) = from_db {
-                let rows = sqlx::query(
-                    "SELECT off, key, value, ts FROM records \
-                     WHERE tid = ? AND part = ? AND off >= ? AND off < ? ORDER BY off LIMIT ?",
-                )
-                .bind(topic.id)
-                .bind(i64::from(tp.partition))
-                .bind(position)
-                .bind(end)
-                .bind(want as i64)
-                .fetch_all(&self.bus.inner.readers)
-                .await?;
-                out.extend(rows.into_iter().map(|row| Record {
-                    topic: topic.name.clone(),
-                    partition: tp.partition,
-                    offset: row.get(0),
-                    key: Bytes::from(row.get::<Vec<u8>, _>(1)),
-                    value: row.get::<Option<Vec<u8>>, _>(2).map(Bytes::from),
-                    timestamp_ms: row.get(3),
-                }));
+                let readers = self.bus.inner.record_readers.clone();
+                let (name, tid, partition) = (topic.name.clone(), topic.id, tp.partition);
+                let rows = tokio::task::spawn_blocking(move || {
+                    readers.read(&name, tid, partition, position, end, want)
+                })
+                .await
+                .map_err(|e| {
+                    if e.is_cancelled() {
+                        BusError::Closed
+                    } else {
+                        BusError::Storage(sqlx::Error::Protocol(format!("log read: {e}")))
+                    }
+                })??;
+                out.extend(rows);
                 if out.len() == before {
                     // Everything below the tail was compacted or expired.
                     let start = topic.partitions[tp.partition as usize]

@@ -143,9 +143,15 @@ pub struct ComplianceRecord {
 /// big-endian u64 byte length followed by their UTF-8 bytes, and the
 /// previous hash as its hex text (length-prefixed like any string).
 pub fn record_hash(r: &ComplianceRecord) -> String {
+    record_hash_at(r, r.seq, &r.prev_hash)
+}
+
+/// [`record_hash`] of `r` as it would be at `seq` after `prev_hash` (the
+/// writer chains records without copying them).
+pub(crate) fn record_hash_at(r: &ComplianceRecord, seq: i64, prev_hash: &str) -> String {
     let mut h = Sha256::new();
     h.update(ENCODING_V1);
-    h.update(r.seq.to_be_bytes());
+    h.update(seq.to_be_bytes());
     for s in [&r.event_id, &r.event_type, &r.subject] {
         field(&mut h, s);
     }
@@ -154,7 +160,7 @@ pub fn record_hash(r: &ComplianceRecord) -> String {
     h.update(r.partition.to_be_bytes());
     h.update(r.offset.to_be_bytes());
     field(&mut h, &r.record);
-    field(&mut h, &r.prev_hash);
+    field(&mut h, prev_hash);
     hex(&h.finalize())
 }
 

@@ -20,7 +20,7 @@
 //! writer, and its transactions start `IMMEDIATE`, so no transaction here
 //! ever works on a snapshot another writer has moved on from.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,8 +61,11 @@ const FILE_INSERT: &str = "INSERT INTO file_transfers (id, at_us, transfer_id, d
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
      ON CONFLICT (id) DO NOTHING";
 
-/// SQLite: whether an event is in the compliance log.
-const COMPLIANCE_LOGGED: &str = "SELECT 1 FROM compliance_log WHERE event_id = ?1";
+/// SQLite: one chained compliance record, unless its event is logged
+/// already (a conflict on the sequence number stays an error).
+const COMPLIANCE_INSERT: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \
+     subject, at_us, topic, part, offs, record, prev_hash, hash) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT (event_id) DO NOTHING";
 
 /// What the writer thread is asked to do.
 enum Job {
@@ -71,6 +74,9 @@ enum Job {
         group: String,
         positions: Vec<PositionUpdate>,
         ops: Arc<Ops>,
+        /// For archive rows: the work that needs no database, done by the
+        /// caller.
+        plan: Option<ArchivePlan>,
         reply: oneshot::Sender<Result<Applied, ProjectionError>>,
     },
     /// Records appended to the compliance chain (the API's audit records):
@@ -130,11 +136,16 @@ impl Writer {
         positions: &[PositionUpdate],
         ops: Arc<Ops>,
     ) -> Result<Applied, ProjectionError> {
+        let plan = match &*ops {
+            Ops::Archive(rows) => Some(ArchivePlan::new(rows)?),
+            _ => None,
+        };
         let (reply, done) = oneshot::channel();
         self.send(Job::Apply {
             group: group.to_owned(),
             positions: positions.to_vec(),
             ops,
+            plan,
             reply,
         })?;
         done.await.map_err(|_| closed())?
@@ -175,14 +186,15 @@ fn run(mut conn: Connection, wal: &Path, jobs: &std::sync::mpsc::Receiver<Job>) 
                 group,
                 positions,
                 ops,
+                plan,
                 reply,
             } => {
-                let result = apply(&mut conn, &group, &positions, &ops);
+                let result = apply(&mut conn, &group, &positions, &ops, plan.as_ref());
                 reset_large_wal(&conn, wal);
-                let _ = reply.send(result.map_err(ProjectionError::from));
+                let _ = reply.send(result);
             }
             Job::Chain { entries, reply } => {
-                let result = append_chain(&mut conn, entries);
+                let result = append_chain(&mut conn, &entries);
                 let _ = reply.send(result.map_err(ProjectionError::from));
             }
             Job::Close(reply) => {
@@ -217,7 +229,8 @@ fn apply(
     group: &str,
     positions: &[PositionUpdate],
     ops: &Ops,
-) -> Result<Applied, rusqlite::Error> {
+    plan: Option<&ArchivePlan>,
+) -> Result<Applied, ProjectionError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for p in positions {
         if !set_position(&tx, group, p)? {
@@ -228,11 +241,13 @@ fn apply(
     match ops {
         Ops::Rosters(ops) => rosters(&tx, ops)?,
         Ops::Sessions(ops) => sessions(&tx, ops)?,
-        Ops::Archive(rows) => archive(&tx, rows)?,
+        Ops::Archive(rows) => match plan {
+            Some(plan) => archive(&tx, rows, plan)?,
+            None => archive(&tx, rows, &ArchivePlan::new(rows)?)?,
+        },
         Ops::Files(rows) => files(&tx, rows)?,
         Ops::Compliance(entries) => {
-            let fresh = unlogged(&tx, entries)?;
-            chain(&tx, fresh)?;
+            chain(&tx, entries)?;
         }
     }
     tx.commit()?;
@@ -335,6 +350,58 @@ fn sessions(tx: &rusqlite::Transaction<'_>, ops: &[SessionOp]) -> Result<(), rus
     Ok(())
 }
 
+/// An archive batch's work that needs no database, done by the caller
+/// before the writer thread takes the batch (that thread is the bottleneck
+/// of the SQLite projections, so what can be done elsewhere is).
+#[derive(Debug)]
+pub(crate) struct ArchivePlan {
+    /// The batch's messages in order of first appearance: the index of
+    /// their first row, and the owners' words of their full-text entry.
+    messages: Vec<(u32, String)>,
+    /// Every row, in key order (owner, archive id), with its message's
+    /// index in `messages`.
+    keyed: Vec<(u32, u32)>,
+}
+
+impl ArchivePlan {
+    fn new(rows: &[ArchiveRow]) -> Result<Self, ProjectionError> {
+        if u32::try_from(rows.len()).is_err() {
+            return Err(too_large());
+        }
+        let mut index: HashMap<&str, u32> = HashMap::with_capacity(rows.len());
+        let mut messages: Vec<(u32, String)> = Vec::with_capacity(rows.len());
+        let mut keyed: Vec<(u32, u32)> = Vec::with_capacity(rows.len());
+        for (i, r) in (0u32..).zip(rows) {
+            let next = messages.len() as u32;
+            let m = *index.entry(r.archive_id.as_str()).or_insert(next);
+            if m == next {
+                messages.push((i, String::new()));
+            }
+            let words = &mut messages[m as usize].1;
+            if !words.is_empty() {
+                words.push(' ');
+            }
+            push_owner_token(words, &r.owner);
+            keyed.push((i, m));
+        }
+        // The rows in key order: a batch's rows of one owner then go to
+        // neighbouring places of the owner-first B-trees (the key and the
+        // `with` index), one descent and a few pages each, rather than one
+        // descent per row in arrival order.
+        keyed.sort_unstable_by(|&(a, _), &(b, _)| {
+            let (a, b) = (&rows[a as usize], &rows[b as usize]);
+            (a.owner.as_str(), a.archive_id.as_str())
+                .cmp(&(b.owner.as_str(), b.archive_id.as_str()))
+        });
+        Ok(ArchivePlan { messages, keyed })
+    }
+}
+
+/// A batch of four billion rows or more (no runner builds one).
+fn too_large() -> ProjectionError {
+    ProjectionError::Task("an archive batch of 2^32 rows or more".to_owned())
+}
+
 /// The content once per message, each new one with the next rowid and its
 /// full-text entry (body and the owners' words); then a row per archive, in
 /// key order, each pointing at its message's rowid; then the full-text
@@ -344,30 +411,23 @@ fn sessions(tx: &rusqlite::Transaction<'_>, ops: &[SessionOp]) -> Result<(), rus
 /// Rowids from `MAX(row_id) + 1` on stay free until this transaction
 /// commits: it started `IMMEDIATE`, so no other transaction writes
 /// meanwhile.
-fn archive(tx: &rusqlite::Transaction<'_>, rows: &[ArchiveRow]) -> Result<(), rusqlite::Error> {
-    let mut owners: HashMap<&str, String> = HashMap::with_capacity(rows.len());
-    for r in rows {
-        let words = owners.entry(r.archive_id.as_str()).or_default();
-        if !words.is_empty() {
-            words.push(' ');
-        }
-        push_owner_token(words, &r.owner);
-    }
+fn archive(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[ArchiveRow],
+    plan: &ArchivePlan,
+) -> Result<(), rusqlite::Error> {
     let mut next: i64 = tx.query_row(sql::SQLITE_NEXT_MESSAGE_ROW, [], |r| r.get(0))?;
-    let mut message_rows: HashMap<&str, i64> = HashMap::with_capacity(owners.len());
+    let mut row_ids: Vec<i64> = Vec::with_capacity(plan.messages.len());
     let mut stored_before = Vec::new();
     {
         let mut insert = tx.prepare_cached(MESSAGE_INSERT)?;
         let mut index = tx.prepare_cached(FTS_INSERT)?;
         let mut find = tx.prepare_cached(MESSAGE_ROW)?;
-        for r in rows {
-            let id = r.archive_id.as_str();
-            if message_rows.contains_key(id) {
-                continue;
-            }
+        for (first, owners) in &plan.messages {
+            let r = &rows[*first as usize];
             let inserted = insert.execute(params![
                 next,
-                id,
+                r.archive_id,
                 r.at_us,
                 r.kind,
                 r.message_id,
@@ -379,26 +439,19 @@ fn archive(tx: &rusqlite::Transaction<'_>, rows: &[ArchiveRow]) -> Result<(), ru
                 r.stanza
             ])?;
             if inserted == 1 {
-                index.execute(params![next, r.body, owners.get(id)])?;
-                message_rows.insert(id, next);
+                index.execute(params![next, r.body, owners])?;
+                row_ids.push(next);
                 next += 1;
             } else {
-                let row_id: i64 = find.query_row(params![id], |row| row.get(0))?;
-                message_rows.insert(id, row_id);
+                let row_id: i64 = find.query_row(params![r.archive_id], |row| row.get(0))?;
+                row_ids.push(row_id);
                 stored_before.push(row_id);
             }
         }
     }
-    // The rows in key order: a batch's rows of one owner then go to
-    // neighbouring places of the owner-first B-trees (the key and the
-    // `with` index), one descent and a few pages each, rather than one
-    // descent per row in arrival order.
-    let mut keyed: Vec<&ArchiveRow> = rows.iter().collect();
-    keyed.sort_unstable_by(|a, b| {
-        (a.owner.as_str(), a.archive_id.as_str()).cmp(&(b.owner.as_str(), b.archive_id.as_str()))
-    });
     let mut insert = tx.prepare_cached(ARCHIVE_ROW_INSERT)?;
-    for r in keyed {
+    for &(row, message) in &plan.keyed {
+        let r = &rows[row as usize];
         insert.execute(params![
             r.owner,
             r.archive_id,
@@ -406,7 +459,7 @@ fn archive(tx: &rusqlite::Transaction<'_>, rows: &[ArchiveRow]) -> Result<(), ru
             r.peer,
             r.peer_full,
             r.direction,
-            message_rows.get(r.archive_id.as_str())
+            row_ids[message as usize]
         ])?;
     }
     let mut delete = tx.prepare_cached(sql::SQLITE_FTS_DELETE)?;
@@ -445,64 +498,51 @@ fn files(tx: &rusqlite::Transaction<'_>, rows: &[FileRow]) -> Result<(), rusqlit
     Ok(())
 }
 
-/// The entries whose events are not in the compliance log yet, each once
+/// Chains the entries after the head, each whose event is not logged yet
 /// (the same event twice, in the batch or already logged, is recorded
-/// once).
-fn unlogged(
-    tx: &rusqlite::Transaction<'_>,
-    entries: &[ComplianceRecord],
-) -> Result<Vec<ComplianceRecord>, rusqlite::Error> {
-    let mut logged = tx.prepare_cached(COMPLIANCE_LOGGED)?;
-    let mut seen: HashSet<&str> = HashSet::with_capacity(entries.len());
-    let mut fresh = Vec::with_capacity(entries.len());
-    for e in entries {
-        if seen.insert(e.event_id.as_str()) && !logged.exists(params![e.event_id])? {
-            fresh.push(e.clone());
-        }
-    }
-    Ok(fresh)
-}
-
-/// Chains `fresh` after the head, appends the records and moves the head;
-/// returns the new head's sequence number.
+/// once: its insert does nothing and the chain does not move), and moves
+/// the head; returns the new head's sequence number.
 fn chain(
     tx: &rusqlite::Transaction<'_>,
-    mut fresh: Vec<ComplianceRecord>,
+    entries: &[ComplianceRecord],
 ) -> Result<i64, rusqlite::Error> {
-    let (head_seq, head_hash): (i64, String) =
+    let (mut seq, mut hash): (i64, String) =
         tx.query_row(sql::COMPLIANCE_HEAD_SQLITE, [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
-    if fresh.is_empty() {
-        return Ok(head_seq);
-    }
-    let (seq, hash) = compliance::chain(&mut fresh, head_seq, &head_hash);
-    let mut insert = tx.prepare_cached(sql::COMPLIANCE_INSERT_ONE)?;
-    for r in &fresh {
-        insert.execute(params![
-            r.seq,
-            r.event_id,
-            r.event_type,
-            r.subject,
-            r.at_us,
-            r.topic,
-            r.partition,
-            r.offset,
-            r.record,
-            r.prev_hash,
-            r.hash
+    let head = seq;
+    let mut insert = tx.prepare_cached(COMPLIANCE_INSERT)?;
+    for e in entries {
+        let next = compliance::record_hash_at(e, seq + 1, &hash);
+        let inserted = insert.execute(params![
+            seq + 1,
+            e.event_id,
+            e.event_type,
+            e.subject,
+            e.at_us,
+            e.topic,
+            e.partition,
+            e.offset,
+            e.record,
+            hash,
+            next
         ])?;
+        if inserted == 1 {
+            seq += 1;
+            hash = next;
+        }
     }
-    tx.prepare_cached(sql::COMPLIANCE_SET_HEAD)?
-        .execute(params![seq, hash])?;
+    if seq != head {
+        tx.prepare_cached(sql::COMPLIANCE_SET_HEAD)?
+            .execute(params![seq, hash])?;
+    }
     Ok(seq)
 }
 
-/// The API's audit records: appended to the chain as they are (no check
-/// for an earlier copy: each is a new event).
+/// The API's audit records, appended to the chain.
 fn append_chain(
     conn: &mut Connection,
-    entries: Vec<ComplianceRecord>,
+    entries: &[ComplianceRecord],
 ) -> Result<i64, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let seq = chain(&tx, entries)?;

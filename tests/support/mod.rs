@@ -35,6 +35,8 @@ fn base_command() -> tokio::process::Command {
 pub struct EmbeddedFixture {
     dir: tempfile::TempDir,
     bus: tokio::sync::Mutex<Option<EmbeddedBus>>,
+    /// Records kept in memory per partition; `None`: the default.
+    tail_records: Option<usize>,
 }
 
 impl EmbeddedFixture {
@@ -42,12 +44,26 @@ impl EmbeddedFixture {
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
             bus: tokio::sync::Mutex::new(None),
+            tail_records: None,
+        }
+    }
+
+    /// A log that keeps only `records` per partition in memory, so that
+    /// consumers read nearly everything from the database.
+    #[allow(dead_code)]
+    pub async fn with_tail(records: usize) -> Self {
+        Self {
+            tail_records: Some(records),
+            ..Self::new().await
         }
     }
 
     fn config(&self) -> EmbeddedConfig {
         let mut c = EmbeddedConfig::new(self.dir.path().join("bus.sqlite"));
         c.maintenance_interval = Duration::from_secs(3600);
+        if let Some(records) = self.tail_records {
+            c.tail_records = records;
+        }
         c
     }
 }
@@ -70,6 +86,12 @@ impl Fixture for EmbeddedFixture {
         let mut cmd = base_command();
         cmd.env("SWITCHBOARD__DATA_DIR", self.dir.path())
             .env("SWITCHBOARD__BUS__BACKEND", "embedded");
+        if let Some(records) = self.tail_records {
+            cmd.env(
+                "SWITCHBOARD__BUS__EMBEDDED__TAIL_RECORDS",
+                records.to_string(),
+            );
+        }
         cmd
     }
 

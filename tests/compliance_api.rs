@@ -335,7 +335,9 @@ fn assert_problem(r: &Response, status: u16, parameter: Option<&str>) -> Value {
 async fn compliance_rows(db: &Database) -> Vec<(i64, String, String, String)> {
     const SQL: &str = "SELECT seq, event_type, subject, record FROM compliance_log ORDER BY seq";
     let rows: Vec<(i64, String, String, String)> = match db {
-        Database::Sqlite { write, .. } => sqlx::query_as(SQL).fetch_all(write).await,
+        Database::Sqlite { compliance, .. } => {
+            sqlx::query_as(SQL).fetch_all(&compliance.write).await
+        }
         Database::Postgres(pool) => sqlx::query_as(SQL).fetch_all(pool).await,
     }
     .expect("read the compliance log");

@@ -68,7 +68,10 @@ impl DbFixture for SqliteFixture {
         String::new()
     }
     async fn tamper(&self, db: &Database, statements: &[&str]) {
-        let pool = db.sqlite().unwrap();
+        let Database::Sqlite { compliance, .. } = db else {
+            panic!("not sqlite")
+        };
+        let pool = &compliance.write;
         let mut tx = pool.begin().await.unwrap();
         for s in [
             "DROP TRIGGER IF EXISTS compliance_log_no_update",
@@ -560,8 +563,8 @@ async fn replay_rebuilds_equal_rows(f: &dyn DbFixture) {
                  part, offs, record, prev_hash, hash) SELECT MAX(seq) + 1, 'audit-1', \
                  'compliance.query', 'officer', 1, 'api', -1, -1, '{}', '', '' FROM compliance_log";
     match &db {
-        Database::Sqlite { write, .. } => {
-            sqlx::query(audit).execute(write).await.unwrap();
+        Database::Sqlite { compliance, .. } => {
+            sqlx::query(audit).execute(&compliance.write).await.unwrap();
         }
         Database::Postgres(pool) => {
             sqlx::query(audit).execute(pool).await.unwrap();
@@ -604,7 +607,9 @@ async fn tamper_is_detected(f: &dyn DbFixture) {
     let edit =
         "UPDATE compliance_log SET record = replace(record, 'original', 'doctored') WHERE seq = 7";
     let refused = match &db {
-        Database::Sqlite { write, .. } => sqlx::query(edit).execute(write).await.is_err(),
+        Database::Sqlite { compliance, .. } => {
+            sqlx::query(edit).execute(&compliance.write).await.is_err()
+        }
         Database::Postgres(pool) => sqlx::query(edit).execute(pool).await.is_err(),
     };
     assert!(refused, "the append-only guard refuses an update");
@@ -744,7 +749,10 @@ async fn futures_lite_join(bus: &Arc<dyn Bus>, topic: &str, events: &[Envelope])
 async fn compliance_count(db: &Database) -> i64 {
     let q = "SELECT COUNT(*) FROM compliance_log";
     match db {
-        Database::Sqlite { read, .. } => sqlx::query_scalar(q).fetch_one(read).await.unwrap(),
+        Database::Sqlite { compliance, .. } => sqlx::query_scalar(q)
+            .fetch_one(&compliance.read)
+            .await
+            .unwrap(),
         Database::Postgres(pool) => sqlx::query_scalar(q).fetch_one(pool).await.unwrap(),
     }
 }

@@ -111,39 +111,48 @@ pub enum Applied {
 /// An open projections database.
 #[derive(Clone, Debug)]
 pub enum Database {
-    /// SQLite: one writer of projection rows (its own thread and
-    /// connection, [`crate::sqlite_write`]), one sqlx connection for the
-    /// other writes (API tokens, resets), and a pool of readers.
+    /// SQLite: two files, each with one writer of projection rows (its own
+    /// thread and connection, [`crate::sqlite_write`]), one sqlx connection
+    /// for the other writes (API tokens, resets) and a pool of readers. The
+    /// compliance log has a file of its own (see [`SqliteFile`]); the
+    /// fields here are the main file's (rosters, sessions, archive, files,
+    /// API tokens).
     Sqlite {
         /// The sqlx writing connection (API tokens, resets, migrations).
         write: SqlitePool,
         /// Read-only connections.
         read: SqlitePool,
-        /// The writer of projection rows and compliance records.
+        /// The writer of projection rows.
         #[doc(hidden)]
         writer: crate::sqlite_write::Writer,
+        /// The compliance log's file.
+        compliance: Arc<SqliteFile>,
     },
     /// PostgreSQL.
     Postgres(PgPool),
 }
 
-impl Database {
-    /// Opens (and migrates) the database: PostgreSQL when `url` is a
-    /// `postgres://` URL, else SQLite at `sqlite_path`.
-    pub async fn open(url: &str, sqlite_path: &Path) -> Result<Self, ProjectionError> {
-        if url.is_empty() {
-            Self::open_sqlite(sqlite_path).await
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Self::open_postgres(url).await
-        } else {
-            Err(ProjectionError::Url(
-                "must be a postgres:// URL, or empty for SQLite".to_owned(),
-            ))
-        }
-    }
+/// One SQLite file of the projections: all migrations are applied to each
+/// (the tables a file does not use stay empty), and each has its own
+/// writer thread, so the files are written at the same time. The
+/// compliance log has a file of its own because one SQLite file takes one
+/// writer at a time: with every projection in one file, the archive's and
+/// the compliance log's transactions took turns, and the ingest of both was
+/// the sum of their times (BENCHMARKS.md).
+#[derive(Debug)]
+pub struct SqliteFile {
+    /// The sqlx writing connection (resets, migrations).
+    pub write: SqlitePool,
+    /// Read-only connections.
+    pub read: SqlitePool,
+    /// The writer of projection rows.
+    #[doc(hidden)]
+    pub writer: crate::sqlite_write::Writer,
+}
 
+impl SqliteFile {
     /// Opens a SQLite database file, creating and migrating it.
-    pub async fn open_sqlite(path: &Path) -> Result<Self, ProjectionError> {
+    async fn open(path: &Path) -> Result<Self, ProjectionError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -191,10 +200,125 @@ impl Database {
             .connect_with(options.read_only(true))
             .await?;
         let writer = crate::sqlite_write::Writer::open(path, BUSY_TIMEOUT)?;
-        Ok(Database::Sqlite {
+        Ok(SqliteFile {
             write,
             read,
             writer,
+        })
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+/// The compliance log's file beside the main one: `switchboard.db` ->
+/// `switchboard-compliance.db`.
+pub fn compliance_path(path: &Path) -> std::path::PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name = format!("{stem}-compliance");
+    if let Some(ext) = path.extension() {
+        name.push('.');
+        name.push_str(&ext.to_string_lossy());
+    }
+    path.with_file_name(name)
+}
+
+/// Moves a compliance log that an older version kept in the main file
+/// into the compliance file: first a copy (records, head, the compliance
+/// groups' positions) in one transaction of the compliance file, unless it
+/// holds records already; then the main file's copy is emptied in one
+/// transaction of its own. A crash between the two leaves a copy in each,
+/// and the next start empties the main file's.
+async fn move_compliance_log(
+    main_path: &Path,
+    main: &SqliteFile,
+    compliance: &SqliteFile,
+) -> Result<(), ProjectionError> {
+    const ANY: &str = "SELECT EXISTS (SELECT 1 FROM compliance_log)";
+    if !sqlx::query_scalar::<_, bool>(ANY)
+        .fetch_one(&main.write)
+        .await?
+    {
+        return Ok(());
+    }
+    if !sqlx::query_scalar::<_, bool>(ANY)
+        .fetch_one(&compliance.write)
+        .await?
+    {
+        tracing::info!(
+            from = %main_path.display(),
+            "moving the compliance log into its own file"
+        );
+        let mut conn = compliance.write.acquire().await?;
+        sqlx::query("ATTACH DATABASE $1 AS old")
+            .bind(main_path.to_string_lossy().into_owned())
+            .execute(&mut *conn)
+            .await?;
+        let copied = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            for statement in sql::SQLITE_COMPLIANCE_MOVE {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        sqlx::query("DETACH DATABASE old")
+            .execute(&mut *conn)
+            .await?;
+        copied?;
+    }
+    let mut tx = main.write.begin().await?;
+    for statement in sql::SQLITE_COMPLIANCE_CLEAR
+        .iter()
+        .chain(sql::SQLITE_COMPLIANCE_TRIGGERS.iter())
+    {
+        sqlx::query(*statement).execute(&mut *tx).await?;
+    }
+    sqlx::query(sql::COMPLIANCE_SET_HEAD)
+        .bind(0i64)
+        .bind(crate::compliance::GENESIS_HASH)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(sql::SQLITE_COMPLIANCE_MOVED_POSITIONS)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+impl Database {
+    /// Opens (and migrates) the database: PostgreSQL when `url` is a
+    /// `postgres://` URL, else SQLite at `sqlite_path`.
+    pub async fn open(url: &str, sqlite_path: &Path) -> Result<Self, ProjectionError> {
+        if url.is_empty() {
+            Self::open_sqlite(sqlite_path).await
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::open_postgres(url).await
+        } else {
+            Err(ProjectionError::Url(
+                "must be a postgres:// URL, or empty for SQLite".to_owned(),
+            ))
+        }
+    }
+
+    /// Opens a SQLite database file, creating and migrating it, and the
+    /// compliance log's file beside it ([`compliance_path`]), moving a
+    /// compliance log written before it had a file of its own.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, ProjectionError> {
+        let main = SqliteFile::open(path).await?;
+        let compliance = SqliteFile::open(&compliance_path(path)).await?;
+        move_compliance_log(path, &main, &compliance).await?;
+        Ok(Database::Sqlite {
+            write: main.write,
+            read: main.read,
+            writer: main.writer,
+            compliance: Arc::new(compliance),
         })
     }
 
@@ -243,10 +367,12 @@ impl Database {
                 write,
                 read,
                 writer,
+                compliance,
             } => {
                 writer.close().await;
                 read.close().await;
                 write.close().await;
+                compliance.close().await;
             }
             Database::Postgres(pool) => pool.close().await,
         }
@@ -260,7 +386,13 @@ impl Database {
         match self {
             // A reader sees every committed transaction (WAL), without
             // queueing behind the writer.
-            Database::Sqlite { read, .. } => sqlite::positions(read, group).await,
+            Database::Sqlite {
+                read, compliance, ..
+            } => {
+                let mut positions = sqlite::positions(read, group).await?;
+                positions.extend(sqlite::positions(&compliance.read, group).await?);
+                Ok(positions)
+            }
             Database::Postgres(pool) => postgres::positions(pool, group).await,
         }
     }
@@ -275,7 +407,16 @@ impl Database {
         ops: impl Into<Arc<Ops>>,
     ) -> Result<Applied, ProjectionError> {
         match self {
-            Database::Sqlite { writer, .. } => writer.apply(group, positions, ops.into()).await,
+            Database::Sqlite {
+                writer, compliance, ..
+            } => {
+                let ops = ops.into();
+                let writer = match *ops {
+                    Ops::Compliance(_) => &compliance.writer,
+                    _ => writer,
+                };
+                writer.apply(group, positions, ops).await
+            }
             Database::Postgres(pool) => {
                 postgres_write::apply(pool, group, positions, &ops.into()).await
             }
@@ -289,8 +430,8 @@ impl Database {
     pub async fn reset(&self, kind: ProjectionKind, group: &str) -> Result<(), ProjectionError> {
         if kind == ProjectionKind::Compliance {
             let audits = match self {
-                Database::Sqlite { write, .. } => {
-                    sqlite::count_topic(write, crate::compliance::AUDIT_TOPIC).await?
+                Database::Sqlite { compliance, .. } => {
+                    sqlite::count_topic(&compliance.write, crate::compliance::AUDIT_TOPIC).await?
                 }
                 Database::Postgres(pool) => {
                     postgres::count_topic(pool, crate::compliance::AUDIT_TOPIC).await?
@@ -304,6 +445,9 @@ impl Database {
             }
         }
         match self {
+            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
+                sqlite::reset(&compliance.write, kind, group).await
+            }
             Database::Sqlite { write, .. } => sqlite::reset(write, kind, group).await,
             Database::Postgres(pool) => postgres::reset(pool, kind, group).await,
         }
@@ -316,6 +460,9 @@ impl Database {
         kind: ProjectionKind,
     ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
         match self {
+            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
+                sqlite::snapshot(&compliance.read, kind).await
+            }
             Database::Sqlite { read, .. } => sqlite::snapshot(read, kind).await,
             Database::Postgres(pool) => postgres::snapshot(pool, kind).await,
         }
@@ -325,7 +472,7 @@ impl Database {
     /// first bad record, if any.
     pub async fn verify_compliance(&self) -> Result<Verification, ProjectionError> {
         match self {
-            Database::Sqlite { read, .. } => sqlite::verify(read).await,
+            Database::Sqlite { compliance, .. } => sqlite::verify(&compliance.read).await,
             Database::Postgres(pool) => postgres::verify(pool).await,
         }
     }

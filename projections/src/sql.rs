@@ -182,6 +182,22 @@ pub const SQLITE_COMPLIANCE_TRIGGERS: [&str; 2] = [
      SELECT RAISE(ABORT, 'the compliance log is append-only'); END",
 ];
 
+/// SQLite: copies a compliance log kept in the main file (attached as
+/// `old`) by an older version into the compliance file (see
+/// `db::move_compliance_log`).
+pub const SQLITE_COMPLIANCE_MOVE: [&str; 3] = [
+    "INSERT INTO compliance_log SELECT * FROM old.compliance_log ORDER BY seq",
+    "UPDATE compliance_head SET seq = (SELECT seq FROM old.compliance_head WHERE id = 1), \
+     hash = (SELECT hash FROM old.compliance_head WHERE id = 1) WHERE id = 1",
+    "INSERT INTO projection_positions SELECT * FROM old.projection_positions \
+     WHERE consumer_group LIKE '%.projection.compliance'",
+];
+
+/// SQLite: the compliance groups' positions left in the main file once
+/// the compliance log moved.
+pub const SQLITE_COMPLIANCE_MOVED_POSITIONS: &str =
+    "DELETE FROM projection_positions WHERE consumer_group LIKE '%.projection.compliance'";
+
 /// SQLite: emptying the compliance log for a rebuild.
 pub const SQLITE_COMPLIANCE_CLEAR: [&str; 3] = [
     "DROP TRIGGER compliance_log_no_update",

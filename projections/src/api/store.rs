@@ -266,7 +266,9 @@ pub async fn authenticate(
 /// PostgreSQL: the head row locked `FOR UPDATE`).
 pub async fn append_audit(db: &Database, audit: &QueryAudit) -> Result<i64, ProjectionError> {
     let pool = match db {
-        Database::Sqlite { writer, .. } => return writer.chain(vec![audit.entry()]).await,
+        Database::Sqlite { compliance, .. } => {
+            return compliance.writer.chain(vec![audit.entry()]).await;
+        }
         Database::Postgres(pool) => pool,
     };
     let mut entries = [audit.entry()];

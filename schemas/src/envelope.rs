@@ -177,9 +177,11 @@ impl Serialize for Envelope {
 
 impl<'de> Deserialize<'de> for Envelope {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = WireEnvelope::<serde_json::Value>::deserialize(deserializer)?;
-        let event =
-            Event::from_payload(&wire.event_type, wire.version, wire.payload).map_err(|error| {
+        // The payload is kept as its JSON text until the type and version
+        // (anywhere in the object) are known.
+        let wire = WireEnvelope::<Box<serde_json::value::RawValue>>::deserialize(deserializer)?;
+        let event = Event::from_payload_json(&wire.event_type, wire.version, wire.payload.get())
+            .map_err(|error| {
                 D::Error::custom(format_args!(
                     "invalid payload for {} v{}: {error}",
                     wire.event_type, wire.version

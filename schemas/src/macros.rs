@@ -120,7 +120,7 @@ macro_rules! string_enum {
 /// ```
 ///
 /// Generates the [`Event`](crate::Event) enum (one variant per payload struct
-/// plus `Unknown`), `Event::{event_type, version, topic, from_payload}`,
+/// plus `Unknown`), `Event::{event_type, version, topic, from_payload_json}`,
 /// [`EventPayload`](crate::EventPayload) and `From<Payload> for Event` for
 /// every payload, and [`catalogue`](crate::catalogue). A duplicated
 /// (type, version) pair is an unreachable-pattern warning (an error under
@@ -181,20 +181,23 @@ macro_rules! event_catalogue {
                 }
             }
 
-            /// Decodes a payload selected by `(event_type, version)`. Unknown
-            /// pairs become [`Event::Unknown`]; a known pair whose payload does
-            /// not match its struct is an error.
-            pub fn from_payload(
+            /// Decodes a payload (its JSON text) selected by `(event_type,
+            /// version)`. Unknown pairs become [`Event::Unknown`]; a known pair
+            /// whose payload does not match its struct is an error. The text
+            /// goes straight into the payload's struct: through a
+            /// `serde_json::Value` first, every key and string was allocated
+            /// twice.
+            pub fn from_payload_json(
                 event_type: &str,
                 version: u32,
-                payload: ::serde_json::Value,
+                payload: &str,
             ) -> Result<Self, ::serde_json::Error> {
                 match (event_type, version) {
-                    $( ($type, $version) => ::serde_json::from_value(payload).map(Self::$variant), )+
+                    $( ($type, $version) => ::serde_json::from_str(payload).map(Self::$variant), )+
                     _ => Ok(Self::Unknown {
                         event_type: event_type.to_owned(),
                         version,
-                        payload,
+                        payload: ::serde_json::from_str(payload)?,
                     }),
                 }
             }

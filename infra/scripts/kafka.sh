@@ -347,8 +347,11 @@ cmd_start() {
     format_storage_if_needed
     rm -f "$PID_FILE"
 
-    local log_offset=0
-    [[ -f "$SERVER_LOG" ]] && log_offset="$(stat -c %s "$SERVER_LOG")"
+    local log_offset=0 log_inode=none
+    if [[ -f "$SERVER_LOG" ]]; then
+        log_offset="$(stat -c %s "$SERVER_LOG")"
+        log_inode="$(stat -c %i "$SERVER_LOG")"
+    fi
     log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT, logs $LOG_DIR)"
     # shellcheck disable=SC2086
     (
@@ -368,11 +371,28 @@ cmd_start() {
     done
     pid="$(cat "$PID_FILE" 2>/dev/null || true)"
     [[ -n "$pid" ]] || die "broker did not start (no pid file); see $OUT_LOG"
-    wait_ready "$pid" "$log_offset"
+    wait_ready "$pid" "$log_offset" "$log_inode"
 }
 
-wait_ready() { # $1 = pid, $2 = server.log offset to search from for the started line (-1: skip)
-    local pid="$1" offset="$2" t0=$SECONDS deadline=$((SECONDS + KAFKA_START_TIMEOUT))
+# Whether the broker logged its start after `$1` bytes of server.log, whose
+# inode was `$2` then. log4j rolls the log over at 50 MB (the newest rolled
+# file takes the highest number): after a roll-over the line is in the new
+# log, or past the offset in the newest rolled file. (A start that fell on a
+# roll-over was once waited for until the timeout.)
+started_since() {
+    local offset="$1" inode="$2" rolled
+    if [[ "$(stat -c %i "$SERVER_LOG" 2>/dev/null)" == "$inode" ]]; then
+        tail -c "+$((offset + 1))" "$SERVER_LOG" 2>/dev/null | grep -qF 'Kafka Server started'
+        return
+    fi
+    grep -qF 'Kafka Server started' "$SERVER_LOG" 2>/dev/null && return 0
+    rolled="$(ls -t "$SERVER_LOG".* 2>/dev/null | head -n 1)"
+    [[ -n "$rolled" ]] && tail -c "+$((offset + 1))" "$rolled" 2>/dev/null | grep -qF 'Kafka Server started'
+}
+
+wait_ready() { # $1 = pid, $2 = server.log offset to search from for the started line (-1: skip),
+    # $3 = server.log's inode when the offset was taken
+    local pid="$1" offset="$2" inode="${3:-none}" t0=$SECONDS deadline=$((SECONDS + KAFKA_START_TIMEOUT))
     while ((SECONDS < deadline)); do
         if ! alive "$pid"; then
             log "broker process $pid exited during startup; last 30 lines of $SERVER_LOG / $OUT_LOG:"
@@ -381,8 +401,7 @@ wait_ready() { # $1 = pid, $2 = server.log offset to search from for the started
             rm -f "$PID_FILE"
             exit 1
         fi
-        if kafka_answers "$KAFKA_PORT" &&
-            { ((offset < 0)) || grep -qF 'Kafka Server started' < <(tail -c "+$((offset + 1))" "$SERVER_LOG" 2>/dev/null); }; then
+        if kafka_answers "$KAFKA_PORT" && { ((offset < 0)) || started_since "$offset" "$inode"; }; then
             log "ready on 127.0.0.1:$KAFKA_PORT (pid $pid, $((SECONDS - t0)) s)"
             return 0
         fi

@@ -379,15 +379,19 @@ cmd_start() {
 # file takes the highest number): after a roll-over the line is in the new
 # log, or past the offset in the newest rolled file. (A start that fell on a
 # roll-over was once waited for until the timeout.)
+# (grep reads `tail` through a process substitution, not a pipe: under
+# pipefail, `tail | grep -q` fails when grep stops at the line while tail
+# still has more than a pipe's worth to write.)
 started_since() {
     local offset="$1" inode="$2" rolled
     if [[ "$(stat -c %i "$SERVER_LOG" 2>/dev/null)" == "$inode" ]]; then
-        tail -c "+$((offset + 1))" "$SERVER_LOG" 2>/dev/null | grep -qF 'Kafka Server started'
+        grep -qF 'Kafka Server started' < <(tail -c "+$((offset + 1))" "$SERVER_LOG" 2>/dev/null)
         return
     fi
     grep -qF 'Kafka Server started' "$SERVER_LOG" 2>/dev/null && return 0
     rolled="$(ls -t "$SERVER_LOG".* 2>/dev/null | head -n 1)"
-    [[ -n "$rolled" ]] && tail -c "+$((offset + 1))" "$rolled" 2>/dev/null | grep -qF 'Kafka Server started'
+    [[ -n "$rolled" ]] &&
+        grep -qF 'Kafka Server started' < <(tail -c "+$((offset + 1))" "$rolled" 2>/dev/null)
 }
 
 wait_ready() { # $1 = pid, $2 = server.log offset to search from for the started line (-1: skip),

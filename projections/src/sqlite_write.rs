@@ -549,3 +549,54 @@ fn append_chain(
     tx.commit()?;
     Ok(seq)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::owner_token;
+
+    fn row(owner: &str, archive_id: &str) -> ArchiveRow {
+        ArchiveRow {
+            owner: owner.to_owned(),
+            archive_id: archive_id.to_owned(),
+            at_us: 1,
+            peer: "peer@example.com".to_owned(),
+            peer_full: None,
+            direction: "in",
+            kind: "chat".to_owned(),
+            message_id: "m".to_owned(),
+            sender: "peer@example.com/a".to_owned(),
+            nick: None,
+            thread: None,
+            subject: None,
+            body: Some("hello".to_owned()),
+            stanza: "<message/>".to_owned(),
+        }
+    }
+
+    /// Rows of one message that are not next to each other still make one
+    /// message, whose words are its owners in row order; rows come out in
+    /// key order with their message's index.
+    #[test]
+    fn a_plan_groups_a_message_s_rows_wherever_they_are() {
+        let rows = [
+            row("carol@example.com", "id-1"),
+            row("bob@example.com", "id-2"),
+            row("alice@example.com", "id-1"),
+        ];
+        let plan = ArchivePlan::new(&rows).expect("plan");
+        let messages: Vec<(u32, &str)> = plan
+            .messages
+            .iter()
+            .map(|(first, words)| (*first, words.as_str()))
+            .collect();
+        let first = format!(
+            "{} {}",
+            owner_token("carol@example.com"),
+            owner_token("alice@example.com")
+        );
+        let second = owner_token("bob@example.com");
+        assert_eq!(messages, [(0, first.as_str()), (1, second.as_str())]);
+        assert_eq!(plan.keyed, [(2, 0), (1, 1), (0, 0)]);
+    }
+}

@@ -14,7 +14,8 @@
 //!   the writer after commit; consumers that keep up read from there and wake
 //!   on their topics' watch channels (a commit wakes only the consumers of
 //!   the topics it wrote), so produce-to-consume needs no SQL read. Consumers
-//!   that are behind read from a pool of reading connections (sqlx).
+//!   that are behind read from reading connections of their own (rusqlite,
+//!   on tokio's blocking threads; see `RecordReaders`).
 //! * Consumer groups live in the process: members join and leave, partitions
 //!   are split round-robin in member order, and every change is a new
 //!   generation that each member sees on its next poll as Revoked, then

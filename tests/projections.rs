@@ -718,7 +718,10 @@ async fn kill9_during_ingest(f: &dyn DbFixture) {
     let v = db.verify_compliance().await.unwrap();
     assert_eq!((v.broken, v.records), (None, n as i64));
     let positions = db
-        .positions(&ProjectionKind::Compliance.group(PREFIX))
+        .positions(
+            ProjectionKind::Compliance,
+            &ProjectionKind::Compliance.group(PREFIX),
+        )
         .await
         .unwrap();
     assert_eq!(positions.values().sum::<i64>(), n as i64);
@@ -813,7 +816,10 @@ async fn stale_writer_is_fenced(f: &dyn DbFixture) {
         .map(|r| col(r, 1).to_owned())
         .collect();
     assert_eq!(ids, ["a", "d"]);
-    assert_eq!(db.positions(group).await.unwrap()[&tp], 12);
+    assert_eq!(
+        db.positions(ProjectionKind::Archive, group).await.unwrap()[&tp],
+        12
+    );
 }
 
 /// The same event twice on the log (a producer retried) is archived and

@@ -378,21 +378,20 @@ impl Database {
         }
     }
 
-    /// The stored positions of a consumer group.
+    /// The stored positions of a projection's consumer group (on SQLite,
+    /// in the projection's file).
     pub async fn positions(
         &self,
+        kind: ProjectionKind,
         group: &str,
     ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
         match self {
             // A reader sees every committed transaction (WAL), without
             // queueing behind the writer.
-            Database::Sqlite {
-                read, compliance, ..
-            } => {
-                let mut positions = sqlite::positions(read, group).await?;
-                positions.extend(sqlite::positions(&compliance.read, group).await?);
-                Ok(positions)
+            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
+                sqlite::positions(&compliance.read, group).await
             }
+            Database::Sqlite { read, .. } => sqlite::positions(read, group).await,
             Database::Postgres(pool) => postgres::positions(pool, group).await,
         }
     }

@@ -601,7 +601,11 @@ impl Responder {
             if self.archive_positions.get(tp).is_some_and(|p| *p > offset) {
                 return Ok(());
             }
-            match self.db.positions(&self.archive_group).await {
+            match self
+                .db
+                .positions(ProjectionKind::Archive, &self.archive_group)
+                .await
+            {
                 Ok(p) => self.archive_positions = p,
                 Err(e) => tracing::warn!(error = %e, "reading the archive's positions failed"),
             }

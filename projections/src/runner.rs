@@ -376,7 +376,7 @@ pub async fn catch_up(
     let status = Arc::new(ProjectionStatus::new(kind));
     let mut task = tokio::spawn(run(bus, db.clone(), kind, config, status, stop_rx));
     loop {
-        let positions = db.positions(&group).await?;
+        let positions = db.positions(kind, &group).await?;
         let done = targets
             .iter()
             .all(|(tp, end)| positions.get(tp).is_some_and(|p| p >= end));
@@ -421,7 +421,7 @@ impl Runner {
     ) -> Result<BTreeMap<TopicPartition, i64>, ProjectionError> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.db.positions(&self.group).await {
+            match self.db.positions(self.kind, &self.group).await {
                 Ok(p) => {
                     self.status.set_error(None);
                     return Ok(p);

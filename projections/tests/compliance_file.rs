@@ -127,7 +127,10 @@ async fn moves_into_its_own_file(crash_after_copy: bool) {
         before,
         "every record moved once"
     );
-    let positions = db.positions(GROUP).await.expect("positions");
+    let positions = db
+        .positions(ProjectionKind::Compliance, GROUP)
+        .await
+        .expect("positions");
     assert_eq!(positions.get(&TopicPartition::new(TOPIC, 0)), Some(&30));
     let v = db.verify_compliance().await.expect("verify");
     assert_eq!((v.records, v.broken), (30, None));

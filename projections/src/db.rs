@@ -26,6 +26,15 @@ use crate::{ProjectionError, ProjectionKind, sql};
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a SQLite connection waits for another's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Page cache of the main file's writer: its inserts land all over the
+/// archive's indexes and full-text index, and 8 MiB in place of 64 cost about
+/// 5 % of the ingest (BENCHMARKS.md).
+const MAIN_WRITER_CACHE_KIB: u32 = 65_536;
+/// Page cache of the compliance file's writer: it appends (records in
+/// sequence, event ids time-ordered), so what it caches is pages it does not
+/// read again. At 64 MiB it held about 1.6 KiB per idle session at 10,000
+/// sessions (every login is a compliance record; BENCHMARKS.md).
+const COMPLIANCE_WRITER_CACHE_KIB: u32 = 4096;
 /// Records per page when verifying the compliance chain.
 const VERIFY_PAGE: i64 = 5000;
 
@@ -152,7 +161,7 @@ pub struct SqliteFile {
 
 impl SqliteFile {
     /// Opens a SQLite database file, creating and migrating it.
-    async fn open(path: &Path) -> Result<Self, ProjectionError> {
+    async fn open(path: &Path, writer_cache_kib: u32) -> Result<Self, ProjectionError> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
@@ -199,7 +208,7 @@ impl SqliteFile {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let writer = crate::sqlite_write::Writer::open(path, BUSY_TIMEOUT)?;
+        let writer = crate::sqlite_write::Writer::open(path, BUSY_TIMEOUT, writer_cache_kib)?;
         Ok(SqliteFile {
             write,
             read,
@@ -311,8 +320,9 @@ impl Database {
     /// compliance log's file beside it ([`compliance_path`]), moving a
     /// compliance log written before it had a file of its own.
     pub async fn open_sqlite(path: &Path) -> Result<Self, ProjectionError> {
-        let main = SqliteFile::open(path).await?;
-        let compliance = SqliteFile::open(&compliance_path(path)).await?;
+        let main = SqliteFile::open(path, MAIN_WRITER_CACHE_KIB).await?;
+        let compliance =
+            SqliteFile::open(&compliance_path(path), COMPLIANCE_WRITER_CACHE_KIB).await?;
         move_compliance_log(path, &main, &compliance).await?;
         Ok(Database::Sqlite {
             write: main.write,

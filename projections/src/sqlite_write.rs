@@ -97,18 +97,22 @@ pub struct Writer {
 
 impl Writer {
     /// Opens the writing connection to an existing, migrated database and
-    /// starts its thread.
-    pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Self, ProjectionError> {
+    /// starts its thread; `cache_kib` is its page cache.
+    pub(crate) fn open(
+        path: &Path,
+        busy_timeout: Duration,
+        cache_kib: u32,
+    ) -> Result<Self, ProjectionError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(busy_timeout)?;
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             // As the sqlx connections (crate::db): WAL, a crash of the
             // process loses nothing committed, statement journals in memory;
             // checkpoints run beside the writer, not in its commits.
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-             PRAGMA cache_size = -65536; PRAGMA temp_store = memory; \
+             PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = memory; \
              PRAGMA journal_size_limit = 67108864; PRAGMA wal_autocheckpoint = 0;",
-        )?;
+        ))?;
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
         let wal = PathBuf::from(wal);

@@ -374,7 +374,8 @@ pub struct EmbeddedSettings {
     pub synchronous: Synchronous,
     /// Seconds between compaction/retention runs.
     pub maintenance_interval_secs: u64,
-    /// Newest records kept in memory per partition for consumers that keep up.
+    /// Most records kept in memory per partition for consumers that keep up
+    /// (only those some consumer still has to read, and the newest 64).
     pub tail_records: usize,
 }
 

@@ -11,7 +11,9 @@
 //!   loses nothing acknowledged; `synchronous=FULL` extends that to power loss
 //!   at the cost of an fsync per batch.
 //! * Each partition keeps its newest records in memory (the tail), appended by
-//!   the writer after commit; consumers that keep up read from there and wake
+//!   the writer after commit and dropped once every consumer holding the
+//!   partition has read them (`trim_tails`, down to the newest 64, at most
+//!   `tail_records`); consumers that keep up read from there and wake
 //!   on their topics' watch channels (a commit wakes only the consumers of
 //!   the topics it wrote), so produce-to-consume needs no SQL read. Consumers
 //!   that are behind read from reading connections of their own (rusqlite,
@@ -30,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +55,13 @@ use super::{
 const MAX_BATCH: usize = 8192;
 /// How often the write-ahead log is checkpointed into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// Page cache of each connection to the log, in SQLite's units (negative:
+/// KiB): 2 MiB, SQLite's default. The writer appends at the right edge of
+/// the records' B-tree and readers read ranges once, so a larger cache kept
+/// pages nobody asks for again; at 32 MiB per connection the caches were
+/// about 1.9 KiB of the memory per idle session at 10,000 sessions
+/// (BENCHMARKS.md). The operating system's page cache holds the file.
+const CACHE_SIZE: i64 = -2048;
 /// Appends one record (a cached prepared statement of the writer).
 const INSERT_RECORD: &str =
     "INSERT INTO records (tid, part, off, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -81,7 +90,9 @@ pub struct EmbeddedConfig {
     pub synchronous: Synchronous,
     /// How often compaction and retention run.
     pub maintenance_interval: Duration,
-    /// Records kept in memory per partition for consumers that keep up.
+    /// Most records kept in memory per partition for consumers that keep up;
+    /// a partition keeps only what some consumer still has to read (and at
+    /// least the newest 64).
     pub tail_records: usize,
     /// Tombstones on compacted topics are removed after this long.
     pub tombstone_retention: Duration,
@@ -121,6 +132,21 @@ struct Tail {
 
 struct PartitionState {
     tail: RwLock<Tail>,
+}
+
+/// Fewest records a partition's tail keeps once every consumer has read
+/// them: the records a consumer that is handed the partition (a rebalance, a
+/// restart) most likely starts from, its group's last commit being at most a
+/// batch behind.
+const TAIL_KEEP: usize = 64;
+
+/// How far one consumer has read its assigned partitions: a tail keeps only
+/// records that some consumer has yet to read, beyond [`TAIL_KEEP`] (see
+/// [`trim_tails`]).
+struct Cursor {
+    /// Per entry of the consumer's assignment, in its order: the topic, the
+    /// partition and the consumer's position in it.
+    marks: Vec<(Arc<TopicState>, usize, AtomicI64)>,
 }
 
 struct TopicState {
@@ -182,6 +208,8 @@ struct Inner {
     /// Transactions the writer has committed; the checkpointer skips a
     /// round when it has not moved.
     commits: AtomicU64,
+    /// The cursors of the consumers that hold an assignment.
+    cursors: Mutex<Vec<Weak<Cursor>>>,
 }
 
 /// The embedded durable log.
@@ -225,7 +253,7 @@ impl EmbeddedBus {
                 Synchronous::Full => SqliteSynchronous::Full,
             })
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-32768")
+            .pragma("cache_size", CACHE_SIZE.to_string())
             // Checkpoints run on their own connection (checkpoint_task), not
             // inside a producer's commit, where they would add milliseconds.
             .pragma("wal_autocheckpoint", "0")
@@ -256,6 +284,7 @@ impl EmbeddedBus {
             group_changed: watch::channel(0).0,
             next_member: AtomicU64::new(1),
             commits: AtomicU64::new(0),
+            cursors: Mutex::new(Vec::new()),
         });
         load_topics(&inner, &mut writer_conn).await?;
         writer_conn.close().await?;
@@ -324,7 +353,7 @@ fn open_writing(config: &EmbeddedConfig) -> Result<rusqlite::Connection, BusErro
     };
     conn.pragma_update(None, "synchronous", synchronous)
         .map_err(|e| storage_error(&e))?;
-    conn.pragma_update(None, "cache_size", -32768)
+    conn.pragma_update(None, "cache_size", CACHE_SIZE)
         .map_err(|e| storage_error(&e))?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(|e| storage_error(&e))?;
@@ -409,7 +438,7 @@ fn open_reading(path: &std::path::Path) -> Result<rusqlite::Connection, BusError
     .map_err(|e| storage_error(&e))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(|e| storage_error(&e))?;
-    conn.pragma_update(None, "cache_size", -32768)
+    conn.pragma_update(None, "cache_size", CACHE_SIZE)
         .map_err(|e| storage_error(&e))?;
     Ok(conn)
 }
@@ -708,6 +737,7 @@ fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        trim_tails(&strong);
         let commits = strong.commits.load(Ordering::Relaxed);
         drop(strong);
         if commits == checkpointed {
@@ -716,6 +746,68 @@ fn checkpoint_thread(inner: &Weak<Inner>, conn: &rusqlite::Connection) {
         checkpointed = commits;
         if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
             tracing::warn!(error = %e, "embedded log: checkpoint failed");
+        }
+    }
+}
+
+/// Drops from the partitions' tails the records every consumer holding the
+/// partition has read, down to [`TAIL_KEEP`] (a partition nobody holds keeps
+/// that many), and gives back the room of a tail that shrank. The tails
+/// serve consumers that keep up; bounded only by `tail_records` per
+/// partition (4,096 by default, 132 partitions), they kept every login's
+/// events of the last thousands of sessions in memory, about 1.7 KiB per
+/// idle session at 10,000 sessions (BENCHMARKS.md). A consumer that is
+/// behind keeps what it has yet to read (up to `tail_records`), so trimming
+/// never sends a consumer that keeps up to the database; one handed a
+/// partition with its group's commit more than [`TAIL_KEEP`] behind reads
+/// the difference from there.
+fn trim_tails(inner: &Inner) {
+    let cursors: Vec<Arc<Cursor>> = {
+        let mut list = inner.cursors.lock().expect("cursors lock");
+        list.retain(|c| c.strong_count() > 0);
+        list.iter().filter_map(Weak::upgrade).collect()
+    };
+    // The lowest position over the consumers holding each partition.
+    let mut low: HashMap<(i64, usize), i64> = HashMap::new();
+    for cursor in &cursors {
+        for (topic, partition, mark) in &cursor.marks {
+            let mark = mark.load(Ordering::Relaxed);
+            low.entry((topic.id, *partition))
+                .and_modify(|l| *l = (*l).min(mark))
+                .or_insert(mark);
+        }
+    }
+    drop(cursors);
+    let topics: Vec<Arc<TopicState>> = inner
+        .topics
+        .read()
+        .expect("topics lock")
+        .values()
+        .cloned()
+        .collect();
+    for topic in topics {
+        for (index, partition) in topic.partitions.iter().enumerate() {
+            let low = low.get(&(topic.id, index)).copied().unwrap_or(i64::MAX);
+            let trimmable = |tail: &Tail| {
+                let len = tail.records.len();
+                (len > TAIL_KEEP && tail.records.front().is_some_and(|r| r.offset < low))
+                    || tail.records.capacity() > 4 * len.max(TAIL_KEEP)
+            };
+            if !trimmable(&partition.tail.read().expect("tail lock")) {
+                continue;
+            }
+            let mut tail = partition.tail.write().expect("tail lock");
+            while tail.records.len() > TAIL_KEEP
+                && tail.records.front().is_some_and(|r| r.offset < low)
+            {
+                if let Some(old) = tail.records.pop_front() {
+                    tail.start = old.offset + 1;
+                }
+            }
+            let keep = 2 * tail.records.len().max(TAIL_KEEP);
+            if tail.records.capacity() > 2 * keep {
+                tail.records.shrink_to(keep);
+            }
         }
     }
 }
@@ -972,6 +1064,7 @@ impl Bus for EmbeddedBus {
             assignment: Vec::new(),
             assigned_topics: Vec::new(),
             positions: BTreeMap::new(),
+            cursor: None,
             pending: VecDeque::new(),
             next_partition: 0,
             left: false,
@@ -1044,6 +1137,9 @@ struct EmbeddedConsumer {
     /// The topic of each entry of `assignment`.
     assigned_topics: Vec<Arc<TopicState>>,
     positions: BTreeMap<TopicPartition, i64>,
+    /// The positions again, for the tails' trimming (registered in the bus
+    /// while the assignment is held).
+    cursor: Option<Arc<Cursor>>,
     pending: VecDeque<Polled>,
     next_partition: usize,
     left: bool,
@@ -1081,6 +1177,7 @@ impl EmbeddedConsumer {
                     .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
                 self.assigned_topics.clear();
                 self.positions.clear();
+                self.cursor = None;
             }
         }
         if !self.awaiting || !self.pending.is_empty() || !free {
@@ -1132,11 +1229,40 @@ impl EmbeddedConsumer {
             }
         }
         self.awaiting = false;
+        let cursor = Arc::new(Cursor {
+            marks: assigned
+                .iter()
+                .zip(&assigned_topics)
+                .map(|(tp, topic)| {
+                    let position = positions.get(tp).copied().unwrap_or(0);
+                    (
+                        topic.clone(),
+                        tp.partition as usize,
+                        AtomicI64::new(position),
+                    )
+                })
+                .collect(),
+        });
+        self.bus
+            .inner
+            .cursors
+            .lock()
+            .expect("cursors lock")
+            .push(Arc::downgrade(&cursor));
+        self.cursor = Some(cursor);
         self.positions = positions;
         self.assignment = assigned.clone();
         self.assigned_topics = assigned_topics;
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
+    }
+
+    /// Records the position in the assignment's `index`th partition for the
+    /// tails' trimming.
+    fn mark(&self, index: usize, position: i64) {
+        if let Some((_, _, mark)) = self.cursor.as_ref().and_then(|c| c.marks.get(index)) {
+            mark.store(position, Ordering::Relaxed);
+        }
     }
 
     /// Gives up the partitions of a delivered `Revoked` and wakes the
@@ -1159,7 +1285,7 @@ impl EmbeddedConsumer {
     async fn fetch(&mut self) -> Result<Vec<Record>, BusError> {
         let mut out = Vec::new();
         // Positions move only when the records are returned (cancel safety).
-        let mut moved: Vec<(TopicPartition, i64)> = Vec::new();
+        let mut moved: Vec<(usize, TopicPartition, i64)> = Vec::new();
         let n = self.assignment.len();
         for i in 0..n {
             if out.len() >= self.config.max_batch {
@@ -1215,15 +1341,18 @@ impl EmbeddedConsumer {
                         .read()
                         .expect("tail lock")
                         .start;
-                    moved.push((tp.clone(), start));
+                    moved.push((index, tp.clone(), start));
                     continue;
                 }
             }
             if let Some(last) = out[before..].last() {
-                moved.push((tp, last.offset + 1));
+                moved.push((index, tp, last.offset + 1));
             }
         }
-        self.positions.extend(moved);
+        for (index, tp, position) in moved {
+            self.mark(index, position);
+            self.positions.insert(tp, position);
+        }
         if n > 0 {
             self.next_partition = (self.next_partition + 1) % n;
         }
@@ -1235,6 +1364,7 @@ impl EmbeddedConsumer {
             return;
         }
         self.left = true;
+        self.cursor = None;
         let inner = &self.bus.inner;
         {
             let mut groups = inner.groups.lock().expect("groups lock");
@@ -1323,6 +1453,9 @@ impl Consumer for EmbeddedConsumer {
             return Err(BusError::NotAssigned(tp.clone()));
         }
         self.positions.insert(tp.clone(), offset.max(0));
+        if let Some(index) = self.assignment.iter().position(|a| a == tp) {
+            self.mark(index, offset.max(0));
+        }
         Ok(())
     }
 
@@ -1356,5 +1489,148 @@ impl Consumer for EmbeddedConsumer {
 impl Drop for EmbeddedConsumer {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn records(consumer: &mut Box<dyn Consumer>) -> Vec<Record> {
+        loop {
+            match consumer.poll(Duration::from_secs(5)).await.expect("poll") {
+                Polled::Records(records) => return records,
+                Polled::Idle => panic!("no records within 5 s"),
+                Polled::Assigned(_) | Polled::Revoked(_) => {}
+            }
+        }
+    }
+
+    async fn assigned(consumer: &mut Box<dyn Consumer>) {
+        loop {
+            match consumer.poll(Duration::from_secs(5)).await.expect("poll") {
+                Polled::Assigned(_) => return,
+                Polled::Idle => panic!("no assignment within 5 s"),
+                Polled::Records(r) => panic!("records before the assignment: {}", r.len()),
+                Polled::Revoked(_) => {}
+            }
+        }
+    }
+
+    /// (start, records held, capacity) of the tail of `topic`'s partition 0.
+    fn tail(bus: &EmbeddedBus, topic: &str) -> (i64, usize, usize) {
+        let topic = bus.topic(topic).expect("topic");
+        let tail = topic.partitions[0].tail.read().expect("tail lock");
+        (tail.start, tail.records.len(), tail.records.capacity())
+    }
+
+    fn value(record: &Record) -> String {
+        String::from_utf8(record.value.as_deref().expect("value").to_vec()).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn tails_keep_what_a_consumer_has_yet_to_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("log.db")))
+            .await
+            .expect("open");
+        bus.create_topics(&[TopicConfig::log("t", 1)])
+            .await
+            .expect("topic");
+        let mut a = bus
+            .consumer(ConsumerConfig {
+                max_batch: 100,
+                ..ConsumerConfig::new("a", &["t"])
+            })
+            .await
+            .expect("consumer a");
+        assigned(&mut a).await;
+        for i in 0..300 {
+            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
+                .await
+                .expect("produce");
+        }
+        let first = records(&mut a).await;
+        assert_eq!(first.len(), 100);
+        trim_tails(&bus.inner);
+        // What `a` has read is gone; what it has not is kept.
+        assert_eq!(tail(&bus, "t").0, 100);
+        assert_eq!(tail(&bus, "t").1, 200);
+
+        // A consumer from the start reads the trimmed part from the
+        // database and the rest from the tail, in order, unchanged.
+        let mut b = bus
+            .consumer(ConsumerConfig::new("b", &["t"]))
+            .await
+            .expect("consumer b");
+        let mut read = Vec::new();
+        while read.len() < 300 {
+            read.extend(records(&mut b).await);
+        }
+        let offsets: Vec<i64> = read.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (0..300).collect::<Vec<i64>>());
+        assert!(
+            read.iter()
+                .enumerate()
+                .all(|(i, r)| value(r) == format!("v{i}"))
+        );
+        // `a` is still at 100: nothing it has to read went.
+        trim_tails(&bus.inner);
+        assert_eq!(tail(&bus, "t").0, 100);
+
+        let mut rest = Vec::new();
+        while rest.len() < 200 {
+            rest.extend(records(&mut a).await);
+        }
+        assert_eq!(rest.first().map(|r| r.offset), Some(100));
+        trim_tails(&bus.inner);
+        // Both have read everything: the tail keeps its last TAIL_KEEP and
+        // gives its room back.
+        let (start, held, capacity) = tail(&bus, "t");
+        assert_eq!((start, held), (300 - TAIL_KEEP as i64, TAIL_KEEP));
+        assert!(capacity <= 4 * TAIL_KEEP, "capacity {capacity}");
+
+        // With no consumer at all, a partition keeps TAIL_KEEP.
+        drop((a, b));
+        for i in 300..310 {
+            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
+                .await
+                .expect("produce");
+        }
+        trim_tails(&bus.inner);
+        let (start, held, _) = tail(&bus, "t");
+        assert_eq!((start, held), (310 - TAIL_KEEP as i64, TAIL_KEEP));
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_seeks_back_keeps_the_tail_from_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bus = EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("log.db")))
+            .await
+            .expect("open");
+        bus.create_topics(&[TopicConfig::log("t", 1)])
+            .await
+            .expect("topic");
+        let mut a = bus
+            .consumer(ConsumerConfig::new("a", &["t"]))
+            .await
+            .expect("consumer a");
+        assigned(&mut a).await;
+        for i in 0..200 {
+            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
+                .await
+                .expect("produce");
+        }
+        let mut read = 0;
+        while read < 200 {
+            read += records(&mut a).await.len();
+        }
+        a.seek(&TopicPartition::new("t", 0), 20)
+            .await
+            .expect("seek");
+        trim_tails(&bus.inner);
+        assert_eq!(tail(&bus, "t").0, 20);
+        let again = records(&mut a).await;
+        assert_eq!(again.first().map(value).as_deref(), Some("v20"));
     }
 }

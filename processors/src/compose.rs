@@ -60,13 +60,13 @@
 //! Every function here is pure and deterministic: the same events in any
 //! batching give the same state (checked by property tests below).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use switchboard_schemas::events::{
     Availability, ComposedPresence, LineState, ManualState, ManualStatusClearReason,
-    PresenceSource, Show,
+    PresenceSource, PresenceSources, Show,
 };
 use switchboard_schemas::{BareJid, Envelope, Event};
 use uuid::Uuid;
@@ -314,14 +314,19 @@ impl UserPresence {
                 Availability::Unavailable,
                 None,
                 None,
-                BTreeSet::from([PresenceSource::Manual]),
+                PresenceSources::from([PresenceSource::Manual]),
             );
         }
         if self.devices.is_empty() {
-            return composed(Availability::Unavailable, None, None, BTreeSet::new());
+            return composed(
+                Availability::Unavailable,
+                None,
+                None,
+                PresenceSources::new(),
+            );
         }
         let third_party = self.third_party_assertion();
-        let mut sources = BTreeSet::from([PresenceSource::Device]);
+        let mut sources = PresenceSources::from([PresenceSource::Device]);
         if self.manual.is_some() {
             sources.insert(PresenceSource::Manual);
         }
@@ -381,7 +386,12 @@ impl UserPresence {
             .max_by_key(|(i, d)| (d.priority, std::cmp::Reverse(*i)))
             .map(|(_, d)| d);
         let Some(best) = best else {
-            return composed(Availability::Unavailable, None, None, BTreeSet::new());
+            return composed(
+                Availability::Unavailable,
+                None,
+                None,
+                PresenceSources::new(),
+            );
         };
         let (availability, show) = match &best.show {
             None | Some(Show::Chat) => (Availability::Available, best.show.clone()),
@@ -740,7 +750,7 @@ mod tests {
         composer.compose(&alice())
     }
 
-    fn sources(list: &[PresenceSource]) -> BTreeSet<PresenceSource> {
+    fn sources(list: &[PresenceSource]) -> PresenceSources {
         list.iter().cloned().collect()
     }
 

@@ -40,7 +40,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use switchboard_schemas::events::{Availability, ComposedPresence, DefaultPolicy, PolicyItem};
+use switchboard_schemas::events::{
+    Availability, ComposedPresence, DefaultPolicy, PolicyItem, PresenceSources,
+};
 use switchboard_schemas::{BareJid, Envelope, Event};
 
 /// The deployment-wide authorization settings (SPEC.md §6).
@@ -282,7 +284,7 @@ impl UserPolicy {
                 availability: Availability::Unavailable,
                 show: None,
                 status: None,
-                sources: BTreeSet::new(),
+                sources: PresenceSources::new(),
             }
         }
     }
@@ -386,7 +388,7 @@ mod tests {
             availability: Availability::Dnd,
             show: Some(Show::Dnd),
             status: Some("busy".to_owned()),
-            sources: BTreeSet::from([PresenceSource::Device]),
+            sources: PresenceSources::from([PresenceSource::Device]),
         }
     }
 

@@ -44,7 +44,7 @@ use switchboard_infra::bus::{
     positions_after,
 };
 use switchboard_schemas::events::{
-    Availability, ComposedPresence, ManualStatusClearReason, ManualStatusCleared,
+    Availability, ComposedPresence, ManualStatusClearReason, ManualStatusCleared, PresenceSources,
 };
 use switchboard_schemas::topics::{Topic, full_name};
 use switchboard_schemas::{BareJid, Envelope, Event, NodeId};
@@ -90,7 +90,7 @@ fn unavailable(user: &BareJid) -> ComposedPresence {
         availability: Availability::Unavailable,
         show: None,
         status: None,
-        sources: BTreeSet::new(),
+        sources: PresenceSources::new(),
     }
 }
 

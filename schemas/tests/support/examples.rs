@@ -2,7 +2,7 @@
 //! the golden file of an entry that has none from its example here; golden
 //! files are reviewed by hand and never rewritten by a test.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::json;
@@ -252,7 +252,7 @@ pub fn examples() -> Vec<Envelope> {
                 availability: Availability::OnCall,
                 show: Some(Show::Dnd),
                 status: Some("On the phone".to_owned()),
-                sources: BTreeSet::from([
+                sources: switchboard_schemas::events::PresenceSources::from([
                     PresenceSource::Device,
                     PresenceSource::Phone,
                     PresenceSource::Calendar,

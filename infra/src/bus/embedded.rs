@@ -212,6 +212,18 @@ struct Inner {
     cursors: Mutex<Vec<Weak<Cursor>>>,
 }
 
+impl Inner {
+    /// The topics, as of now.
+    fn all_topics(&self) -> Vec<Arc<TopicState>> {
+        self.topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
 /// The embedded durable log.
 #[derive(Clone)]
 pub struct EmbeddedBus {
@@ -778,13 +790,7 @@ fn trim_tails(inner: &Inner) {
         }
     }
     drop(cursors);
-    let topics: Vec<Arc<TopicState>> = inner
-        .topics
-        .read()
-        .expect("topics lock")
-        .values()
-        .cloned()
-        .collect();
+    let topics = inner.all_topics();
     for topic in topics {
         for (index, partition) in topic.partitions.iter().enumerate() {
             let low = low.get(&(topic.id, index)).copied().unwrap_or(i64::MAX);
@@ -873,13 +879,7 @@ async fn maintenance_task(inner: Weak<Inner>) {
 /// Compaction of compacted topics and retention of delete topics. Runs on the
 /// writer's connection, between batches.
 fn maintain(inner: &Inner, conn: &rusqlite::Connection) -> Result<(), BusError> {
-    let topics: Vec<Arc<TopicState>> = inner
-        .topics
-        .read()
-        .expect("topics lock")
-        .values()
-        .cloned()
-        .collect();
+    let topics = inner.all_topics();
     let now = now_ms();
     for topic in topics {
         match topic.cleanup {
@@ -1524,6 +1524,26 @@ mod tests {
         (tail.start, tail.records.len(), tail.records.capacity())
     }
 
+    /// A log in `dir` with one topic `t` of one partition.
+    async fn one_partition(dir: &tempfile::TempDir) -> EmbeddedBus {
+        let bus = EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("log.db")))
+            .await
+            .expect("open");
+        bus.create_topics(&[TopicConfig::log("t", 1)])
+            .await
+            .expect("topic");
+        bus
+    }
+
+    /// Produces `v<i>` for every `i` of `range` to `t`.
+    async fn produce(bus: &EmbeddedBus, range: std::ops::Range<usize>) {
+        for i in range {
+            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
+                .await
+                .expect("produce");
+        }
+    }
+
     fn value(record: &Record) -> String {
         String::from_utf8(record.value.as_deref().expect("value").to_vec()).expect("utf-8")
     }
@@ -1531,12 +1551,7 @@ mod tests {
     #[tokio::test]
     async fn tails_keep_what_a_consumer_has_yet_to_read() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bus = EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("log.db")))
-            .await
-            .expect("open");
-        bus.create_topics(&[TopicConfig::log("t", 1)])
-            .await
-            .expect("topic");
+        let bus = one_partition(&dir).await;
         let mut a = bus
             .consumer(ConsumerConfig {
                 max_batch: 100,
@@ -1545,11 +1560,7 @@ mod tests {
             .await
             .expect("consumer a");
         assigned(&mut a).await;
-        for i in 0..300 {
-            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
-                .await
-                .expect("produce");
-        }
+        produce(&bus, 0..300).await;
         let first = records(&mut a).await;
         assert_eq!(first.len(), 100);
         trim_tails(&bus.inner);
@@ -1592,11 +1603,7 @@ mod tests {
 
         // With no consumer at all, a partition keeps TAIL_KEEP.
         drop((a, b));
-        for i in 300..310 {
-            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
-                .await
-                .expect("produce");
-        }
+        produce(&bus, 300..310).await;
         trim_tails(&bus.inner);
         let (start, held, _) = tail(&bus, "t");
         assert_eq!((start, held), (310 - TAIL_KEEP as i64, TAIL_KEEP));
@@ -1605,22 +1612,13 @@ mod tests {
     #[tokio::test]
     async fn a_consumer_that_seeks_back_keeps_the_tail_from_there() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let bus = EmbeddedBus::open(EmbeddedConfig::new(dir.path().join("log.db")))
-            .await
-            .expect("open");
-        bus.create_topics(&[TopicConfig::log("t", 1)])
-            .await
-            .expect("topic");
+        let bus = one_partition(&dir).await;
         let mut a = bus
             .consumer(ConsumerConfig::new("a", &["t"]))
             .await
             .expect("consumer a");
         assigned(&mut a).await;
-        for i in 0..200 {
-            bus.produce("t", b"k", Some(format!("v{i}").as_bytes()))
-                .await
-                .expect("produce");
-        }
+        produce(&bus, 0..200).await;
         let mut read = 0;
         while read < 200 {
             read += records(&mut a).await.len();

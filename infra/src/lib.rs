@@ -7,4 +7,5 @@
 pub mod bus;
 pub mod config;
 pub mod metrics;
+pub mod sqlite_wal;
 pub mod tls;

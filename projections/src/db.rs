@@ -179,8 +179,11 @@ impl SqliteFile {
             // Statement journals (multi-row upserts, triggers) stay in memory.
             .pragma("temp_store", "memory")
             // A write-ahead log that grew in a burst is cut back to this
-            // when it starts again.
-            .pragma("journal_size_limit", "67108864");
+            // when it starts again (in steady state it is not cut).
+            .pragma(
+                "journal_size_limit",
+                switchboard_infra::sqlite_wal::JOURNAL_SIZE_LIMIT.to_string(),
+            );
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))

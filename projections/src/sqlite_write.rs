@@ -21,21 +21,18 @@
 //! ever works on a snapshot another writer has moved on from.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior, params};
+use switchboard_infra::sqlite_wal::{self, WalReset};
 use tokio::sync::oneshot;
 
 use crate::compliance::{self, ComplianceRecord};
 use crate::db::{Applied, Ops, PositionUpdate, push_owner_token};
 use crate::rows::{ArchiveRow, FileRow, RosterOp, SessionOp, SessionStep};
 use crate::{ProjectionError, sql};
-
-/// Size of the write-ahead log past which the writer runs a passive
-/// checkpoint after its transaction (see [`Writer::reset_large_wal`]).
-const WAL_RESET_BYTES: u64 = 128 << 20;
 
 /// SQLite: one archived message's content (its rowid chosen by the writer).
 const MESSAGE_INSERT: &str = "INSERT INTO archive_messages (row_id, archive_id, at_us, kind, \
@@ -111,15 +108,13 @@ impl Writer {
             // checkpoints run beside the writer, not in its commits.
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
              PRAGMA cache_size = -{cache_kib}; PRAGMA temp_store = memory; \
-             PRAGMA journal_size_limit = 67108864; PRAGMA wal_autocheckpoint = 0;",
+             PRAGMA journal_size_limit = {}; PRAGMA wal_autocheckpoint = 0;",
+            sqlite_wal::JOURNAL_SIZE_LIMIT
         ))?;
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        let wal = PathBuf::from(wal);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("projections-writer".to_owned())
-            .spawn(move || run(conn, &wal, &rx))
+            .spawn(move || run(conn, &rx))
             .map_err(|e| ProjectionError::Task(format!("projections writer thread: {e}")))?;
         Ok(Writer {
             jobs: Arc::new(Mutex::new(Some(tx))),
@@ -183,7 +178,8 @@ fn closed() -> ProjectionError {
 }
 
 /// The writer thread: jobs in order until closed (or every handle is gone).
-fn run(mut conn: Connection, wal: &Path, jobs: &std::sync::mpsc::Receiver<Job>) {
+fn run(mut conn: Connection, jobs: &std::sync::mpsc::Receiver<Job>) {
+    let wal = WalReset::install(&conn, "projections");
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Apply {
@@ -194,7 +190,7 @@ fn run(mut conn: Connection, wal: &Path, jobs: &std::sync::mpsc::Receiver<Job>) 
                 reply,
             } => {
                 let result = apply(&mut conn, &group, &positions, &ops, plan.as_ref());
-                reset_large_wal(&conn, wal);
+                wal.after_commit(&conn);
                 let _ = reply.send(result);
             }
             Job::Chain { entries, reply } => {
@@ -207,24 +203,6 @@ fn run(mut conn: Connection, wal: &Path, jobs: &std::sync::mpsc::Receiver<Job>) 
                 return;
             }
         }
-    }
-}
-
-/// Under writes that never pause (a long replay, a bulk fill) the passive
-/// checkpoints beside the writer never reach the end of the write-ahead
-/// log, and SQLite starts the log file again only once one does, so the log
-/// grows without bound (25 GB in two minutes of archive fill). Past
-/// [`WAL_RESET_BYTES`] the writer itself, between transactions and the
-/// only writer, runs a passive checkpoint: with no write in between it
-/// reaches the end (unless a reader holds an older snapshot; the next
-/// transaction tries again), the next transaction starts the log again and
-/// its commit cuts the file to `journal_size_limit`. Not `TRUNCATE`, which
-/// waits in the busy handler for every reader to leave the log.
-fn reset_large_wal(conn: &Connection, wal: &Path) {
-    if std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_RESET_BYTES)
-        && let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-    {
-        tracing::warn!(error = %e, "projections: writer's checkpoint failed");
     }
 }
 

@@ -46,6 +46,8 @@ use sqlx::{Connection, Row};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::sqlite_wal::{self, WalReset};
+
 use super::{
     Bus, BusError, CleanupPolicy, Consumer, ConsumerConfig, Delivery, Polled, Record, StartFrom,
     TopicConfig, TopicPartition, partition_for_key,
@@ -269,7 +271,10 @@ impl EmbeddedBus {
             // Checkpoints run on their own connection (checkpoint_task), not
             // inside a producer's commit, where they would add milliseconds.
             .pragma("wal_autocheckpoint", "0")
-            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT.to_string());
+            .pragma(
+                "journal_size_limit",
+                sqlite_wal::JOURNAL_SIZE_LIMIT.to_string(),
+            );
         let mut writer_conn = SqliteConnection::connect_with(&options).await?;
         sqlx::migrate!("./migrations/embedded_log")
             .run_direct(None, &mut writer_conn, false)
@@ -369,7 +374,7 @@ fn open_writing(config: &EmbeddedConfig) -> Result<rusqlite::Connection, BusErro
         .map_err(|e| storage_error(&e))?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(|e| storage_error(&e))?;
-    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+    conn.pragma_update(None, "journal_size_limit", sqlite_wal::JOURNAL_SIZE_LIMIT)
         .map_err(|e| storage_error(&e))?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
@@ -572,12 +577,7 @@ fn writer_thread(
     let mut produces = Vec::with_capacity(MAX_BATCH);
     let mut commits = Vec::new();
     let mut maintains = Vec::new();
-    conn.wal_hook(Some(note_wal_frames));
-    // A frame is a page and its 24-byte header.
-    let frame_bytes = conn
-        .pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))
-        .unwrap_or(4096)
-        + 24;
+    let wal = WalReset::install(&conn, "embedded log");
     while let Some(first) = rx.blocking_recv() {
         let mut op = Some(first);
         let mut taken = 0;
@@ -657,7 +657,7 @@ fn writer_thread(
                 }
             }
         }
-        reset_large_wal(&conn, frame_bytes, WAL_RESET_BYTES);
+        wal.after_commit(&conn);
         for reply in maintains.drain(..) {
             let result = match inner.upgrade() {
                 Some(inner) => maintain(&inner, &conn),
@@ -817,58 +817,6 @@ fn trim_tails(inner: &Inner) {
                 tail.records.shrink_to(keep);
             }
         }
-    }
-}
-
-/// Size of the write-ahead log past which the writer itself checkpoints it
-/// between batches, so that the log starts again.
-const WAL_RESET_BYTES: i64 = 128 << 20;
-
-/// What a write-ahead log that starts again is cut to: above
-/// [`WAL_RESET_BYTES`], so that in steady state the file is reused from its
-/// start and never cut. Cutting it is the writer's work, inside a commit,
-/// and freeing the blocks (on a file system mounted with `discard`, a
-/// synchronous discard per extent) took 22-32 ms each time: with the limit
-/// at 64 MiB, every producer stalled about 50 ms every 1.8 s at 2,000 XMPP
-/// messages/s (BENCHMARKS.md, p99 at 2,000 messages/s). Only a log that
-/// grew past this (a reader holding an old snapshot) is cut.
-const JOURNAL_SIZE_LIMIT: i64 = 256 << 20;
-
-thread_local! {
-    /// Frames in the write-ahead log after the last commit on this thread
-    /// (the writer's), from SQLite's WAL hook.
-    static WAL_FRAMES: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
-}
-
-/// SQLite's WAL hook (`sqlite3_wal_hook`): called after each commit with
-/// the frames now in the log.
-fn note_wal_frames(_: &rusqlite::hooks::Wal, frames: std::ffi::c_int) -> rusqlite::Result<()> {
-    WAL_FRAMES.with(|f| f.set(i64::from(frames)));
-    Ok(())
-}
-
-/// Under writes that never pause, the passive checkpoints beside the writer
-/// never reach the end of the write-ahead log, and SQLite starts the log
-/// file again only once one does, so it grows without bound. Past
-/// [`WAL_RESET_BYTES`] the writer, the only one and between its batches,
-/// runs a passive checkpoint itself: with no write in between it reaches the
-/// end (unless a reader still holds an older snapshot; then the next batch
-/// tries again), and the next transaction starts the log from the
-/// beginning. The size is what is in use (frames since the log started,
-/// from the WAL hook, of `frame_bytes` each), not the file's: the file keeps
-/// its size ([`JOURNAL_SIZE_LIMIT`]). Passive, not `TRUNCATE`: that one
-/// waits in the busy handler for every reader to leave the log, which
-/// stalled producers for tens of milliseconds (BENCHMARKS.md, p99 at 2,000
-/// messages/s).
-fn reset_large_wal(conn: &rusqlite::Connection, frame_bytes: i64, reset_bytes: i64) {
-    if WAL_FRAMES.with(std::cell::Cell::get) * frame_bytes <= reset_bytes {
-        return;
-    }
-    match conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)") {
-        // The next commit reports the new count (small if the log started
-        // again, large again if a reader kept it from starting).
-        Ok(()) => WAL_FRAMES.with(|f| f.set(0)),
-        Err(e) => tracing::warn!(error = %e, "embedded log: writer's checkpoint failed"),
     }
 }
 
@@ -1631,45 +1579,6 @@ mod tests {
         trim_tails(&bus.inner);
         let (start, held, _) = tail(&bus, "t");
         assert_eq!((start, held), (310 - TAIL_KEEP as i64, TAIL_KEEP));
-    }
-
-    /// The log's size in use comes from the WAL hook; past the limit the
-    /// writer's checkpoint lets the log start again at the next commit,
-    /// from the start of the same file (not cut, so no blocks are freed).
-    #[test]
-    fn a_large_log_starts_again_in_the_same_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("wal.db");
-        let conn = rusqlite::Connection::open(&path).expect("open");
-        conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
-             PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}; \
-             CREATE TABLE t (v BLOB);"
-        ))
-        .expect("set up");
-        conn.wal_hook(Some(note_wal_frames));
-        let frame_bytes = 4096 + 24;
-        let reset_bytes = 1 << 20;
-        let write = |n: usize| {
-            for _ in 0..n {
-                conn.execute("INSERT INTO t (v) VALUES (zeroblob(3000))", [])
-                    .expect("insert");
-            }
-        };
-        let frames = || WAL_FRAMES.with(std::cell::Cell::get);
-        write(600);
-        let grown = frames();
-        assert!(grown * frame_bytes > reset_bytes, "{grown} frames");
-        // Under the limit nothing happens; the log keeps growing.
-        reset_large_wal(&conn, frame_bytes, grown * frame_bytes);
-        write(1);
-        assert!(frames() > grown);
-        let wal = dir.path().join("wal.db-wal");
-        let file_size = std::fs::metadata(&wal).expect("wal").len();
-        reset_large_wal(&conn, frame_bytes, reset_bytes);
-        write(1);
-        assert!(frames() < 10, "{} frames after the reset", frames());
-        assert_eq!(std::fs::metadata(&wal).expect("wal").len(), file_size);
     }
 
     #[tokio::test]

@@ -12,7 +12,6 @@
 //! per transaction; `BENCH_READ_ONLY=1` first times reading the log alone).
 //! Prints a Markdown table for BENCHMARKS.md.
 
-
 /// The `switchboard` binary's allocator (`src/main.rs`), so that the figures
 /// are those of `switchboard serve`, which runs the projections in-process.
 #[global_allocator]

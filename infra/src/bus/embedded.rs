@@ -58,11 +58,12 @@ const MAX_BATCH: usize = 8192;
 /// How often the write-ahead log is checkpointed into the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// Page cache of each connection to the log, in SQLite's units (negative:
-/// KiB): 2 MiB, about SQLite's default (2,000 KiB). The writer appends at the right edge of
-/// the records' B-tree and readers read ranges once, so a larger cache kept
-/// pages nobody asks for again; at 32 MiB per connection the caches were
-/// about 1.9 KiB of the memory per idle session at 10,000 sessions
-/// (BENCHMARKS.md). The operating system's page cache holds the file.
+/// KiB): 2 MiB, about SQLite's default (2,000 KiB). The writer appends at
+/// the right edge of the records' B-tree and readers read ranges once, so a
+/// larger cache kept pages nobody asks for again; at 32 MiB per connection
+/// the caches were about 1.9 KiB of the memory per idle session at 10,000
+/// sessions (BENCHMARKS.md). The operating system's page cache holds the
+/// file.
 const CACHE_SIZE: i64 = -2048;
 /// Appends one record (a cached prepared statement of the writer).
 const INSERT_RECORD: &str =

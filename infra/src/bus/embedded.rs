@@ -143,8 +143,9 @@ struct PartitionState {
 /// batch behind.
 const TAIL_KEEP: usize = 64;
 
-/// How far one consumer has read its assigned partitions: a tail keeps only
-/// records that some consumer has yet to read, beyond [`TAIL_KEEP`] (see
+/// How far one consumer has read its assigned partitions: its positions,
+/// which it alone moves, and which the bus reads to keep in a tail only the
+/// records some consumer has yet to read, beyond [`TAIL_KEEP`] (see
 /// [`trim_tails`]).
 struct Cursor {
     /// Per entry of the consumer's assignment, in its order: the topic, the
@@ -1035,8 +1036,6 @@ impl Bus for EmbeddedBus {
             generation: 0,
             awaiting: false,
             assignment: Vec::new(),
-            assigned_topics: Vec::new(),
-            positions: BTreeMap::new(),
             cursor: None,
             pending: VecDeque::new(),
             next_partition: 0,
@@ -1107,11 +1106,8 @@ struct EmbeddedConsumer {
     /// are still held by other members, or this one's `Revoked` is queued).
     awaiting: bool,
     assignment: Vec<TopicPartition>,
-    /// The topic of each entry of `assignment`.
-    assigned_topics: Vec<Arc<TopicState>>,
-    positions: BTreeMap<TopicPartition, i64>,
-    /// The positions again, for the tails' trimming (registered in the bus
-    /// while the assignment is held).
+    /// The topic and position of each entry of `assignment` (registered in
+    /// the bus while the assignment is held, for the tails' trimming).
     cursor: Option<Arc<Cursor>>,
     pending: VecDeque<Polled>,
     next_partition: usize,
@@ -1148,8 +1144,6 @@ impl EmbeddedConsumer {
             if !self.assignment.is_empty() {
                 self.pending
                     .push_back(Polled::Revoked(std::mem::take(&mut self.assignment)));
-                self.assigned_topics.clear();
-                self.positions.clear();
                 self.cursor = None;
             }
         }
@@ -1158,10 +1152,9 @@ impl EmbeddedConsumer {
         }
         // Everything that waits comes first, so that a poll cancelled here
         // changes nothing and the next poll starts over (cancel safety).
-        let mut positions = BTreeMap::new();
-        let mut assigned_topics = Vec::with_capacity(assigned.len());
+        let mut marks = Vec::with_capacity(assigned.len());
         for tp in &assigned {
-            assigned_topics.push(self.bus.topic(&tp.topic)?);
+            let topic = self.bus.topic(&tp.topic)?;
             let committed: Option<i64> = sqlx::query_scalar(
                 "SELECT next_offset FROM group_offsets WHERE grp = ? AND topic = ? AND part = ?",
             )
@@ -1174,7 +1167,6 @@ impl EmbeddedConsumer {
                 (Some(offset), _) => offset,
                 (None, StartFrom::Earliest) => 0,
                 (None, StartFrom::Latest) => {
-                    let topic = self.bus.topic(&tp.topic)?;
                     topic.partitions[tp.partition as usize]
                         .tail
                         .read()
@@ -1182,7 +1174,7 @@ impl EmbeddedConsumer {
                         .end
                 }
             };
-            positions.insert(tp.clone(), position);
+            marks.push((topic, tp.partition as usize, AtomicI64::new(position)));
         }
         {
             let mut groups = self.bus.inner.groups.lock().expect("groups lock");
@@ -1202,20 +1194,7 @@ impl EmbeddedConsumer {
             }
         }
         self.awaiting = false;
-        let cursor = Arc::new(Cursor {
-            marks: assigned
-                .iter()
-                .zip(&assigned_topics)
-                .map(|(tp, topic)| {
-                    let position = positions.get(tp).copied().unwrap_or(0);
-                    (
-                        topic.clone(),
-                        tp.partition as usize,
-                        AtomicI64::new(position),
-                    )
-                })
-                .collect(),
-        });
+        let cursor = Arc::new(Cursor { marks });
         self.bus
             .inner
             .cursors
@@ -1223,15 +1202,12 @@ impl EmbeddedConsumer {
             .expect("cursors lock")
             .push(Arc::downgrade(&cursor));
         self.cursor = Some(cursor);
-        self.positions = positions;
         self.assignment = assigned.clone();
-        self.assigned_topics = assigned_topics;
         self.pending.push_back(Polled::Assigned(assigned));
         Ok(())
     }
 
-    /// Records the position in the assignment's `index`th partition for the
-    /// tails' trimming.
+    /// Moves the position in the assignment's `index`th partition.
     fn mark(&self, index: usize, position: i64) {
         if let Some((_, _, mark)) = self.cursor.as_ref().and_then(|c| c.marks.get(index)) {
             mark.store(position, Ordering::Relaxed);
@@ -1257,31 +1233,30 @@ impl EmbeddedConsumer {
     /// different partition each time so that none starves.
     async fn fetch(&mut self) -> Result<Vec<Record>, BusError> {
         let mut out = Vec::new();
+        let Some(cursor) = self.cursor.clone() else {
+            return Ok(out);
+        };
         // Positions move only when the records are returned (cancel safety).
-        let mut moved: Vec<(usize, TopicPartition, i64)> = Vec::new();
-        let n = self.assignment.len();
+        let mut moved: Vec<(usize, i64)> = Vec::new();
+        let n = cursor.marks.len();
         for i in 0..n {
             if out.len() >= self.config.max_batch {
                 break;
             }
             let index = (self.next_partition + i) % n;
-            let tp = self.assignment[index].clone();
-            let position = self.positions.get(&tp).copied().unwrap_or(0);
-            let topic = self.assigned_topics[index].clone();
+            let (topic, partition, mark) = &cursor.marks[index];
+            let position = mark.load(Ordering::Relaxed);
             let want = self.config.max_batch - out.len();
             let before = out.len();
             let from_db = {
-                let tail = topic.partitions[tp.partition as usize]
-                    .tail
-                    .read()
-                    .expect("tail lock");
+                let tail = topic.partitions[*partition].tail.read().expect("tail lock");
                 if position >= tail.end {
                     None
                 } else if position >= tail.start {
                     let first = tail.records.partition_point(|r| r.offset < position);
                     out.extend(tail.records.range(first..).take(want).map(|r| Record {
                         topic: topic.name.clone(),
-                        partition: tp.partition,
+                        partition: *partition as i32,
                         offset: r.offset,
                         key: r.key.clone(),
                         value: r.value.clone(),
@@ -1294,7 +1269,7 @@ impl EmbeddedConsumer {
             };
             if let Some(end) = from_db {
                 let readers = self.bus.inner.record_readers.clone();
-                let (name, tid, partition) = (topic.name.clone(), topic.id, tp.partition);
+                let (name, tid, partition) = (topic.name.clone(), topic.id, *partition as i32);
                 let rows = tokio::task::spawn_blocking(move || {
                     readers.read(&name, tid, partition, position, end, want)
                 })
@@ -1309,22 +1284,21 @@ impl EmbeddedConsumer {
                 out.extend(rows);
                 if out.len() == before {
                     // Everything below the tail was compacted or expired.
-                    let start = topic.partitions[tp.partition as usize]
+                    let start = topic.partitions[partition as usize]
                         .tail
                         .read()
                         .expect("tail lock")
                         .start;
-                    moved.push((index, tp.clone(), start));
+                    moved.push((index, start));
                     continue;
                 }
             }
             if let Some(last) = out[before..].last() {
-                moved.push((index, tp, last.offset + 1));
+                moved.push((index, last.offset + 1));
             }
         }
-        for (index, tp, position) in moved {
+        for (index, position) in moved {
             self.mark(index, position);
-            self.positions.insert(tp, position);
         }
         if n > 0 {
             self.next_partition = (self.next_partition + 1) % n;
@@ -1422,13 +1396,10 @@ impl Consumer for EmbeddedConsumer {
     }
 
     async fn seek(&mut self, tp: &TopicPartition, offset: i64) -> Result<(), BusError> {
-        if !self.assignment.contains(tp) {
+        let Some(index) = self.assignment.iter().position(|a| a == tp) else {
             return Err(BusError::NotAssigned(tp.clone()));
-        }
-        self.positions.insert(tp.clone(), offset.max(0));
-        if let Some(index) = self.assignment.iter().position(|a| a == tp) {
-            self.mark(index, offset.max(0));
-        }
+        };
+        self.mark(index, offset.max(0));
         Ok(())
     }
 

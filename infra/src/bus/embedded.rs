@@ -133,6 +133,18 @@ struct Tail {
     records: VecDeque<TailRecord>,
 }
 
+impl Tail {
+    /// Drops the oldest records while more than `keep` are held and the
+    /// oldest matches `drop`; the tail then covers from the first one kept.
+    fn drop_oldest(&mut self, keep: usize, drop: impl Fn(&TailRecord) -> bool) {
+        while self.records.len() > keep && self.records.front().is_some_and(&drop) {
+            if let Some(old) = self.records.pop_front() {
+                self.start = old.offset + 1;
+            }
+        }
+    }
+}
+
 struct PartitionState {
     tail: RwLock<Tail>,
 }
@@ -730,11 +742,7 @@ fn publish(inner: &Inner, produces: &[PendingProduce], ts: i64) {
             timestamp_ms: ts,
         });
         tail.end = p.offset + 1;
-        while tail.records.len() > limit {
-            if let Some(old) = tail.records.pop_front() {
-                tail.start = old.offset + 1;
-            }
-        }
+        tail.drop_oldest(limit, |_| true);
     }
     for topic in touched {
         topic.appended.send_modify(|v| *v = v.wrapping_add(1));
@@ -807,13 +815,7 @@ fn trim_tails(inner: &Inner) {
                 continue;
             }
             let mut tail = partition.tail.write().expect("tail lock");
-            while tail.records.len() > TAIL_KEEP
-                && tail.records.front().is_some_and(|r| r.offset < low)
-            {
-                if let Some(old) = tail.records.pop_front() {
-                    tail.start = old.offset + 1;
-                }
-            }
+            tail.drop_oldest(TAIL_KEEP, |r| r.offset < low);
             let keep = 2 * tail.records.len().max(TAIL_KEEP);
             if tail.records.capacity() > 2 * keep {
                 tail.records.shrink_to(keep);
@@ -899,16 +901,7 @@ fn maintain(inner: &Inner, conn: &rusqlite::Connection) -> Result<(), BusError> 
                 .map_err(|e| storage_error(&e))?;
                 for partition in &topic.partitions {
                     let mut tail = partition.tail.write().expect("tail lock");
-                    while tail.records.len() > 1
-                        && tail
-                            .records
-                            .front()
-                            .is_some_and(|r| r.timestamp_ms < cutoff)
-                    {
-                        if let Some(old) = tail.records.pop_front() {
-                            tail.start = old.offset + 1;
-                        }
-                    }
+                    tail.drop_oldest(1, |r| r.timestamp_ms < cutoff);
                 }
             }
         }

@@ -147,9 +147,9 @@ async fn fill(db: &Database, messages: usize, users: usize) -> Duration {
                 .await
                 .expect("vacuum");
         }
-        Database::Sqlite { write, .. } => {
+        Database::Sqlite { main, .. } => {
             sqlx::query("ANALYZE")
-                .execute(write)
+                .execute(&main.write)
                 .await
                 .expect("analyze");
         }

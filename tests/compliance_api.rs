@@ -399,7 +399,7 @@ async fn authentication_and_roles(backend: Backend) {
     // Only hashes are stored.
     const TOKENS: &str = "SELECT name, role, secret_hash FROM api_tokens";
     let stored: Vec<(String, String, String)> = match &api.db {
-        Database::Sqlite { write, .. } => sqlx::query_as(TOKENS).fetch_all(write).await,
+        Database::Sqlite { main, .. } => sqlx::query_as(TOKENS).fetch_all(&main.write).await,
         Database::Postgres(pool) => sqlx::query_as(TOKENS).fetch_all(pool).await,
     }
     .unwrap();

@@ -497,13 +497,13 @@ async fn projects_each_kind(f: &dyn DbFixture) {
 /// Message ids of archive rows whose body matches `query`, sorted.
 async fn search(db: &Database, query: &str) -> Vec<String> {
     let mut ids: Vec<String> = match db {
-        Database::Sqlite { read, .. } => sqlx::query_scalar(
+        Database::Sqlite { main, .. } => sqlx::query_scalar(
             "SELECT m.message_id FROM archive_fts f \
              JOIN archive_messages m ON m.row_id = f.rowid \
              JOIN archive a ON a.archive_id = m.archive_id WHERE archive_fts MATCH $1",
         )
         .bind(query)
-        .fetch_all(read)
+        .fetch_all(&main.read)
         .await
         .unwrap(),
         Database::Postgres(pool) => sqlx::query_scalar(

@@ -143,7 +143,7 @@ fn message(n: u64, words: &[String], cdf: &[f64]) -> [ArchiveRow; 2] {
 async fn count(db: &Database) -> i64 {
     const SQL: &str = "SELECT COUNT(*) FROM archive";
     match db {
-        Database::Sqlite { write, .. } => sqlx::query_scalar(SQL).fetch_one(write).await,
+        Database::Sqlite { main, .. } => sqlx::query_scalar(SQL).fetch_one(&main.write).await,
         Database::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
     }
     .expect("count")
@@ -167,10 +167,10 @@ async fn generate(db: &Database, rows: u64, words: &[String], cdf: &[f64]) {
             .expect("insert");
         next = end;
         if next % 250_000 == 0 {
-            if let Database::Sqlite { write, .. } = db {
+            if let Database::Sqlite { main, .. } = db {
                 // Keep the WAL small (no checkpointer runs here).
                 sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                    .execute(write)
+                    .execute(&main.write)
                     .await
                     .expect("checkpoint");
             }
@@ -190,9 +190,9 @@ async fn generate(db: &Database, rows: u64, words: &[String], cdf: &[f64]) {
             .await
             .expect("analyze");
     }
-    if let Database::Sqlite { write, .. } = db {
+    if let Database::Sqlite { main, .. } = db {
         sqlx::query("ANALYZE")
-            .execute(write)
+            .execute(&main.write)
             .await
             .expect("analyze");
     }

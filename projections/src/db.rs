@@ -122,19 +122,12 @@ pub enum Applied {
 pub enum Database {
     /// SQLite: two files, each with one writer of projection rows (its own
     /// thread and connection, [`crate::sqlite_write`]), one sqlx connection
-    /// for the other writes (API tokens, resets) and a pool of readers. The
-    /// compliance log has a file of its own (see [`SqliteFile`]); the
-    /// fields here are the main file's (rosters, sessions, archive, files,
-    /// API tokens).
+    /// for the other writes (API tokens, resets) and a pool of readers (see
+    /// [`SqliteFile`]).
     Sqlite {
-        /// The sqlx writing connection (API tokens, resets, migrations).
-        write: SqlitePool,
-        /// Read-only connections.
-        read: SqlitePool,
-        /// The writer of projection rows.
-        #[doc(hidden)]
-        writer: crate::sqlite_write::Writer,
-        /// The compliance log's file.
+        /// Rosters, sessions, archive, files, API tokens.
+        main: Arc<SqliteFile>,
+        /// The compliance log.
         compliance: Arc<SqliteFile>,
     },
     /// PostgreSQL.
@@ -304,6 +297,19 @@ async fn move_compliance_log(
     Ok(())
 }
 
+/// The SQLite file that holds `kind`.
+fn sqlite_file<'a>(
+    main: &'a SqliteFile,
+    compliance: &'a SqliteFile,
+    kind: ProjectionKind,
+) -> &'a SqliteFile {
+    if kind == ProjectionKind::Compliance {
+        compliance
+    } else {
+        main
+    }
+}
+
 impl Database {
     /// Opens (and migrates) the database: PostgreSQL when `url` is a
     /// `postgres://` URL, else SQLite at `sqlite_path`.
@@ -328,9 +334,7 @@ impl Database {
             SqliteFile::open(&compliance_path(path), COMPLIANCE_WRITER_CACHE_KIB).await?;
         move_compliance_log(path, &main, &compliance).await?;
         Ok(Database::Sqlite {
-            write: main.write,
-            read: main.read,
-            writer: main.writer,
+            main: Arc::new(main),
             compliance: Arc::new(compliance),
         })
     }
@@ -360,7 +364,7 @@ impl Database {
     /// The SQLite writing pool, if this is SQLite.
     pub fn sqlite(&self) -> Option<&SqlitePool> {
         match self {
-            Database::Sqlite { write, .. } => Some(write),
+            Database::Sqlite { main, .. } => Some(&main.write),
             Database::Postgres(_) => None,
         }
     }
@@ -376,15 +380,8 @@ impl Database {
     /// Closes the pools.
     pub async fn close(&self) {
         match self {
-            Database::Sqlite {
-                write,
-                read,
-                writer,
-                compliance,
-            } => {
-                writer.close().await;
-                read.close().await;
-                write.close().await;
+            Database::Sqlite { main, compliance } => {
+                main.close().await;
                 compliance.close().await;
             }
             Database::Postgres(pool) => pool.close().await,
@@ -401,10 +398,9 @@ impl Database {
         match self {
             // A reader sees every committed transaction (WAL), without
             // queueing behind the writer.
-            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
-                sqlite::positions(&compliance.read, group).await
+            Database::Sqlite { main, compliance } => {
+                sqlite::positions(&sqlite_file(main, compliance, kind).read, group).await
             }
-            Database::Sqlite { read, .. } => sqlite::positions(read, group).await,
             Database::Postgres(pool) => postgres::positions(pool, group).await,
         }
     }
@@ -419,15 +415,13 @@ impl Database {
         ops: impl Into<Arc<Ops>>,
     ) -> Result<Applied, ProjectionError> {
         match self {
-            Database::Sqlite {
-                writer, compliance, ..
-            } => {
+            Database::Sqlite { main, compliance } => {
                 let ops = ops.into();
-                let writer = match *ops {
-                    Ops::Compliance(_) => &compliance.writer,
-                    _ => writer,
+                let file = match *ops {
+                    Ops::Compliance(_) => compliance,
+                    _ => main,
                 };
-                writer.apply(group, positions, ops).await
+                file.writer.apply(group, positions, ops).await
             }
             Database::Postgres(pool) => {
                 postgres_write::apply(pool, group, positions, &ops.into()).await
@@ -457,10 +451,9 @@ impl Database {
             }
         }
         match self {
-            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
-                sqlite::reset(&compliance.write, kind, group).await
+            Database::Sqlite { main, compliance } => {
+                sqlite::reset(&sqlite_file(main, compliance, kind).write, kind, group).await
             }
-            Database::Sqlite { write, .. } => sqlite::reset(write, kind, group).await,
             Database::Postgres(pool) => postgres::reset(pool, kind, group).await,
         }
     }
@@ -472,10 +465,9 @@ impl Database {
         kind: ProjectionKind,
     ) -> Result<Vec<Vec<Option<String>>>, ProjectionError> {
         match self {
-            Database::Sqlite { compliance, .. } if kind == ProjectionKind::Compliance => {
-                sqlite::snapshot(&compliance.read, kind).await
+            Database::Sqlite { main, compliance } => {
+                sqlite::snapshot(&sqlite_file(main, compliance, kind).read, kind).await
             }
-            Database::Sqlite { read, .. } => sqlite::snapshot(read, kind).await,
             Database::Postgres(pool) => postgres::snapshot(pool, kind).await,
         }
     }

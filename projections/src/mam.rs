@@ -344,7 +344,7 @@ pub async fn run_query(db: &Database, q: &ArchiveQuery) -> Result<Answer, Projec
         }};
     }
     let (mut items, count) = match db {
-        Database::Sqlite { read, .. } => on_pool!(read),
+        Database::Sqlite { main, .. } => on_pool!(&main.read),
         Database::Postgres(pool) => on_pool!(pool),
     };
     let max = usize::try_from(q.max).unwrap_or(usize::MAX);

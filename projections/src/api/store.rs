@@ -137,13 +137,13 @@ pub async fn create_token(
     const INSERT: &str = "INSERT INTO api_tokens (id, name, role, secret_hash, created_us) \
                           VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING";
     let inserted = match db {
-        Database::Sqlite { write, .. } => sqlx::query(INSERT)
+        Database::Sqlite { main, .. } => sqlx::query(INSERT)
             .bind(&info.id)
             .bind(&info.name)
             .bind(&info.role)
             .bind(&hash)
             .bind(info.created_us)
-            .execute(write)
+            .execute(&main.write)
             .await?
             .rows_affected(),
         Database::Postgres(pool) => sqlx::query(INSERT)
@@ -167,10 +167,10 @@ pub async fn revoke_token(db: &Database, name: &str) -> Result<TokenInfo, TokenE
     const REVOKE: &str = "UPDATE api_tokens SET revoked_us = COALESCE(revoked_us, $1) \
                           WHERE name = $2";
     let updated = match db {
-        Database::Sqlite { write, .. } => sqlx::query(REVOKE)
+        Database::Sqlite { main, .. } => sqlx::query(REVOKE)
             .bind(now_us())
             .bind(name)
-            .execute(write)
+            .execute(&main.write)
             .await?
             .rows_affected(),
         Database::Postgres(pool) => sqlx::query(REVOKE)
@@ -209,9 +209,9 @@ pub async fn list_tokens(db: &Database) -> Result<Vec<TokenInfo>, TokenError> {
     let sql = format!("{TOKEN_COLUMNS} ORDER BY id");
     let mut out = Vec::new();
     match db {
-        Database::Sqlite { write, .. } => {
+        Database::Sqlite { main, .. } => {
             for row in sqlx::query(sqlx::AssertSqlSafe(sql))
-                .fetch_all(write)
+                .fetch_all(&main.write)
                 .await?
             {
                 out.push(token_info!(row));
@@ -237,10 +237,10 @@ pub async fn authenticate(
     let sql = format!("{TOKEN_COLUMNS} WHERE secret_hash = $1 AND revoked_us IS NULL");
     let hash = token_hash(token);
     let row = match db {
-        Database::Sqlite { read, .. } => {
+        Database::Sqlite { main, .. } => {
             match sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(hash)
-                .fetch_optional(read)
+                .fetch_optional(&main.read)
                 .await?
             {
                 Some(row) => Some(token_info!(row)),
@@ -898,15 +898,15 @@ pub async fn page(
     // One row more than asked tells whether another page follows.
     let fetch = limit + 1;
     match db {
-        Database::Sqlite { read, .. } => {
-            if let Some(plan) = sqlite_plan(read, search).await? {
+        Database::Sqlite { main, .. } => {
+            if let Some(plan) = sqlite_plan(&main.read, search).await? {
                 let mut q = QueryBuilder::<sqlx::Sqlite>::new(MESSAGE_COLUMNS);
                 build(&mut q, search, plan, after, fetch);
-                for row in q.build().fetch_all(read).await? {
+                for row in q.build().fetch_all(&main.read).await? {
                     out.push(message!(row));
                 }
             } else {
-                sqlite_windows(read, search, after.as_ref(), fetch, &mut out).await?;
+                sqlite_windows(&main.read, search, after.as_ref(), fetch, &mut out).await?;
             }
         }
         Database::Postgres(pool) => {

@@ -139,9 +139,12 @@ pub const PG_FILES_UNNEST: &str = "INSERT INTO file_transfers (id, at_us, transf
      $13::int8[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[]) \
      ON CONFLICT (id) DO NOTHING";
 
-/// PostgreSQL: event ids (one array) already in the compliance log.
-pub const PG_COMPLIANCE_EXISTING: &str =
-    "SELECT event_id FROM compliance_log WHERE event_id = ANY($1::text[])";
+/// PostgreSQL: event ids (one array) already in the compliance log, one
+/// probe of the `event_id` index per id. (`event_id = ANY($1)` let the
+/// planner pick a parallel scan of the whole log once a batch's array was
+/// long enough: a cost growing with the log, paid on every batch.)
+pub const PG_COMPLIANCE_EXISTING: &str = "SELECT c.event_id FROM UNNEST($1::text[]) AS u(id) \
+     CROSS JOIN LATERAL (SELECT event_id FROM compliance_log WHERE event_id = u.id LIMIT 1) AS c";
 
 /// PostgreSQL: a batch of chained compliance records, one array per column.
 pub const PG_COMPLIANCE_UNNEST: &str = "INSERT INTO compliance_log (seq, event_id, event_type, \

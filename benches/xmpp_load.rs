@@ -12,6 +12,12 @@
 //! `XMPP_SLOW=1` (the slowest deliveries of the fixed-rate phase, and how
 //! many took over 10 ms per 100 ms of sending time, on stderr).
 //!
+//! On stderr after the burst: the CPU time the server (`SERVER_PID`) and
+//! this load generator each used during it, per message delivered. Both
+//! run on one machine, so the load generator's share bounds what any
+//! server could reach here: with `c` cores, at most `c ÷ (its CPU time
+//! per message)` messages/s.
+//!
 //! `XMPP_MODE` picks what runs:
 //! * `messages` (default): the logins, the fixed-rate phase and the burst.
 //! * `idle`: logs `XMPP_USERS` sessions in, waits `XMPP_IDLE_SETTLE_MS`
@@ -309,6 +315,19 @@ fn rss_kib(pid: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system, all threads) a process has used, from
+/// `/proc/PID/stat` (fields 14 and 15, in the kernel's fixed 100 Hz
+/// `USER_HZ` ticks).
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it don't.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
+}
+
 /// Whether `XMPP_SLOW=1` (read once: it is asked per arrival).
 fn slow_report() -> bool {
     static SLOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -517,6 +536,7 @@ async fn main() -> anyhow::Result<()> {
     let before = received.load(std::sync::atomic::Ordering::Relaxed);
     let burst_total = burst * pairs as u64;
     let started = Instant::now();
+    let cpu_before = (pid.as_deref().and_then(cpu_time), cpu_time("self"));
     futures::future::join_all((0..pairs).map(|i| async move {
         for k in 0..burst {
             send(i, 1_000_000 + k).await;
@@ -531,6 +551,19 @@ async fn main() -> anyhow::Result<()> {
     }
     let burst_got = received.load(std::sync::atomic::Ordering::Relaxed) - before;
     let messages_per_sec = burst_got as f64 / started.elapsed().as_secs_f64();
+    if let ((Some(s0), Some(l0)), Some(s1), Some(l1)) = (
+        cpu_before,
+        pid.as_deref().and_then(cpu_time),
+        cpu_time("self"),
+    ) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / burst_got.max(1) as f64;
+        eprintln!(
+            "burst: {burst_got} messages in {:.2} s; CPU per message: server {:.1} µs, load generator {:.1} µs",
+            started.elapsed().as_secs_f64(),
+            per(s1.saturating_sub(s0)),
+            per(l1.saturating_sub(l0)),
+        );
+    }
     let per_session = match (rss_before, rss_after) {
         (Some(b), Some(a)) => format!("{:.1}", a.saturating_sub(b) as f64 / users as f64),
         _ => "n/a".to_owned(),

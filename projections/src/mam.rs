@@ -66,6 +66,16 @@ pub const MAX_ID_BYTES: usize = 128;
 /// The envelope type the responder answers (a cheap filter before decoding).
 const QUERY_TYPE: &[u8] = b"message.archive_queried";
 
+/// Whether a record's bytes hold [`QUERY_TYPE`]: every record of the
+/// messages topic passes here, and a byte-by-byte window comparison was
+/// 1 % of the server's CPU in an XMPP message burst (memchr's SIMD search
+/// instead).
+fn may_be_query(value: &[u8]) -> bool {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(QUERY_TYPE));
+    FINDER.find(value).is_some()
+}
+
 /// Settings of the responder.
 #[derive(Clone, Debug)]
 pub struct MamConfig {
@@ -554,7 +564,7 @@ impl Responder {
             let Some(value) = r.value.as_deref() else {
                 continue;
             };
-            if !value.windows(QUERY_TYPE.len()).any(|w| w == QUERY_TYPE) {
+            if !may_be_query(value) {
                 continue;
             }
             let envelope = match Envelope::from_json_slice(value) {
@@ -696,6 +706,18 @@ impl Responder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_records_naming_the_query_type_are_decoded() {
+        assert!(may_be_query(
+            br#"{"id":"x","type":"message.archive_queried","payload":{}}"#
+        ));
+        assert!(may_be_query(b"message.archive_queried"));
+        assert!(!may_be_query(
+            br#"{"id":"x","type":"message.submitted","payload":{"body":"message.archive_querie"}}"#
+        ));
+        assert!(!may_be_query(b""));
+    }
 
     fn query() -> ArchiveQuery {
         ArchiveQuery {

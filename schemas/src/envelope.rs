@@ -135,6 +135,7 @@ pub(crate) struct WireEnvelope<P> {
     /// The payload version of this event type.
     version: u32,
     /// When the event happened (RFC 3339, UTC).
+    #[serde(deserialize_with = "rfc3339")]
     occurred_at: DateTime<Utc>,
     /// The node that produced the event.
     node: NodeId,
@@ -149,6 +150,31 @@ pub(crate) struct WireEnvelope<P> {
     correlation_id: Option<Uuid>,
     /// The event payload.
     payload: P,
+}
+
+/// An RFC 3339 timestamp (RFC 3339 §5.6, the schema's `date-time`) by
+/// chrono's RFC 3339 parser: chrono's `FromStr`, which serde uses for a
+/// `DateTime`, goes through its general format interpreter, about 1 % of
+/// the server's CPU in an XMPP message burst (every consumer decodes every
+/// envelope).
+fn rfc3339<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    struct Rfc3339;
+
+    impl serde::de::Visitor<'_> for Rfc3339 {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an RFC 3339 date-time")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| E::custom(format_args!("invalid RFC 3339 date-time {text:?}: {e}")))
+        }
+    }
+
+    deserializer.deserialize_str(Rfc3339)
 }
 
 impl Serialize for Envelope {
@@ -236,6 +262,37 @@ mod tests {
         assert_eq!(value["type"], "presence.manual_status_cleared");
         assert_eq!(value["version"], 1);
         assert_eq!(value["payload"]["reason"], "signed_out");
+    }
+
+    /// `occurred_at` is read as RFC 3339 §5.6 `date-time`: any offset
+    /// (converted to UTC), fractions of a second, an escaped string; a time
+    /// that is not RFC 3339 is an error naming it.
+    #[test]
+    fn occurred_at_is_rfc3339() {
+        let at = |t: &str| {
+            let json = format!(
+                r#"{{"id":"0196a5d2-7c3e-7000-8000-000000000001","type":"presence.manual_status_cleared",
+                "version":1,"occurred_at":"{t}","node":"node1","subject":"alice@example.com",
+                "payload":{{"user":"alice@example.com","reason":"signed_out"}}}}"#
+            );
+            Envelope::from_json_slice(json.as_bytes()).map(|e| e.occurred_at.to_rfc3339())
+        };
+        assert_eq!(
+            at("2026-01-05T09:30:00Z").unwrap(),
+            "2026-01-05T09:30:00+00:00"
+        );
+        assert_eq!(
+            at("2026-01-05T11:30:00.123456+02:00").unwrap(),
+            "2026-01-05T09:30:00.123456+00:00"
+        );
+        assert_eq!(
+            at(r"2026-01-05T09:30:00\u005A").unwrap(),
+            "2026-01-05T09:30:00+00:00"
+        );
+        for bad in ["2026-01-05", "2026-13-05T09:30:00Z", "yesterday", ""] {
+            let message = at(bad).unwrap_err().to_string();
+            assert!(message.contains("RFC 3339"), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -295,7 +295,9 @@ pub async fn run(
 /// changes that go with them.
 struct Pending {
     updates: BTreeMap<TopicPartition, PositionUpdate>,
-    ops: Ops,
+    /// The rows of each poll, joined once when the transaction starts
+    /// ([`Ops::concat`]).
+    parts: Vec<Ops>,
     records: usize,
 }
 
@@ -450,7 +452,7 @@ impl Runner {
             self.db.clone(),
             self.group.clone(),
             updates.clone(),
-            pending.ops,
+            Ops::concat(self.kind, pending.parts),
             self.status.clone(),
             shutdown.clone(),
         ));
@@ -583,10 +585,9 @@ impl Runner {
     }
 
     fn add_records<'r>(&mut self, lane: usize, records: impl Iterator<Item = &'r Record>) {
-        let kind = self.kind;
         let pending = self.pending[lane].get_or_insert_with(|| Pending {
             updates: BTreeMap::new(),
-            ops: Ops::empty(kind),
+            parts: Vec::new(),
             records: 0,
         });
         let mut fresh: Vec<&Record> = Vec::new();
@@ -623,7 +624,7 @@ impl Runner {
                 .with_label_values(&[self.kind.name()])
                 .inc_by(undecodable as u64);
         }
-        pending.ops.extend(ops(self.kind, &self.config, &items));
+        pending.parts.push(ops(self.kind, &self.config, &items));
         pending.records += fresh.len();
     }
 

@@ -238,7 +238,7 @@ pub async fn run(
             }
         }
         let can_read = runner.pending_records() < max_transaction;
-        let (first, rest) = inflight.split_at_mut(1);
+        let busy = inflight.iter().any(Option::is_some);
         tokio::select! {
             polled = consumer.poll(Duration::from_millis(500)), if can_read => {
                 let step = match polled {
@@ -265,14 +265,8 @@ pub async fn run(
                     break Err(e);
                 }
             }
-            finished = async { (&mut first[0].as_mut().expect("in flight").handle).await }, if first[0].is_some() => {
-                let done = inflight[0].take().expect("in flight");
-                if let Some(end) = runner.after_applied(&done, finished, &mut inflight, &mut *consumer, &mut shutdown).await {
-                    break end;
-                }
-            }
-            finished = async { (&mut rest[0].as_mut().expect("in flight").handle).await }, if rest.first().is_some_and(Option::is_some) => {
-                let done = inflight[1].take().expect("in flight");
+            (lane, finished) = next_finished(&mut inflight), if busy => {
+                let done = inflight[lane].take().expect("in flight");
                 if let Some(end) = runner.after_applied(&done, finished, &mut inflight, &mut *consumer, &mut shutdown).await {
                     break end;
                 }
@@ -289,6 +283,28 @@ pub async fn run(
     runner.drain(&mut inflight).await;
     let _ = consumer.close().await;
     result
+}
+
+/// The first transaction under way to finish, of any lane, with its lane.
+/// (Pending while none is under way.)
+async fn next_finished(
+    inflight: &mut [Option<InFlight>],
+) -> (
+    usize,
+    Result<Result<Option<Applied>, ProjectionError>, tokio::task::JoinError>,
+) {
+    std::future::poll_fn(|cx| {
+        for (lane, slot) in inflight.iter_mut().enumerate() {
+            if let Some(done) = slot
+                && let std::task::Poll::Ready(finished) =
+                    std::pin::Pin::new(&mut done.handle).poll(cx)
+            {
+                return std::task::Poll::Ready((lane, finished));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// The rows read but not yet handed to the database, and the position
@@ -678,5 +694,39 @@ fn lanes(kind: ProjectionKind, db: &Database) -> usize {
     match (kind, db) {
         (ProjectionKind::Archive, Database::Postgres(_)) => 2,
         _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight(after: Duration, outcome: Applied) -> Option<InFlight> {
+        Some(InFlight {
+            handle: tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                Ok(Some(outcome))
+            }),
+            updates: Vec::new(),
+            records: 0,
+        })
+    }
+
+    /// Every lane's transaction is awaited, not only the first two: the
+    /// first to finish is reported with its lane, whichever it is.
+    #[tokio::test]
+    async fn the_first_transaction_to_finish_is_taken_from_any_lane() {
+        let mut inflight = vec![
+            in_flight(Duration::from_secs(3600), Applied::Done),
+            None,
+            in_flight(Duration::from_secs(3600), Applied::Done),
+            in_flight(Duration::from_millis(10), Applied::Conflict),
+        ];
+        let (lane, finished) = next_finished(&mut inflight).await;
+        assert_eq!(lane, 3);
+        assert!(matches!(finished, Ok(Ok(Some(Applied::Conflict)))));
+        for slot in inflight.iter().flatten() {
+            slot.handle.abort();
+        }
     }
 }

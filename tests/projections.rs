@@ -189,10 +189,14 @@ async fn produce(bus: &dyn Bus, envelopes: &[Envelope]) {
     }
 }
 
+/// Every projection to the log's end. A batch that fails every time (the
+/// runner retries it with backoff) fails the test here instead of hanging it.
 async fn catch_up_all(bus: &EmbeddedBus, db: &Database) {
     for kind in ProjectionKind::ALL {
-        runner::catch_up(Arc::new(bus.clone()), db.clone(), kind, runner_config())
+        let caught_up = runner::catch_up(Arc::new(bus.clone()), db.clone(), kind, runner_config());
+        tokio::time::timeout(Duration::from_secs(60), caught_up)
             .await
+            .unwrap_or_else(|_| panic!("{kind} did not catch up in 60 s"))
             .unwrap();
     }
 }

@@ -103,6 +103,25 @@ pub const SESSION_ENDED: &str = session_upsert!(
      end_text = excluded.end_text, full_jid = COALESCE(excluded.full_jid, sessions.full_jid)"
 );
 
+/// PostgreSQL's archive message insert without its conflict clause.
+macro_rules! pg_archive_messages_unnest {
+    () => {
+        "INSERT INTO archive_messages (archive_id, at_us, kind, message_id, sender, nick, \
+         thread, subject, body, stanza) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])"
+    };
+}
+
+/// PostgreSQL's archive row insert without its conflict clause.
+macro_rules! pg_archive_unnest {
+    () => {
+        "INSERT INTO archive (owner, archive_id, at_us, peer, peer_full, direction) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], \
+         $6::text[])"
+    };
+}
+
 /// SQLite: the rowid a transaction's first new message may take.
 pub const SQLITE_NEXT_MESSAGE_ROW: &str =
     "SELECT COALESCE(MAX(row_id), 0) + 1 FROM archive_messages";
@@ -118,17 +137,24 @@ pub const SQLITE_FTS_REINDEX: &str = "INSERT INTO archive_fts (rowid, body, owne
      WHERE a.archive_id = m.archive_id) FROM archive_messages m WHERE m.row_id = $1";
 
 /// PostgreSQL: a batch of archived message contents, one array per column.
-pub const PG_ARCHIVE_MESSAGES_UNNEST: &str = "INSERT INTO archive_messages (archive_id, at_us, \
-     kind, message_id, sender, nick, thread, subject, body, stanza) \
-     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
-     $6::text[], $7::text[], $8::text[], $9::text[], $10::text[]) \
-     ON CONFLICT (archive_id) DO NOTHING";
+/// A key already stored fails the statement (see `db::postgres_write::apply`).
+pub const PG_ARCHIVE_MESSAGES_UNNEST: &str = pg_archive_messages_unnest!();
 
-/// PostgreSQL: a batch of archive rows, one array per column.
-pub const PG_ARCHIVE_UNNEST: &str = "INSERT INTO archive (owner, archive_id, at_us, peer, \
-     peer_full, direction) \
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
-     ON CONFLICT (owner, archive_id) DO NOTHING";
+/// [`PG_ARCHIVE_MESSAGES_UNNEST`] skipping keys already stored.
+pub const PG_ARCHIVE_MESSAGES_UNNEST_SKIP: &str = concat!(
+    pg_archive_messages_unnest!(),
+    " ON CONFLICT (archive_id) DO NOTHING"
+);
+
+/// PostgreSQL: a batch of archive rows, one array per column. A key already
+/// stored fails the statement.
+pub const PG_ARCHIVE_UNNEST: &str = pg_archive_unnest!();
+
+/// [`PG_ARCHIVE_UNNEST`] skipping keys already stored.
+pub const PG_ARCHIVE_UNNEST_SKIP: &str = concat!(
+    pg_archive_unnest!(),
+    " ON CONFLICT (owner, archive_id) DO NOTHING"
+);
 
 /// PostgreSQL: a batch of file-transfer log rows, one array per column.
 pub const PG_FILES_UNNEST: &str = "INSERT INTO file_transfers (id, at_us, transfer_id, \

@@ -724,6 +724,16 @@ mod postgres_write {
         Skip,
     }
 
+    impl Conflicts {
+        /// The statement of the two that does this.
+        pub(super) fn pick(self, fail: &'static str, skip: &'static str) -> &'static str {
+            match self {
+                Conflicts::Fail => fail,
+                Conflicts::Skip => skip,
+            }
+        }
+    }
+
     async fn apply_with(
         pool: &Pool<Db>,
         group: &str,
@@ -946,10 +956,10 @@ mod postgres_inserts {
         messages: &[&ArchiveRow],
         conflicts: postgres_write::Conflicts,
     ) -> Result<(), ProjectionError> {
-        let statement = match conflicts {
-            postgres_write::Conflicts::Fail => sql::PG_ARCHIVE_MESSAGES_UNNEST,
-            postgres_write::Conflicts::Skip => sql::PG_ARCHIVE_MESSAGES_UNNEST_SKIP,
-        };
+        let statement = conflicts.pick(
+            sql::PG_ARCHIVE_MESSAGES_UNNEST,
+            sql::PG_ARCHIVE_MESSAGES_UNNEST_SKIP,
+        );
         for chunk in messages.chunks(CHUNK) {
             sqlx::query(statement)
                 .bind(
@@ -994,10 +1004,7 @@ mod postgres_inserts {
         rows: &[&ArchiveRow],
         conflicts: postgres_write::Conflicts,
     ) -> Result<(), ProjectionError> {
-        let statement = match conflicts {
-            postgres_write::Conflicts::Fail => sql::PG_ARCHIVE_UNNEST,
-            postgres_write::Conflicts::Skip => sql::PG_ARCHIVE_UNNEST_SKIP,
-        };
+        let statement = conflicts.pick(sql::PG_ARCHIVE_UNNEST, sql::PG_ARCHIVE_UNNEST_SKIP);
         for chunk in rows.chunks(CHUNK) {
             sqlx::query(statement)
                 .bind(chunk.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>())
